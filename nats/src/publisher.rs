@@ -1,0 +1,54 @@
+//! Publishing to JetStream: every publish carries a `Nats-Msg-Id` and waits
+//! for its PubAck, so a message is either stored or reported as failed.
+
+use async_nats::HeaderMap;
+use async_nats::jetstream::{self, context::PublishAckFuture, publish::PublishAck};
+use bytes::Bytes;
+use serde::Serialize;
+
+/// Why a message was not stored.
+#[derive(Debug, thiserror::Error)]
+pub enum PublishError {
+    #[error("could not serialise the message")]
+    Serialize(#[from] serde_json::Error),
+    #[error("JetStream did not store the message on {subject}")]
+    NotStored {
+        subject: String,
+        #[source]
+        source: jetstream::context::PublishError,
+    },
+}
+
+/// A JetStream publisher that always de-duplicates and awaits the PubAck.
+#[derive(Clone)]
+pub struct Publisher {
+    js: jetstream::Context,
+}
+
+impl Publisher {
+    pub fn new(js: jetstream::Context) -> Self {
+        Self { js }
+    }
+
+    pub fn context(&self) -> &jetstream::Context {
+        &self.js
+    }
+
+    /// Publish raw bytes with `Nats-Msg-Id: msg_id` and extra headers.
+    pub async fn publish(&self, subject: &str, msg_id: &str, payload: Bytes, headers: Option<HeaderMap>) -> Result<PublishAck, PublishError> {
+        let not_stored = |source| PublishError::NotStored { subject: subject.to_owned(), source };
+        let mut msg = jetstream::message::PublishMessage::build().payload(payload);
+        if let Some(h) = headers {
+            msg = msg.headers(h);
+        }
+        let msg = msg.message_id(msg_id);
+        let ack: PublishAckFuture = self.js.send_publish(subject.to_owned(), msg).await.map_err(not_stored)?;
+        ack.await.map_err(not_stored)
+    }
+
+    /// Publish a value as JSON.
+    pub async fn publish_json<T: Serialize>(&self, subject: &str, msg_id: &str, value: &T) -> Result<PublishAck, PublishError> {
+        let payload = Bytes::from(serde_json::to_vec(value)?);
+        self.publish(subject, msg_id, payload, None).await
+    }
+}

@@ -1,0 +1,423 @@
+//! The stage runner: a durable pull consumer with bounded concurrency.
+//!
+//! A stage implements [`Handler`] (input envelope → output envelope or
+//! [`StageError`]); the runner owns everything around it:
+//!
+//! - a semaphore permit is taken *before* fetching, so the stage never holds
+//!   more messages than it can work on;
+//! - long handlers send in-progress acks so the broker does not redeliver;
+//! - success: the output is published (PubAck awaited, `Nats-Msg-Id` set),
+//!   then the input is acked;
+//! - transient error: nak with a delay (exponential with jitter, or the
+//!   remote side's `Retry-After`); at `max_deliver` the message is
+//!   dead-lettered instead;
+//! - permanent error or unreadable payload: dead-letter, then term;
+//! - shutdown: stop fetching, nak (no delay) what was fetched but not
+//!   started, wait for in-flight work within the drain timeout.
+
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::hash::{BuildHasher, Hasher};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use async_nats::HeaderMap;
+use async_nats::jetstream::{self, AckKind, consumer::PullConsumer};
+use base64::Engine as _;
+use futures::StreamExt;
+use halakha_common::config::Reader;
+use halakha_common::envelope::{DeadLetter, Envelope, ErrorKind, SCHEMA_VERSION};
+use halakha_common::health::ReadyFlag;
+use halakha_common::metrics as m;
+use halakha_common::StageError;
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use time::OffsetDateTime;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::Instrument;
+
+use crate::names::{Names, Route, Stage};
+use crate::publisher::Publisher;
+use crate::topology::{self, ConsumerOverrides, TopologyError};
+
+/// Tuning of a stage's consumer loop, from the environment.
+#[derive(Debug, Clone)]
+pub struct RunnerConfig {
+    /// Messages handled at once (`CONCURRENCY`).
+    pub concurrency: usize,
+    /// Deliveries before a transiently failing message is dead-lettered
+    /// (`MAX_DELIVER`).
+    pub max_deliver: i64,
+    /// How long the broker waits for an ack before redelivering
+    /// (`ACK_WAIT_SECS`); in-progress acks are sent every third of it.
+    pub ack_wait: Duration,
+    /// First retry delay (`BACKOFF_BASE_MS`), doubled per attempt...
+    pub backoff_base: Duration,
+    /// ...up to this (`BACKOFF_MAX_SECS`).
+    pub backoff_max: Duration,
+    /// Time allowed to finish in-flight work on shutdown (`DRAIN_TIMEOUT_SECS`).
+    pub drain_timeout: Duration,
+    /// How long one pull request waits for messages.
+    pub fetch_expires: Duration,
+}
+
+impl RunnerConfig {
+    /// Read the runner variables; `default_concurrency` differs per stage.
+    pub fn read(r: &mut Reader<'_>, default_concurrency: usize) -> Self {
+        Self {
+            concurrency: r.ranged("CONCURRENCY", default_concurrency, 1..=1024),
+            max_deliver: r.ranged("MAX_DELIVER", 5, 1..=100),
+            ack_wait: r.seconds("ACK_WAIT_SECS", 30, 5..=600),
+            backoff_base: Duration::from_millis(r.ranged("BACKOFF_BASE_MS", 1000, 10..=60_000)),
+            backoff_max: r.seconds("BACKOFF_MAX_SECS", 60, 1..=3600),
+            drain_timeout: r.seconds("DRAIN_TIMEOUT_SECS", 30, 1..=600),
+            fetch_expires: Duration::from_secs(5),
+        }
+    }
+
+    fn overrides(&self) -> ConsumerOverrides {
+        ConsumerOverrides {
+            max_deliver: Some(self.max_deliver),
+            ack_wait: Some(self.ack_wait),
+            max_ack_pending: Some(i64::try_from(self.concurrency.max(1) * 4).unwrap_or(1000).max(100)),
+        }
+    }
+
+    /// Delay before the next attempt after `delivered` deliveries:
+    /// exponential, capped, with jitter in the upper half.
+    pub fn backoff(&self, delivered: i64) -> Duration {
+        let exp = u32::try_from(delivered.saturating_sub(1).clamp(0, 20)).unwrap_or(20);
+        let full = self.backoff_base.saturating_mul(2u32.saturating_pow(exp)).min(self.backoff_max);
+        let half = full / 2;
+        let jitter_ms = u64::try_from(half.as_millis()).unwrap_or(u64::MAX);
+        let r = if jitter_ms == 0 { 0 } else { random_u64() % (jitter_ms + 1) };
+        half + Duration::from_millis(r)
+    }
+}
+
+fn random_u64() -> u64 {
+    // A fresh RandomState is seeded from the OS; enough for jitter.
+    std::collections::hash_map::RandomState::new().build_hasher().finish()
+}
+
+/// Where and how often a message was delivered, given to the handler.
+#[derive(Debug, Clone)]
+pub struct Delivery {
+    pub subject: String,
+    pub stream: String,
+    pub stream_seq: u64,
+    /// Deliveries of this message, this one included (1 on the first).
+    pub delivered: i64,
+    pub headers: Option<HeaderMap>,
+}
+
+/// The business logic of a stage.
+pub trait Handler: Send + Sync + 'static {
+    type Input: DeserializeOwned + Envelope + Send;
+    type Output: Serialize + Envelope + Send + Sync;
+
+    /// Handle one message. `Ok(None)` acks without publishing (for
+    /// example a duplicate).
+    fn handle(&self, input: Self::Input, delivery: &Delivery) -> impl Future<Output = Result<Option<Self::Output>, StageError>> + Send;
+
+    /// The `Nats-Msg-Id` of the output. The default ties it to the input's
+    /// stream position: a redelivery of the same input publishes the same
+    /// id (the broker drops the copy), while an operator's replay (a new
+    /// stream position) flows through.
+    fn output_message_id(&self, output: &Self::Output, delivery: &Delivery) -> String {
+        format!("{}:{}:{}", output.id(), delivery.stream, delivery.stream_seq)
+    }
+}
+
+/// Why the runner could not start or keep running.
+#[derive(Debug, thiserror::Error)]
+pub enum RunnerError {
+    #[error(transparent)]
+    Topology(#[from] TopologyError),
+}
+
+/// A stage's consumer loop, bound to its durable consumer.
+pub struct Runner {
+    route: Route,
+    consumer: PullConsumer,
+    publisher: Publisher,
+    config: RunnerConfig,
+    consuming: ReadyFlag,
+}
+
+impl Runner {
+    /// Apply the stage's consumer definition and bind to it. `consuming`
+    /// is set while the fetch loop is healthy.
+    pub async fn bind(js: &jetstream::Context, names: &Names, stage: Stage, config: RunnerConfig, consuming: ReadyFlag) -> Result<Self, RunnerError> {
+        let route = names.route(stage);
+        let consumer_config = topology::consumer(names, stage, &config.overrides())?;
+        let consumer = topology::apply_consumer(js, &route, consumer_config).await?;
+        Ok(Self { route, consumer, publisher: Publisher::new(js.clone()), config, consuming })
+    }
+
+    pub fn route(&self) -> &Route {
+        &self.route
+    }
+
+    /// Run until `shutdown` is cancelled, then drain.
+    pub async fn run<H: Handler>(self, handler: Arc<H>, shutdown: CancellationToken) {
+        let stage = self.route.stage.as_str();
+        let permits = Arc::new(Semaphore::new(self.config.concurrency));
+        let tracker = TaskTracker::new();
+        let shared = Arc::new(Shared { route: self.route.clone(), publisher: self.publisher.clone(), config: self.config.clone() });
+        tracing::info!(stage, consumer = %self.route.consumer, stream = %self.route.input_stream, concurrency = self.config.concurrency, "Consuming");
+        self.consuming.set(true);
+        let mut draining = false;
+
+        while !draining {
+            // Take a permit before fetching: never hold work we cannot start.
+            let first = tokio::select! {
+                () = shutdown.cancelled() => break,
+                p = permits.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => break },
+            };
+            let mut held: Vec<OwnedSemaphorePermit> = vec![first];
+            while let Ok(p) = permits.clone().try_acquire_owned() {
+                held.push(p);
+            }
+            let batch = self.consumer.batch().max_messages(held.len()).expires(self.config.fetch_expires).messages().await;
+            let mut batch = match batch {
+                Ok(b) => {
+                    self.consuming.set(true);
+                    b
+                }
+                Err(error) => {
+                    self.consuming.set(false);
+                    tracing::warn!(stage, %error, "Fetch failed; retrying in 1s");
+                    drop(held);
+                    tokio::select! {
+                        () = shutdown.cancelled() => break,
+                        () = tokio::time::sleep(Duration::from_secs(1)) => continue,
+                    }
+                }
+            };
+            loop {
+                let next = tokio::select! {
+                    biased;
+                    () = shutdown.cancelled(), if !draining => {
+                        draining = true;
+                        continue;
+                    }
+                    next = batch.next() => next,
+                };
+                match next {
+                    None => break,
+                    Some(Err(error)) => {
+                        tracing::warn!(stage, %error, "Pull request ended with an error");
+                        break;
+                    }
+                    Some(Ok(msg)) => {
+                        let permit = if draining { None } else { held.pop() };
+                        match permit {
+                            Some(permit) => {
+                                let shared = shared.clone();
+                                let handler = handler.clone();
+                                tracker.spawn(async move {
+                                    process(&shared, handler.as_ref(), msg).await;
+                                    drop(permit);
+                                });
+                            }
+                            None => {
+                                // Fetched but not started: hand it back at once.
+                                let _ = msg.ack_with(AckKind::Nak(None)).await;
+                            }
+                        }
+                    }
+                }
+            }
+            drop(held);
+        }
+
+        self.consuming.set(false);
+        tracker.close();
+        tracing::info!(stage, in_flight = tracker.len(), "Draining");
+        if tokio::time::timeout(self.config.drain_timeout, tracker.wait()).await.is_err() {
+            tracing::warn!(stage, in_flight = tracker.len(), "Drain timeout reached; unfinished messages will be redelivered");
+        } else {
+            tracing::info!(stage, "Drained");
+        }
+    }
+}
+
+struct Shared {
+    route: Route,
+    publisher: Publisher,
+    config: RunnerConfig,
+}
+
+enum Outcome {
+    Ack,
+    Nak(Duration),
+    DeadLetter(ErrorKind),
+}
+
+async fn process<H: Handler>(shared: &Shared, handler: &H, msg: jetstream::Message) {
+    let stage = shared.route.stage.as_str();
+    let delivery = match msg.info() {
+        Ok(info) => Delivery {
+            subject: msg.subject.to_string(),
+            stream: info.stream.to_owned(),
+            stream_seq: info.stream_sequence,
+            delivered: info.delivered,
+            headers: msg.headers.clone(),
+        },
+        Err(error) => {
+            // Not a JetStream delivery: nothing to ack.
+            tracing::error!(stage, %error, "Message without JetStream metadata ignored");
+            return;
+        }
+    };
+    let span = tracing::info_span!("message", stage, seq = delivery.stream_seq, attempt = delivery.delivered, id = tracing::field::Empty);
+    async {
+        metrics::gauge!(m::STAGE_IN_FLIGHT, "stage" => stage).increment(1.0);
+        let started = Instant::now();
+        let (id, result) = handle(shared, handler, &msg, &delivery).await;
+        metrics::histogram!(m::STAGE_HANDLE_SECONDS, "stage" => stage).record(started.elapsed().as_secs_f64());
+        let outcome = match result {
+            Ok(()) => Outcome::Ack,
+            Err(e) if e.is_transient() && delivery.delivered < shared.config.max_deliver => {
+                let delay = e.retry_after().unwrap_or_else(|| shared.config.backoff(delivery.delivered));
+                tracing::warn!(error = %e.full_reason(), retry_in_ms = delay.as_millis() as u64, "Transient failure; will retry");
+                Outcome::Nak(delay)
+            }
+            Err(e) => {
+                let kind = if e.is_transient() { ErrorKind::MaxDeliveries } else { ErrorKind::Permanent };
+                let reason = e.full_reason();
+                tracing::error!(error = %reason, kind = kind.as_str(), "Giving up on message; dead-lettering");
+                match dead_letter(shared, &msg, &delivery, id, kind, reason).await {
+                    Ok(()) => Outcome::DeadLetter(kind),
+                    Err(error) => {
+                        tracing::error!(%error, "Dead-letter publish failed; will retry the message");
+                        Outcome::Nak(shared.config.backoff(delivery.delivered))
+                    }
+                }
+            }
+        };
+        let (label, ack) = match outcome {
+            Outcome::Ack => ("ack", msg.double_ack().await),
+            Outcome::Nak(d) => ("nak", msg.ack_with(AckKind::Nak(Some(d))).await),
+            Outcome::DeadLetter(kind) => {
+                metrics::counter!(m::DEAD_LETTERS_TOTAL, "stage" => stage, "kind" => kind.as_str()).increment(1);
+                ("dead_letter", msg.double_ack_with(AckKind::Term).await)
+            }
+        };
+        if let Err(error) = ack {
+            // The broker will redeliver after ack_wait; the sinks are idempotent.
+            tracing::warn!(%error, outcome = label, "Acknowledgement not confirmed");
+        }
+        metrics::counter!(m::STAGE_MESSAGES_TOTAL, "stage" => stage, "outcome" => label).increment(1);
+        metrics::gauge!(m::STAGE_IN_FLIGHT, "stage" => stage).decrement(1.0);
+    }
+    .instrument(span)
+    .await
+}
+
+/// Decode, handle (with in-progress acks) and publish the output.
+/// Returns the halakha id when the payload was readable.
+async fn handle<H: Handler>(shared: &Shared, handler: &H, msg: &jetstream::Message, delivery: &Delivery) -> (Option<String>, Result<(), StageError>) {
+    let input: H::Input = match serde_json::from_slice(&msg.payload) {
+        Ok(input) => input,
+        Err(e) => {
+            let reason = format!("payload is not a valid {} message: {e}", H::Input::KIND);
+            return (None, Err(StageError::permanent(reason)));
+        }
+    };
+    let id = input.id();
+    tracing::Span::current().record("id", id.as_str());
+    let version = input.schema_version();
+    if version == 0 || version > SCHEMA_VERSION {
+        let reason = format!("unsupported schema_version {version} (this build reads 1..={SCHEMA_VERSION})");
+        return (Some(id), Err(StageError::permanent(reason)));
+    }
+    let output = match with_progress(handler.handle(input, delivery), msg, shared.config.ack_wait / 3).await {
+        Ok(Some(output)) => output,
+        Ok(None) => return (Some(id), Ok(())),
+        Err(e) => return (Some(id), Err(e)),
+    };
+    let msg_id = handler.output_message_id(&output, delivery);
+    let published = shared.publisher.publish_json(&shared.route.output_subject, &msg_id, &output).await;
+    let result = match published {
+        Ok(_) => Ok(()),
+        Err(e) => {
+            metrics::counter!(m::PUBLISH_ERRORS_TOTAL, "stage" => shared.route.stage.as_str()).increment(1);
+            Err(StageError::transient("could not publish the output").with_source(e))
+        }
+    };
+    (Some(id), result)
+}
+
+/// Run `work`, telling the broker every `period` that the message is still
+/// being worked on, so a long call is not redelivered to another worker.
+async fn with_progress<F: Future>(work: F, msg: &jetstream::Message, period: Duration) -> F::Output {
+    let mut work = std::pin::pin!(work);
+    let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
+    loop {
+        tokio::select! {
+            out = &mut work => return out,
+            _ = tick.tick() => {
+                if let Err(error) = msg.ack_with(AckKind::Progress).await {
+                    tracing::debug!(%error, "In-progress ack failed");
+                }
+            }
+        }
+    }
+}
+
+async fn dead_letter(shared: &Shared, msg: &jetstream::Message, delivery: &Delivery, id: Option<String>, kind: ErrorKind, reason: String) -> Result<(), crate::PublishError> {
+    let headers: BTreeMap<String, Vec<String>> = msg
+        .headers
+        .iter()
+        .flat_map(|h| h.iter())
+        .map(|(k, vs)| (k.to_string(), vs.iter().map(|v| v.as_str().to_owned()).collect()))
+        .collect();
+    let (payload, payload_base64) = match std::str::from_utf8(&msg.payload) {
+        Ok(s) => (Some(s.to_owned()), None),
+        Err(_) => (None, Some(base64::engine::general_purpose::STANDARD.encode(&msg.payload))),
+    };
+    let entry = DeadLetter {
+        schema_version: SCHEMA_VERSION,
+        id,
+        stage: shared.route.stage.as_str().to_owned(),
+        error_kind: kind,
+        reason,
+        attempts: u64::try_from(delivery.delivered).unwrap_or(0),
+        failed_at: OffsetDateTime::now_utc(),
+        subject: delivery.subject.clone(),
+        stream: delivery.stream.clone(),
+        stream_seq: delivery.stream_seq,
+        headers,
+        payload,
+        payload_base64,
+    };
+    let msg_id = format!("dlq:{}:{}", delivery.stream, delivery.stream_seq);
+    shared.publisher.publish_json(&shared.route.dlq_subject, &msg_id, &entry).await?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use halakha_common::config::Map;
+
+    #[test]
+    fn backoff_grows_exponentially_within_jitter_and_is_capped() {
+        let mut r = Reader::new(&Map::default());
+        let mut c = RunnerConfig::read(&mut r, 4);
+        c.backoff_base = Duration::from_millis(100);
+        c.backoff_max = Duration::from_secs(1);
+        for _ in 0..50 {
+            let d1 = c.backoff(1);
+            assert!(d1 >= Duration::from_millis(50) && d1 <= Duration::from_millis(100), "{d1:?}");
+            let d3 = c.backoff(3);
+            assert!(d3 >= Duration::from_millis(200) && d3 <= Duration::from_millis(400), "{d3:?}");
+            let d10 = c.backoff(10);
+            assert!(d10 <= Duration::from_secs(1) && d10 >= Duration::from_millis(500), "{d10:?}");
+        }
+    }
+}
