@@ -407,7 +407,8 @@ mod tests {
 
     #[test]
     fn backoff_grows_exponentially_within_jitter_and_is_capped() {
-        let mut r = Reader::new(&Map::default());
+        let src = Map::default();
+        let mut r = Reader::new(&src);
         let mut c = RunnerConfig::read(&mut r, 4);
         c.backoff_base = Duration::from_millis(100);
         c.backoff_max = Duration::from_secs(1);

@@ -1,0 +1,74 @@
+//! The ingest stage's view of the `halakhot` table.
+
+use deadpool_postgres::Pool;
+use halakha_common::db::DbError;
+use halakha_common::envelope::Ingested;
+use serde::Serialize;
+
+/// Result of recording a submission.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Claim {
+    /// First time this id is seen.
+    New,
+    /// Known, still `accepted`: it may not have reached the broker yet, so
+    /// it is published again (the sinks are idempotent).
+    Pending,
+    /// Known and past ingest: nothing to publish.
+    Done { status: String },
+}
+
+/// Record the submission as `accepted` unless the id is already known.
+pub async fn claim(pool: &Pool, m: &Ingested) -> Result<Claim, DbError> {
+    let conn = pool.get().await?;
+    let h = &m.halakha;
+    let inserted = conn
+        .query_opt(
+            "INSERT INTO halakhot (id, status, content, source, lang, schedule_days, received_at, date_post)
+             VALUES ($1, 'accepted', $2, $3, $4, $5, $6, $7)
+             ON CONFLICT (id) DO NOTHING
+             RETURNING id",
+            &[
+                &m.id,
+                &h.content,
+                &h.source,
+                &h.lang.map(|l| l.as_str()),
+                &i32::from(h.schedule_days),
+                &h.received_at,
+                &h.date_post(),
+            ],
+        )
+        .await?;
+    if inserted.is_some() {
+        return Ok(Claim::New);
+    }
+    let row = conn.query_opt("SELECT status FROM halakhot WHERE id = $1", &[&m.id]).await?;
+    let status: String = row.map(|r| r.get(0)).unwrap_or_else(|| "accepted".into());
+    Ok(if status == "accepted" { Claim::Pending } else { Claim::Done { status } })
+}
+
+/// What `GET /v1/halakhot/{id}` answers.
+#[derive(Debug, Clone, Serialize)]
+pub struct StatusView {
+    pub id: String,
+    pub status: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub title: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub notion_page_url: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+pub async fn status(pool: &Pool, id: &str) -> Result<Option<StatusView>, DbError> {
+    let conn = pool.get().await?;
+    let row = conn
+        .query_opt("SELECT id, status, title, notion_page_url, error FROM halakhot WHERE id = $1", &[&id])
+        .await?;
+    Ok(row.map(|r| StatusView {
+        id: r.get(0),
+        status: r.get(1),
+        title: r.get(2),
+        notion_page_url: r.get(3),
+        error: r.get(4),
+    }))
+}

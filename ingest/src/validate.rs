@@ -1,0 +1,170 @@
+//! One validation and one id derivation for both ways in (HTTP and
+//! `<ns>.submitted`).
+
+use halakha_common::envelope::{Halakha, Ingested, Lang, SCHEMA_VERSION, Submission};
+use halakha_common::text;
+use serde::Serialize;
+use time::OffsetDateTime;
+
+/// Longest `source`, in characters.
+pub const MAX_SOURCE_CHARS: usize = 500;
+/// Longest `idempotency_key`, in characters.
+pub const MAX_KEY_CHARS: usize = 200;
+/// Largest `schedule_days`.
+pub const MAX_SCHEDULE_DAYS: i64 = 365;
+
+/// A rejected submission: what is wrong, and with which field.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, thiserror::Error)]
+#[error("{field}: {message}")]
+pub struct Invalid {
+    pub code: &'static str,
+    pub message: String,
+    pub field: &'static str,
+}
+
+fn invalid(code: &'static str, field: &'static str, message: impl Into<String>) -> Invalid {
+    Invalid { code, field, message: message.into() }
+}
+
+/// Remove what Postgres text cannot hold (NUL) and other control
+/// characters, keeping line breaks and tabs.
+fn strip_controls(s: &str) -> String {
+    s.chars().filter(|c| !c.is_control() || matches!(c, '\n' | '\t' | '\r')).collect()
+}
+
+/// Guess the language from the script: Hebrew letters mean `he`; Latin
+/// text with French accents or words means `fr`; other Latin text `en`.
+pub fn detect_lang(content: &str) -> Option<Lang> {
+    let (mut hebrew, mut latin, mut french) = (0usize, 0usize, 0usize);
+    for c in content.chars() {
+        match c {
+            '\u{05d0}'..='\u{05ea}' => hebrew += 1,
+            'a'..='z' | 'A'..='Z' => latin += 1,
+            'é' | 'è' | 'ê' | 'à' | 'â' | 'ç' | 'ù' | 'û' | 'ô' | 'î' | 'ï' | 'ë' | 'œ' => {
+                latin += 1;
+                french += 1;
+            }
+            _ => {}
+        }
+    }
+    if hebrew > 0 && hebrew >= latin {
+        Some(Lang::He)
+    } else if latin == 0 {
+        None
+    } else if french * 200 >= latin || content.contains(" le ") && content.contains(" la ") {
+        Some(Lang::Fr)
+    } else {
+        Some(Lang::En)
+    }
+}
+
+/// Validate and normalise a submission into the `Ingested` envelope.
+pub fn validate(s: Submission, max_content_chars: usize, now: OffsetDateTime) -> Result<Ingested, Invalid> {
+    if s.schema_version != SCHEMA_VERSION {
+        return Err(invalid("unsupported_schema_version", "schema_version", format!("must be {SCHEMA_VERSION}")));
+    }
+    let content = text::normalize(&strip_controls(&s.content));
+    if content.is_empty() {
+        return Err(invalid("empty", "content", "must not be empty"));
+    }
+    let chars = content.chars().count();
+    if chars > max_content_chars {
+        return Err(invalid("too_long", "content", format!("has {chars} characters; the limit is {max_content_chars}")));
+    }
+    let schedule_days = s.schedule_days.unwrap_or(0);
+    if !(0..=MAX_SCHEDULE_DAYS).contains(&schedule_days) {
+        return Err(invalid("out_of_range", "schedule_days", format!("must be between 0 and {MAX_SCHEDULE_DAYS}")));
+    }
+    let lang = match s.lang.as_deref().map(str::trim).filter(|l| !l.is_empty()) {
+        Some(l) => Some(l.parse::<Lang>().map_err(|_| invalid("unsupported", "lang", "must be one of he, en, fr"))?),
+        None => detect_lang(&content),
+    };
+    let source = optional_text(s.source.as_deref(), "source", MAX_SOURCE_CHARS)?;
+    let key = optional_text(s.idempotency_key.as_deref(), "idempotency_key", MAX_KEY_CHARS)?;
+    let id = text::derive_id(key.as_deref(), &content);
+    Ok(Ingested {
+        schema_version: SCHEMA_VERSION,
+        id,
+        halakha: Halakha {
+            content,
+            lang,
+            source,
+            schedule_days: u16::try_from(schedule_days).unwrap_or(0),
+            received_at: now,
+        },
+    })
+}
+
+fn optional_text(value: Option<&str>, field: &'static str, max: usize) -> Result<Option<String>, Invalid> {
+    let Some(v) = value else { return Ok(None) };
+    let v = text::normalize(&strip_controls(v));
+    if v.is_empty() {
+        return Ok(None);
+    }
+    if v.chars().count() > max {
+        return Err(invalid("too_long", field, format!("must have at most {max} characters")));
+    }
+    Ok(Some(v))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sub(content: &str) -> Submission {
+        Submission { schema_version: 1, content: content.into(), schedule_days: None, lang: None, source: None, idempotency_key: None }
+    }
+
+    fn now() -> OffsetDateTime {
+        OffsetDateTime::UNIX_EPOCH
+    }
+
+    #[test]
+    fn blank_content_is_refused_naming_the_field() {
+        let e = validate(sub(" \n\t "), 100, now()).expect_err("blank");
+        assert_eq!((e.code, e.field), ("empty", "content"));
+    }
+
+    #[test]
+    fn content_over_the_limit_is_refused_in_characters_not_bytes() {
+        // 10 Hebrew letters are 20 bytes but 10 characters.
+        assert!(validate(sub("נוהג בכוי:"), 10, now()).is_ok());
+        let e = validate(sub("נוהג בכוי:!"), 10, now()).expect_err("too long");
+        assert_eq!(e.field, "content");
+    }
+
+    #[test]
+    fn schedule_days_outside_0_to_365_is_refused() {
+        for bad in [-1, 366] {
+            let mut s = sub("x");
+            s.schedule_days = Some(bad);
+            assert_eq!(validate(s, 100, now()).expect_err("range").field, "schedule_days");
+        }
+    }
+
+    #[test]
+    fn nul_and_control_characters_are_removed_and_the_id_follows_the_clean_text() {
+        let a = validate(sub("a\u{0}b\u{7}\n"), 100, now()).expect("valid");
+        let b = validate(sub("ab"), 100, now()).expect("valid");
+        assert_eq!(a.halakha.content, "ab");
+        assert_eq!(a.id, b.id);
+    }
+
+    #[test]
+    fn idempotency_key_gives_the_id_and_language_is_detected_from_the_script() {
+        let mut s = sub("יתגבר כארי לעמוד בבוקר");
+        s.idempotency_key = Some("ksa-he-1-1".into());
+        let i = validate(s, 100, now()).expect("valid");
+        assert_eq!(i.id, text::derive_id(Some("ksa-he-1-1"), ""));
+        assert_eq!(i.halakha.lang, Some(Lang::He));
+        assert_eq!(detect_lang("Celui qui récite le Chema le soir"), Some(Lang::Fr));
+        assert_eq!(detect_lang("I have set Hashem before me always."), Some(Lang::En));
+    }
+
+    #[test]
+    fn an_unknown_language_is_refused() {
+        let mut s = sub("x");
+        s.lang = Some("ru".into());
+        assert_eq!(validate(s, 100, now()).expect_err("lang").field, "lang");
+    }
+}
