@@ -1,1 +1,140 @@
+//! `halakha-publish`: the sinks. Each enriched halakha becomes one row in
+//! Postgres and (when `NOTION_TOKEN` is set) one Notion page, then
+//! `<ns>.published` is announced.
 
+pub mod config;
+pub mod notion;
+pub mod store;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use deadpool_postgres::Pool;
+use halakha_common::envelope::{Enriched, Published, SCHEMA_VERSION};
+use halakha_common::health::{self, BoundServer, Readiness};
+use halakha_common::{StageError, db, metrics as m};
+use halakha_nats::runner::{Delivery, Handler};
+use halakha_nats::{Names, Runner, Stage, connect, topology};
+use time::OffsetDateTime;
+use tokio_util::sync::CancellationToken;
+
+pub use config::Config;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("could not connect to NATS")]
+    Nats(#[from] async_nats::ConnectError),
+    #[error("could not apply the JetStream topology")]
+    Topology(#[from] topology::TopologyError),
+    #[error("could not start the consumer")]
+    Runner(#[from] halakha_nats::runner::RunnerError),
+    #[error("database")]
+    Db(#[from] db::DbError),
+    #[error("could not build the HTTP client")]
+    Http(#[from] reqwest::Error),
+    #[error("could not bind METRICS_ADDR on {addr}")]
+    Bind {
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+fn db_error(what: &str, e: db::DbError) -> StageError {
+    StageError::transient(format!("could not {what}")).with_source(e)
+}
+
+/// Row first, then the page, then the row marked `published`.
+pub struct PublishHandler {
+    pool: Pool,
+    notion: Option<notion::Notion>,
+}
+
+impl Handler for PublishHandler {
+    type Input = Enriched;
+    type Output = Published;
+
+    async fn handle(&self, input: Enriched, _delivery: &Delivery) -> Result<Option<Published>, StageError> {
+        let state = store::upsert(&self.pool, &input).await.map_err(|e| db_error("store the halakha", e))?;
+        metrics::counter!(m::DB_WRITES_TOTAL, "status" => "enriched").increment(1);
+        let page = match (&self.notion, state.page_id) {
+            (None, _) => None,
+            (Some(_), Some(id)) => Some(notion::Page { id, url: state.page_url.unwrap_or_default() }),
+            (Some(notion), None) => {
+                // A create call may have succeeded before a crash: look
+                // before creating a second page.
+                let existing = if state.attempted { notion.find(&input.id).await? } else { None };
+                match existing {
+                    Some(p) => Some(p),
+                    None => {
+                        store::mark_attempt(&self.pool, &input.id).await.map_err(|e| db_error("record the Notion attempt", e))?;
+                        Some(notion.create(&input).await?)
+                    }
+                }
+            }
+        };
+        let (page_id, page_url) = (page.as_ref().map(|p| p.id.clone()), page.as_ref().map(|p| p.url.clone()));
+        store::mark_published(&self.pool, &input.id, page_id.as_deref(), page_url.as_deref())
+            .await
+            .map_err(|e| db_error("mark the halakha published", e))?;
+        metrics::counter!(m::DB_WRITES_TOTAL, "status" => "published").increment(1);
+        tracing::info!(id = %input.id, notion_page = page_id.as_deref().unwrap_or("-"), "Published");
+        Ok(Some(Published {
+            schema_version: SCHEMA_VERSION,
+            date_post: input.halakha.date_post(),
+            id: input.id,
+            title: input.enrichment.title,
+            notion_page_id: page_id,
+            notion_page_url: page_url.filter(|u| !u.is_empty()),
+            published_at: OffsetDateTime::now_utc(),
+        }))
+    }
+}
+
+pub struct App {
+    admin: BoundServer,
+    runner: Runner,
+    handler: Arc<PublishHandler>,
+    client: async_nats::Client,
+}
+
+impl App {
+    pub async fn build(config: Config) -> Result<Self, StartError> {
+        halakha_common::install_crypto_provider();
+        let metrics = m::install_recorder();
+        let readiness = Readiness::new();
+        let names = Names::new(config.namespace.clone());
+        let notion = match config.notion.clone() {
+            Some(c) => Some(notion::Notion::new(c)?),
+            None => {
+                tracing::warn!("NOTION_TOKEN is not set: the Notion sink is off, halakhot are only stored in Postgres");
+                None
+            }
+        };
+        let pool = db::pool(&config.database)?;
+        db::migrate(&pool).await?;
+        let (client, js) = connect::connect(&config.nats_url, "halakha-publish", readiness.register("nats")).await?;
+        topology::apply_streams(&js, &names).await?;
+        let runner = Runner::bind(&js, &names, Stage::Publish, config.runner.clone(), readiness.register("consumer")).await?;
+        let addr = config.telemetry.metrics_addr;
+        let admin = BoundServer::bind(addr, health::routes(metrics, readiness))
+            .await
+            .map_err(|source| StartError::Bind { addr, source })?;
+        Ok(Self { admin, runner, handler: Arc::new(PublishHandler { pool, notion }), client })
+    }
+
+    pub fn metrics_addr(&self) -> SocketAddr {
+        self.admin.local_addr().unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)))
+    }
+
+    pub async fn run(self, shutdown: CancellationToken) {
+        let Self { admin, runner, handler, client } = self;
+        tracing::info!(metrics = ?admin.local_addr().ok(), "halakha-publish started");
+        let stop_admin = CancellationToken::new();
+        let admin_task = tokio::spawn(admin.serve(stop_admin.clone()));
+        runner.run(handler, shutdown).await;
+        let _ = client.flush().await;
+        stop_admin.cancel();
+        let _ = admin_task.await;
+    }
+}

@@ -1,0 +1,139 @@
+//! The publish stage's writes to Postgres: an upsert keyed by id, so a
+//! redelivery changes nothing.
+
+use deadpool_postgres::Pool;
+use halakha_common::db::DbError;
+use halakha_common::envelope::Enriched;
+
+/// What the row says about the Notion page.
+#[derive(Debug, Clone, Default)]
+pub struct NotionState {
+    pub page_id: Option<String>,
+    pub page_url: Option<String>,
+    /// A create call was started before; a page may exist without our
+    /// having stored its id (crash between the call and the update).
+    pub attempted: bool,
+}
+
+/// Upsert the enriched halakha and its tags, themes and sources.
+/// A row already `published` stays `published`.
+pub async fn upsert(pool: &Pool, m: &Enriched) -> Result<NotionState, DbError> {
+    let mut conn = pool.get().await?;
+    let tx = conn.transaction().await?;
+    let h = &m.halakha;
+    let e = &m.enrichment;
+    let to_i32 = |v: u32| i32::try_from(v).unwrap_or(i32::MAX);
+    let row = tx
+        .query_one(
+            "INSERT INTO halakhot (id, status, content, source, lang, schedule_days, received_at, date_post,
+                 title, question, answer, difficulty_level, text_post, legend, language,
+                 model, prompt_version, schema_version, prompt_tokens, completion_tokens, total_tokens)
+             VALUES ($1, 'enriched', $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18, $19, $20)
+             ON CONFLICT (id) DO UPDATE SET
+                 status = CASE WHEN halakhot.status = 'published' THEN 'published' ELSE 'enriched' END,
+                 content = EXCLUDED.content, source = EXCLUDED.source, lang = EXCLUDED.lang,
+                 schedule_days = EXCLUDED.schedule_days, date_post = EXCLUDED.date_post,
+                 title = EXCLUDED.title, question = EXCLUDED.question, answer = EXCLUDED.answer,
+                 difficulty_level = EXCLUDED.difficulty_level, text_post = EXCLUDED.text_post,
+                 legend = EXCLUDED.legend, language = EXCLUDED.language, model = EXCLUDED.model,
+                 prompt_version = EXCLUDED.prompt_version, schema_version = EXCLUDED.schema_version,
+                 prompt_tokens = EXCLUDED.prompt_tokens, completion_tokens = EXCLUDED.completion_tokens,
+                 total_tokens = EXCLUDED.total_tokens, error = NULL, updated_at = now()
+             RETURNING notion_page_id, notion_page_url, notion_attempted_at IS NOT NULL",
+            &[
+                &m.id,
+                &h.content,
+                &h.source,
+                &h.lang.map(|l| l.as_str()),
+                &i32::from(h.schedule_days),
+                &h.received_at,
+                &h.date_post(),
+                &e.title,
+                &e.question,
+                &e.answer,
+                &i16::from(e.difficulty_level),
+                &e.text_post,
+                &e.legend,
+                &e.language.as_str(),
+                &m.model,
+                &m.prompt_version,
+                &i32::try_from(m.schema_version).unwrap_or(i32::MAX),
+                &to_i32(m.usage.prompt_tokens),
+                &to_i32(m.usage.completion_tokens),
+                &to_i32(m.usage.total_tokens),
+            ],
+        )
+        .await?;
+    link_names(&tx, "tags", "halakha_tags", "tag_id", &m.id, &e.tags).await?;
+    link_names(&tx, "themes", "halakha_themes", "theme_id", &m.id, &e.themes).await?;
+    let names: Vec<&str> = e.sources.iter().map(|s| s.name.trim()).collect();
+    let refs: Vec<&str> = e.sources.iter().map(|s| s.reference.as_deref().unwrap_or("").trim()).collect();
+    tx.execute(
+        "INSERT INTO sources (name, reference)
+         SELECT DISTINCT n, r FROM unnest($1::text[], $2::text[]) AS u(n, r) WHERE n <> ''
+         ON CONFLICT (name, reference) DO NOTHING",
+        &[&names, &refs],
+    )
+    .await?;
+    tx.execute(
+        "DELETE FROM halakha_sources WHERE halakha_id = $3 AND source_id NOT IN (
+             SELECT s.id FROM sources s JOIN unnest($1::text[], $2::text[]) AS u(n, r) ON s.name = u.n AND s.reference = u.r)",
+        &[&names, &refs, &m.id],
+    )
+    .await?;
+    tx.execute(
+        "INSERT INTO halakha_sources (halakha_id, source_id)
+         SELECT DISTINCT $3, s.id FROM sources s JOIN unnest($1::text[], $2::text[]) AS u(n, r) ON s.name = u.n AND s.reference = u.r
+         ON CONFLICT DO NOTHING",
+        &[&names, &refs, &m.id],
+    )
+    .await?;
+    tx.commit().await?;
+    Ok(NotionState { page_id: row.get(0), page_url: row.get(1), attempted: row.get(2) })
+}
+
+/// Make the link table of `id` hold exactly `values` (created if needed).
+async fn link_names(
+    tx: &deadpool_postgres::Transaction<'_>,
+    table: &str,
+    link: &str,
+    column: &str,
+    id: &str,
+    values: &[String],
+) -> Result<(), DbError> {
+    let values: Vec<&str> = values.iter().map(|v| v.trim()).filter(|v| !v.is_empty()).collect();
+    tx.execute(&format!("INSERT INTO {table} (name) SELECT DISTINCT unnest($1::text[]) ON CONFLICT (name) DO NOTHING"), &[&values])
+        .await?;
+    tx.execute(
+        &format!("DELETE FROM {link} WHERE halakha_id = $2 AND {column} NOT IN (SELECT id FROM {table} WHERE name = ANY($1))"),
+        &[&values, &id],
+    )
+    .await?;
+    tx.execute(
+        &format!("INSERT INTO {link} (halakha_id, {column}) SELECT $2, id FROM {table} WHERE name = ANY($1) ON CONFLICT DO NOTHING"),
+        &[&values, &id],
+    )
+    .await?;
+    Ok(())
+}
+
+/// Note that a Notion create call is about to be made.
+pub async fn mark_attempt(pool: &Pool, id: &str) -> Result<(), DbError> {
+    let conn = pool.get().await?;
+    conn.execute("UPDATE halakhot SET notion_attempted_at = now() WHERE id = $1", &[&id]).await?;
+    Ok(())
+}
+
+/// Store the page and mark the row `published`.
+pub async fn mark_published(pool: &Pool, id: &str, page_id: Option<&str>, page_url: Option<&str>) -> Result<(), DbError> {
+    let conn = pool.get().await?;
+    conn.execute(
+        "UPDATE halakhot SET status = 'published', notion_page_id = COALESCE($2, notion_page_id),
+             notion_page_url = COALESCE($3, notion_page_url), published_at = COALESCE(published_at, now()),
+             error = NULL, updated_at = now()
+         WHERE id = $1",
+        &[&id, &page_id, &page_url],
+    )
+    .await?;
+    Ok(())
+}
