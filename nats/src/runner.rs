@@ -73,7 +73,7 @@ impl RunnerConfig {
             backoff_base: Duration::from_millis(r.ranged("BACKOFF_BASE_MS", 1000, 10..=60_000)),
             backoff_max: r.seconds("BACKOFF_MAX_SECS", 60, 1..=3600),
             drain_timeout: r.seconds("DRAIN_TIMEOUT_SECS", 30, 1..=600),
-            fetch_expires: Duration::from_secs(5),
+            fetch_expires: Duration::from_secs(1),
         }
     }
 

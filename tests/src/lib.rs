@@ -1,1 +1,209 @@
+//! Test harness: a fresh namespace and database per test, the three stages
+//! started in-process against the machine's real NATS and Postgres, and
+//! HTTP fakes of OpenAI and Notion that keep the documented contracts.
+//!
+//! Services are found at their usual local ports unless `TEST_NATS_URL`
+//! or `TEST_DATABASE_URL` (a URL to an administrative database) say
+//! otherwise.
 
+#![allow(clippy::unwrap_used)] // a test harness fails loudly by design
+
+pub mod fakes;
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use async_nats::jetstream;
+use futures::StreamExt;
+use halakha_common::config::{Map, Reader};
+use halakha_nats::names::Subject;
+use halakha_nats::{Names, Namespace};
+use serde::Deserialize;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+/// A key accepted by the ingest stages the tests start.
+pub const API_KEY: &str = "test-key-0123456789abcdef0123456789abcdef";
+/// The key the fake OpenAI expects.
+pub const OPENAI_KEY: &str = "sk-test-key";
+/// The token the fake Notion expects.
+pub const NOTION_TOKEN: &str = "secret_test_token";
+/// The database the fake Notion serves.
+pub const NOTION_DATABASE: &str = "0f1e2d3c4b5a69788796a5b4c3d2e1f0";
+
+pub fn nats_url() -> String {
+    std::env::var("TEST_NATS_URL").unwrap_or_else(|_| "nats://127.0.0.1:4222".into())
+}
+
+fn admin_db_url() -> String {
+    std::env::var("TEST_DATABASE_URL").unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into())
+}
+
+/// One line of the real corpus in `tests/fixtures/corpus/`.
+#[derive(Debug, Clone, Deserialize)]
+pub struct CorpusItem {
+    pub id: String,
+    pub lang: String,
+    pub source: String,
+    pub text: String,
+}
+
+/// The real halakha texts (see the corpus README for sources and licenses).
+pub fn corpus() -> Vec<CorpusItem> {
+    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/fixtures/corpus/halakhot.jsonl");
+    std::fs::read_to_string(path).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect()
+}
+
+/// An isolated environment: its own namespace and database.
+pub struct TestEnv {
+    pub names: Names,
+    pub db_name: String,
+    pub database_url: String,
+    pub nats: async_nats::Client,
+    pub js: jetstream::Context,
+}
+
+static COUNTER: AtomicU64 = AtomicU64::new(0);
+
+impl TestEnv {
+    pub async fn new() -> Self {
+        let nanos = SystemTime::now().duration_since(UNIX_EPOCH).unwrap().subsec_nanos();
+        let unique = format!("t{}_{}_{}", std::process::id(), COUNTER.fetch_add(1, Ordering::Relaxed), nanos);
+        let ns: Namespace = unique.parse().unwrap();
+        let db_name = format!("halakha_{unique}");
+        let admin = connect_db(&admin_db_url()).await;
+        admin.batch_execute(&format!("CREATE DATABASE {db_name}")).await.unwrap();
+        let base = admin_db_url();
+        let database_url = format!("{}/{db_name}", base.rsplit_once('/').unwrap().0);
+        let nats = async_nats::connect(nats_url()).await.unwrap();
+        let js = jetstream::new(nats.clone());
+        Self { names: Names::new(ns), db_name, database_url, nats, js }
+    }
+
+    /// Variables every stage needs, pointing at this environment.
+    pub fn base_vars(&self) -> Map {
+        Map::new([
+            ("NATS_URL", nats_url()),
+            ("PIPELINE_NAMESPACE", self.names.namespace().to_string()),
+            ("METRICS_ADDR", "127.0.0.1:0".into()),
+            ("DATABASE_URL", self.database_url.clone()),
+            ("BACKOFF_BASE_MS", "50".into()),
+            ("BACKOFF_MAX_SECS", "1".into()),
+            ("DRAIN_TIMEOUT_SECS", "5".into()),
+        ])
+    }
+
+    pub async fn db(&self) -> tokio_postgres::Client {
+        connect_db(&self.database_url).await
+    }
+
+    /// Messages stored in one stream of this namespace.
+    pub async fn stream_len(&self, s: Subject) -> u64 {
+        let mut stream = self.js.get_stream(self.names.stream(s)).await.unwrap();
+        stream.info().await.unwrap().state.messages
+    }
+
+    /// Wait until `n` messages are in the stream of `s` and return their
+    /// payloads, or fail after `limit`.
+    pub async fn collect<T: serde::de::DeserializeOwned>(&self, s: Subject, n: usize, limit: Duration) -> Vec<T> {
+        let stream = self.js.get_stream(self.names.stream(s)).await.unwrap();
+        let consumer = stream
+            .create_consumer(jetstream::consumer::pull::OrderedConfig { filter_subject: self.names.subject(s), ..Default::default() })
+            .await
+            .unwrap();
+        let mut messages = consumer.messages().await.unwrap();
+        let mut out = Vec::with_capacity(n);
+        let deadline = tokio::time::Instant::now() + limit;
+        while out.len() < n {
+            let next = tokio::time::timeout_at(deadline, messages.next()).await;
+            match next {
+                Ok(Some(Ok(m))) => out.push(serde_json::from_slice(&m.payload).unwrap()),
+                Ok(Some(Err(e))) => panic!("ordered consumer failed: {e}"),
+                Ok(None) => panic!("ordered consumer ended"),
+                Err(_) => panic!("only {} of {n} messages on {} after {limit:?}", out.len(), self.names.subject(s)),
+            }
+        }
+        out
+    }
+
+    /// Remove the namespace's streams and the database.
+    pub async fn cleanup(self) {
+        for s in self.names.streams() {
+            let _ = self.js.delete_stream(&s).await;
+        }
+        let admin = connect_db(&admin_db_url()).await;
+        let _ = admin.batch_execute(&format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", self.db_name)).await;
+    }
+}
+
+pub async fn connect_db(url: &str) -> tokio_postgres::Client {
+    let (client, conn) = tokio_postgres::connect(url, tokio_postgres::NoTls).await.unwrap();
+    tokio::spawn(conn);
+    client
+}
+
+/// A stage running in this process.
+pub struct Running {
+    pub http_addr: Option<SocketAddr>,
+    pub shutdown: CancellationToken,
+    pub task: JoinHandle<()>,
+}
+
+impl Running {
+    pub async fn stop(self) {
+        self.shutdown.cancel();
+        tokio::time::timeout(Duration::from_secs(30), self.task).await.unwrap().unwrap();
+    }
+}
+
+fn read<T>(vars: &Map, f: impl FnOnce(&mut Reader<'_>) -> T) -> T {
+    let mut r = Reader::new(vars);
+    let v = f(&mut r);
+    r.finish(v).unwrap()
+}
+
+pub async fn spawn_ingest(env: &TestEnv, extra: &[(&str, &str)]) -> Running {
+    let mut vars = env.base_vars();
+    vars.set("API_KEYS", API_KEY).set("HTTP_ADDR", "127.0.0.1:0");
+    for (k, v) in extra {
+        vars.set(*k, *v);
+    }
+    let app = halakha_ingest::App::build(read(&vars, halakha_ingest::Config::read)).await.unwrap();
+    let http_addr = Some(app.http_addr());
+    let shutdown = CancellationToken::new();
+    let s = shutdown.clone();
+    let task = tokio::spawn(async move { app.run(s).await.unwrap() });
+    Running { http_addr, shutdown, task }
+}
+
+pub async fn spawn_enrich(env: &TestEnv, openai_url: &str, extra: &[(&str, &str)]) -> Running {
+    let mut vars = env.base_vars();
+    vars.set("OPENAI_API_KEY", OPENAI_KEY).set("OPENAI_BASE_URL", format!("{openai_url}/v1"));
+    for (k, v) in extra {
+        vars.set(*k, *v);
+    }
+    let app = halakha_enrich::App::build(read(&vars, halakha_enrich::Config::read)).await.unwrap();
+    let shutdown = CancellationToken::new();
+    let s = shutdown.clone();
+    let task = tokio::spawn(async move { app.run(s).await });
+    Running { http_addr: None, shutdown, task }
+}
+
+pub async fn spawn_publish(env: &TestEnv, notion_url: Option<&str>, extra: &[(&str, &str)]) -> Running {
+    let mut vars = env.base_vars();
+    if let Some(url) = notion_url {
+        vars.set("NOTION_TOKEN", NOTION_TOKEN).set("NOTION_DATABASE_ID", NOTION_DATABASE).set("NOTION_BASE_URL", url);
+    }
+    for (k, v) in extra {
+        vars.set(*k, *v);
+    }
+    let app = halakha_publish::App::build(read(&vars, halakha_publish::Config::read)).await.unwrap();
+    let shutdown = CancellationToken::new();
+    let s = shutdown.clone();
+    let task = tokio::spawn(async move { app.run(s).await });
+    Running { http_addr: None, shutdown, task }
+}
+
+/// Subjects used by tests.
+pub use halakha_nats::names::Subject as S;
