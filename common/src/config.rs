@@ -290,7 +290,7 @@ impl DatabaseConfig {
         {
             use secrecy::ExposeSecret;
             let u = url.expose_secret();
-            if !u.is_empty() && !(u.starts_with("postgres://") || u.starts_with("postgresql://")) {
+            if !(u.is_empty() || u.starts_with("postgres://") || u.starts_with("postgresql://")) {
                 r.error("DATABASE_URL", "must be a postgres:// or postgresql:// URL");
             }
         }

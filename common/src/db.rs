@@ -29,8 +29,7 @@ pub enum DbError {
 /// Build a pool; connections are opened lazily, each bounded by the
 /// configured timeout (connect, wait for a slot, and every statement).
 pub fn pool(config: &DatabaseConfig) -> Result<Pool, DbError> {
-    let mut pg: tokio_postgres::Config =
-        config.url.expose_secret().parse().map_err(DbError::InvalidUrl)?;
+    let mut pg: tokio_postgres::Config = config.url.expose_secret().parse().map_err(DbError::InvalidUrl)?;
     pg.connect_timeout(config.timeout);
     let ms = config.timeout.as_millis();
     pg.options(format!("-c statement_timeout={ms}"));

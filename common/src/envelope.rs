@@ -318,10 +318,7 @@ mod tests {
             source: None,
             idempotency_key: Some("k".into()),
         };
-        snapshot(
-            &s,
-            r#"{"schema_version":1,"content":"text","schedule_days":3,"lang":"fr","idempotency_key":"k"}"#,
-        );
+        snapshot(&s, r#"{"schema_version":1,"content":"text","schedule_days":3,"lang":"fr","idempotency_key":"k"}"#);
         let minimal: Submission = serde_json::from_str(r#"{"content":"x"}"#).expect("reads");
         assert_eq!(minimal.schema_version, SCHEMA_VERSION);
     }

@@ -60,9 +60,7 @@ impl StageError {
     /// dead-letter entries.
     pub fn full_reason(&self) -> String {
         let mut out = match self {
-            StageError::Transient { reason, .. } | StageError::Permanent { reason, .. } => {
-                reason.clone()
-            }
+            StageError::Transient { reason, .. } | StageError::Permanent { reason, .. } => reason.clone(),
         };
         let mut cause = std::error::Error::source(self);
         while let Some(c) = cause {

@@ -112,9 +112,7 @@ impl BoundServer {
 
     /// Serve until `shutdown` is cancelled, then finish open requests.
     pub async fn serve(self, shutdown: CancellationToken) -> std::io::Result<()> {
-        axum::serve(self.listener, self.router)
-            .with_graceful_shutdown(async move { shutdown.cancelled().await })
-            .await
+        axum::serve(self.listener, self.router).with_graceful_shutdown(async move { shutdown.cancelled().await }).await
     }
 }
 

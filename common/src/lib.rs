@@ -15,8 +15,8 @@ pub mod telemetry;
 pub mod text;
 
 pub use envelope::{
-    DeadLetter, Enriched, Enrichment, Envelope, ErrorKind, Halakha, Ingested, Lang, Published,
-    SourceRef, Submission, Usage,
+    DeadLetter, Enriched, Enrichment, Envelope, ErrorKind, Halakha, Ingested, Lang, Published, SourceRef, Submission,
+    Usage,
 };
 pub use error::StageError;
 

@@ -30,10 +30,10 @@ impl Config {
             r.error("OPENAI_BASE_URL", "must be an http:// or https:// URL");
         }
         let prompt_dir = r.raw("ENRICH_PROMPT_DIR").map(PathBuf::from);
-        if let Some(dir) = &prompt_dir {
-            if !dir.join(crate::prompt::STRUCTURE_FILE).is_file() {
-                r.error("ENRICH_PROMPT_DIR", format!("must be a folder containing {}", crate::prompt::STRUCTURE_FILE));
-            }
+        if let Some(dir) = &prompt_dir
+            && !dir.join(crate::prompt::STRUCTURE_FILE).is_file()
+        {
+            r.error("ENRICH_PROMPT_DIR", format!("must be a folder containing {}", crate::prompt::STRUCTURE_FILE));
         }
         Self {
             nats_url: r.string_or("NATS_URL", "nats://127.0.0.1:4222"),

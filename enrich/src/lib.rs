@@ -79,7 +79,8 @@ impl App {
         let llm = llm::Llm::new(&config)?;
         let (client, js) = connect::connect(&config.nats_url, "halakha-enrich", readiness.register("nats")).await?;
         topology::apply_streams(&js, &names).await?;
-        let runner = Runner::bind(&js, &names, Stage::Enrich, config.runner.clone(), readiness.register("consumer")).await?;
+        let runner =
+            Runner::bind(&js, &names, Stage::Enrich, config.runner.clone(), readiness.register("consumer")).await?;
         let addr = config.telemetry.metrics_addr;
         let admin = BoundServer::bind(addr, health::routes(metrics, readiness))
             .await

@@ -10,10 +10,10 @@ use async_openai::types::chat::{
     ChatCompletionRequestUserMessage, ChatCompletionRequestUserMessageContent, CreateChatCompletionRequest,
     CreateChatCompletionResponse, FinishReason, ResponseFormat, ResponseFormatJsonSchema,
 };
+use halakha_common::StageError;
 use halakha_common::envelope::{Enrichment, Ingested, Usage};
 use halakha_common::error::classify_http_status;
 use halakha_common::metrics as m;
-use halakha_common::StageError;
 use secrecy::ExposeSecret;
 
 use crate::config::Config;
@@ -103,7 +103,11 @@ impl Llm {
 fn usage(r: &CreateChatCompletionResponse) -> Usage {
     r.usage
         .as_ref()
-        .map(|u| Usage { prompt_tokens: u.prompt_tokens, completion_tokens: u.completion_tokens, total_tokens: u.total_tokens })
+        .map(|u| Usage {
+            prompt_tokens: u.prompt_tokens,
+            completion_tokens: u.completion_tokens,
+            total_tokens: u.total_tokens,
+        })
         .unwrap_or_default()
 }
 
@@ -122,7 +126,9 @@ fn classify(e: OpenAIError) -> StageError {
             let what = if e.is_timeout() { "timed out" } else { "failed" };
             StageError::transient(format!("the OpenAI request {what}")).with_source(e)
         }
-        OpenAIError::JSONDeserialize(e, _) => StageError::transient("OpenAI sent a response that is not a chat completion").with_source(e),
+        OpenAIError::JSONDeserialize(e, _) => {
+            StageError::transient("OpenAI sent a response that is not a chat completion").with_source(e)
+        }
         OpenAIError::InvalidArgument(msg) => StageError::permanent(format!("invalid OpenAI request: {msg}")),
         other => StageError::transient("the OpenAI request failed").with_source(other),
     }
@@ -138,7 +144,9 @@ pub fn parse(r: &CreateChatCompletionResponse) -> Result<Enrichment, StageError>
     match choice.finish_reason {
         Some(FinishReason::Stop) | None => {}
         Some(FinishReason::Length) => return Err(StageError::permanent("the model output was cut at the token limit")),
-        Some(FinishReason::ContentFilter) => return Err(StageError::permanent("the model output was withheld by the content filter")),
+        Some(FinishReason::ContentFilter) => {
+            return Err(StageError::permanent("the model output was withheld by the content filter"));
+        }
         Some(other) => return Err(StageError::permanent(format!("unexpected finish_reason {other:?}"))),
     }
     let content = choice.message.content.as_deref().unwrap_or_default();

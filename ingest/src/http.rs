@@ -67,7 +67,11 @@ impl ApiError {
     }
 
     fn unavailable() -> Self {
-        Self::new(StatusCode::SERVICE_UNAVAILABLE, "unavailable", "the pipeline cannot accept work right now; retry later")
+        Self::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "unavailable",
+            "the pipeline cannot accept work right now; retry later",
+        )
     }
 
     fn from_rejection(r: JsonRejection) -> Self {
@@ -87,7 +91,8 @@ impl IntoResponse for ApiError {
         let body = json!({"error": {"code": self.code, "message": self.message, "field": self.field}});
         let mut resp = (self.status, Json(body)).into_response();
         if self.status == StatusCode::UNAUTHORIZED {
-            resp.headers_mut().insert(header::WWW_AUTHENTICATE, header::HeaderValue::from_static("Bearer realm=\"halakha\""));
+            resp.headers_mut()
+                .insert(header::WWW_AUTHENTICATE, header::HeaderValue::from_static("Bearer realm=\"halakha\""));
         }
         resp
     }
@@ -116,12 +121,18 @@ async fn require_key(State(keys): State<Arc<ApiKeys>>, req: Request, next: Next)
     match presented_key(req.headers()) {
         Some(k) if keys.verify(k) => next.run(req).await,
         Some(_) => ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", "invalid API key").into_response(),
-        None => ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", "an API key is required (Authorization: Bearer or X-API-Key)").into_response(),
+        None => ApiError::new(
+            StatusCode::UNAUTHORIZED,
+            "unauthorized",
+            "an API key is required (Authorization: Bearer or X-API-Key)",
+        )
+        .into_response(),
     }
 }
 
 async fn count_requests(req: Request, next: Next) -> Response {
-    let route = req.extensions().get::<MatchedPath>().map(|p| p.as_str().to_owned()).unwrap_or_else(|| "unmatched".into());
+    let route =
+        req.extensions().get::<MatchedPath>().map(|p| p.as_str().to_owned()).unwrap_or_else(|| "unmatched".into());
     let method = req.method().as_str().to_owned();
     let resp = next.run(req).await;
     let status = resp.status().as_u16().to_string();
@@ -129,7 +140,10 @@ async fn count_requests(req: Request, next: Next) -> Response {
     resp
 }
 
-async fn submit(State(s): State<ApiState>, body: Result<Json<Submission>, JsonRejection>) -> Result<Response, ApiError> {
+async fn submit(
+    State(s): State<ApiState>,
+    body: Result<Json<Submission>, JsonRejection>,
+) -> Result<Response, ApiError> {
     let Json(submission) = body.map_err(ApiError::from_rejection)?;
     let (id, duplicate) = match s.ingestor.accept(submission, Via::Http).await {
         Ok(Decision::Publish { message, duplicate }) => {
@@ -141,7 +155,12 @@ async fn submit(State(s): State<ApiState>, body: Result<Json<Submission>, JsonRe
         }
         Ok(Decision::Duplicate { id }) => (id, true),
         Err(AcceptError::Invalid(e)) => {
-            return Err(ApiError { status: StatusCode::UNPROCESSABLE_ENTITY, code: e.code, message: e.message, field: Some(e.field) });
+            return Err(ApiError {
+                status: StatusCode::UNPROCESSABLE_ENTITY,
+                code: e.code,
+                message: e.message,
+                field: Some(e.field),
+            });
         }
         Err(e @ AcceptError::Database(_)) => {
             tracing::error!(error = %error_chain(&e), "Could not record a submission");

@@ -68,7 +68,8 @@ impl App {
 
         let ingestor = service::Ingestor { pool, max_content_chars: config.max_content_chars };
         let publisher = Publisher::new(js.clone());
-        let runner = Runner::bind(&js, &names, Stage::Ingest, config.runner.clone(), readiness.register("consumer")).await?;
+        let runner =
+            Runner::bind(&js, &names, Stage::Ingest, config.runner.clone(), readiness.register("consumer")).await?;
 
         let state = http::ApiState {
             ingestor: ingestor.clone(),
@@ -78,9 +79,11 @@ impl App {
         };
         let health_routes = health::routes(metrics.clone(), readiness.clone());
         let api_router = http::routes(state, config.max_body_bytes).merge(health_routes.clone());
-        let api = BoundServer::bind(config.http_addr, api_router)
-            .await
-            .map_err(|source| StartError::Bind { what: "HTTP_ADDR", addr: config.http_addr, source })?;
+        let api = BoundServer::bind(config.http_addr, api_router).await.map_err(|source| StartError::Bind {
+            what: "HTTP_ADDR",
+            addr: config.http_addr,
+            source,
+        })?;
         let admin = BoundServer::bind(config.telemetry.metrics_addr, health_routes)
             .await
             .map_err(|source| StartError::Bind { what: "METRICS_ADDR", addr: config.telemetry.metrics_addr, source })?;

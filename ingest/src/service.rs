@@ -83,7 +83,9 @@ impl Handler for SubmittedHandler {
                 Ok(None)
             }
             Err(AcceptError::Invalid(e)) => Err(StageError::permanent(format!("invalid submission: {e}"))),
-            Err(e @ AcceptError::Database(_)) => Err(StageError::transient("could not record the submission").with_source(e)),
+            Err(e @ AcceptError::Database(_)) => {
+                Err(StageError::transient("could not record the submission").with_source(e))
+            }
         }
     }
 

@@ -61,9 +61,8 @@ pub struct StatusView {
 
 pub async fn status(pool: &Pool, id: &str) -> Result<Option<StatusView>, DbError> {
     let conn = pool.get().await?;
-    let row = conn
-        .query_opt("SELECT id, status, title, notion_page_url, error FROM halakhot WHERE id = $1", &[&id])
-        .await?;
+    let row =
+        conn.query_opt("SELECT id, status, title, notion_page_url, error FROM halakhot WHERE id = $1", &[&id]).await?;
     Ok(row.map(|r| StatusView {
         id: r.get(0),
         status: r.get(1),

@@ -69,7 +69,11 @@ pub fn validate(s: Submission, max_content_chars: usize, now: OffsetDateTime) ->
     }
     let chars = content.chars().count();
     if chars > max_content_chars {
-        return Err(invalid("too_long", "content", format!("has {chars} characters; the limit is {max_content_chars}")));
+        return Err(invalid(
+            "too_long",
+            "content",
+            format!("has {chars} characters; the limit is {max_content_chars}"),
+        ));
     }
     let schedule_days = s.schedule_days.unwrap_or(0);
     if !(0..=MAX_SCHEDULE_DAYS).contains(&schedule_days) {
@@ -112,7 +116,14 @@ mod tests {
     use super::*;
 
     fn sub(content: &str) -> Submission {
-        Submission { schema_version: 1, content: content.into(), schedule_days: None, lang: None, source: None, idempotency_key: None }
+        Submission {
+            schema_version: 1,
+            content: content.into(),
+            schedule_days: None,
+            lang: None,
+            source: None,
+            idempotency_key: None,
+        }
     }
 
     fn now() -> OffsetDateTime {

@@ -8,7 +8,11 @@ use halakha_common::health::ReadyFlag;
 /// Connect to `url` as `name`. The flag follows the connection: false
 /// while disconnected, true once (re)connected; the client reconnects on
 /// its own.
-pub async fn connect(url: &str, name: &str, ready: ReadyFlag) -> Result<(async_nats::Client, jetstream::Context), async_nats::ConnectError> {
+pub async fn connect(
+    url: &str,
+    name: &str,
+    ready: ReadyFlag,
+) -> Result<(async_nats::Client, jetstream::Context), async_nats::ConnectError> {
     let flag = ready.clone();
     let client = async_nats::ConnectOptions::new()
         .name(name)

@@ -149,10 +149,16 @@ impl Names {
 
     /// Every stream of the namespace.
     pub fn streams(&self) -> Vec<String> {
-        [Subject::Submitted, Subject::Ingested, Subject::Enriched, Subject::Published, Subject::DeadLetter(Stage::Ingest)]
-            .into_iter()
-            .map(|s| self.stream(s))
-            .collect()
+        [
+            Subject::Submitted,
+            Subject::Ingested,
+            Subject::Enriched,
+            Subject::Published,
+            Subject::DeadLetter(Stage::Ingest),
+        ]
+        .into_iter()
+        .map(|s| self.stream(s))
+        .collect()
     }
 
     fn stream_prefix(&self) -> String {

@@ -35,7 +35,13 @@ impl Publisher {
     }
 
     /// Publish raw bytes with `Nats-Msg-Id: msg_id` and extra headers.
-    pub async fn publish(&self, subject: &str, msg_id: &str, payload: Bytes, headers: Option<HeaderMap>) -> Result<PublishAck, PublishError> {
+    pub async fn publish(
+        &self,
+        subject: &str,
+        msg_id: &str,
+        payload: Bytes,
+        headers: Option<HeaderMap>,
+    ) -> Result<PublishAck, PublishError> {
         let not_stored = |source| PublishError::NotStored { subject: subject.to_owned(), source };
         let mut msg = jetstream::message::PublishMessage::build().payload(payload);
         if let Some(h) = headers {
@@ -47,7 +53,12 @@ impl Publisher {
     }
 
     /// Publish a value as JSON.
-    pub async fn publish_json<T: Serialize>(&self, subject: &str, msg_id: &str, value: &T) -> Result<PublishAck, PublishError> {
+    pub async fn publish_json<T: Serialize>(
+        &self,
+        subject: &str,
+        msg_id: &str,
+        value: &T,
+    ) -> Result<PublishAck, PublishError> {
         let payload = Bytes::from(serde_json::to_vec(value)?);
         self.publish(subject, msg_id, payload, None).await
     }

@@ -25,11 +25,11 @@ use async_nats::HeaderMap;
 use async_nats::jetstream::{self, AckKind, consumer::PullConsumer};
 use base64::Engine as _;
 use futures::StreamExt;
+use halakha_common::StageError;
 use halakha_common::config::Reader;
 use halakha_common::envelope::{DeadLetter, Envelope, ErrorKind, SCHEMA_VERSION};
 use halakha_common::health::ReadyFlag;
 use halakha_common::metrics as m;
-use halakha_common::StageError;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use time::OffsetDateTime;
@@ -120,7 +120,11 @@ pub trait Handler: Send + Sync + 'static {
 
     /// Handle one message. `Ok(None)` acks without publishing (for
     /// example a duplicate).
-    fn handle(&self, input: Self::Input, delivery: &Delivery) -> impl Future<Output = Result<Option<Self::Output>, StageError>> + Send;
+    fn handle(
+        &self,
+        input: Self::Input,
+        delivery: &Delivery,
+    ) -> impl Future<Output = Result<Option<Self::Output>, StageError>> + Send;
 
     /// The `Nats-Msg-Id` of the output. The default ties it to the input's
     /// stream position: a redelivery of the same input publishes the same
@@ -150,7 +154,13 @@ pub struct Runner {
 impl Runner {
     /// Apply the stage's consumer definition and bind to it. `consuming`
     /// is set while the fetch loop is healthy.
-    pub async fn bind(js: &jetstream::Context, names: &Names, stage: Stage, config: RunnerConfig, consuming: ReadyFlag) -> Result<Self, RunnerError> {
+    pub async fn bind(
+        js: &jetstream::Context,
+        names: &Names,
+        stage: Stage,
+        config: RunnerConfig,
+        consuming: ReadyFlag,
+    ) -> Result<Self, RunnerError> {
         let route = names.route(stage);
         let consumer_config = topology::consumer(names, stage, &config.overrides())?;
         let consumer = topology::apply_consumer(js, &route, consumer_config).await?;
@@ -166,7 +176,11 @@ impl Runner {
         let stage = self.route.stage.as_str();
         let permits = Arc::new(Semaphore::new(self.config.concurrency));
         let tracker = TaskTracker::new();
-        let shared = Arc::new(Shared { route: self.route.clone(), publisher: self.publisher.clone(), config: self.config.clone() });
+        let shared = Arc::new(Shared {
+            route: self.route.clone(),
+            publisher: self.publisher.clone(),
+            config: self.config.clone(),
+        });
         tracing::info!(stage, consumer = %self.route.consumer, stream = %self.route.input_stream, concurrency = self.config.concurrency, "Consuming");
         self.consuming.set(true);
         let mut draining = false;
@@ -181,7 +195,8 @@ impl Runner {
             while let Ok(p) = permits.clone().try_acquire_owned() {
                 held.push(p);
             }
-            let batch = self.consumer.batch().max_messages(held.len()).expires(self.config.fetch_expires).messages().await;
+            let batch =
+                self.consumer.batch().max_messages(held.len()).expires(self.config.fetch_expires).messages().await;
             let mut batch = match batch {
                 Ok(b) => {
                     self.consuming.set(true);
@@ -238,7 +253,11 @@ impl Runner {
         tracker.close();
         tracing::info!(stage, in_flight = tracker.len(), "Draining");
         if tokio::time::timeout(self.config.drain_timeout, tracker.wait()).await.is_err() {
-            tracing::warn!(stage, in_flight = tracker.len(), "Drain timeout reached; unfinished messages will be redelivered");
+            tracing::warn!(
+                stage,
+                in_flight = tracker.len(),
+                "Drain timeout reached; unfinished messages will be redelivered"
+            );
         } else {
             tracing::info!(stage, "Drained");
         }
@@ -273,7 +292,13 @@ async fn process<H: Handler>(shared: &Shared, handler: &H, msg: jetstream::Messa
             return;
         }
     };
-    let span = tracing::info_span!("message", stage, seq = delivery.stream_seq, attempt = delivery.delivered, id = tracing::field::Empty);
+    let span = tracing::info_span!(
+        "message",
+        stage,
+        seq = delivery.stream_seq,
+        attempt = delivery.delivered,
+        id = tracing::field::Empty
+    );
     async {
         metrics::gauge!(m::STAGE_IN_FLIGHT, "stage" => stage).increment(1.0);
         let started = Instant::now();
@@ -320,7 +345,12 @@ async fn process<H: Handler>(shared: &Shared, handler: &H, msg: jetstream::Messa
 
 /// Decode, handle (with in-progress acks) and publish the output.
 /// Returns the halakha id when the payload was readable.
-async fn handle<H: Handler>(shared: &Shared, handler: &H, msg: &jetstream::Message, delivery: &Delivery) -> (Option<String>, Result<(), StageError>) {
+async fn handle<H: Handler>(
+    shared: &Shared,
+    handler: &H,
+    msg: &jetstream::Message,
+    delivery: &Delivery,
+) -> (Option<String>, Result<(), StageError>) {
     let input: H::Input = match serde_json::from_slice(&msg.payload) {
         Ok(input) => input,
         Err(e) => {
@@ -369,7 +399,14 @@ async fn with_progress<F: Future>(work: F, msg: &jetstream::Message, period: Dur
     }
 }
 
-async fn dead_letter(shared: &Shared, msg: &jetstream::Message, delivery: &Delivery, id: Option<String>, kind: ErrorKind, reason: String) -> Result<(), crate::PublishError> {
+async fn dead_letter(
+    shared: &Shared,
+    msg: &jetstream::Message,
+    delivery: &Delivery,
+    id: Option<String>,
+    kind: ErrorKind,
+    reason: String,
+) -> Result<(), crate::PublishError> {
     let headers: BTreeMap<String, Vec<String>> = msg
         .headers
         .iter()

@@ -175,7 +175,11 @@ pub async fn apply_consumer(
     route: &Route,
     config: consumer::pull::Config,
 ) -> Result<consumer::PullConsumer, TopologyError> {
-    let err = |source| TopologyError::Consumer { stream: route.input_stream.clone(), consumer: route.consumer.clone(), source };
+    let err = |source| TopologyError::Consumer {
+        stream: route.input_stream.clone(),
+        consumer: route.consumer.clone(),
+        source,
+    };
     js.create_consumer_on_stream(config, &route.input_stream).await.map_err(err)
 }
 

@@ -80,7 +80,11 @@ mod tests {
 
     #[test]
     fn a_notion_token_without_a_database_is_refused() {
-        let src = Map::new([("DATABASE_URL", "postgres://localhost/x"), ("NOTION_TOKEN", "secret_abc"), ("NOTION_TIMEOUT_SECS", "5")]);
+        let src = Map::new([
+            ("DATABASE_URL", "postgres://localhost/x"),
+            ("NOTION_TOKEN", "secret_abc"),
+            ("NOTION_TIMEOUT_SECS", "5"),
+        ]);
         let mut r = Reader::new(&src);
         let c = Config::read(&mut r);
         let e = r.finish(c).expect_err("invalid");

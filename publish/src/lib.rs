@@ -67,7 +67,9 @@ impl Handler for PublishHandler {
                 match existing {
                     Some(p) => Some(p),
                     None => {
-                        store::mark_attempt(&self.pool, &input.id).await.map_err(|e| db_error("record the Notion attempt", e))?;
+                        store::mark_attempt(&self.pool, &input.id)
+                            .await
+                            .map_err(|e| db_error("record the Notion attempt", e))?;
                         Some(notion.create(&input).await?)
                     }
                 }
@@ -115,7 +117,8 @@ impl App {
         db::migrate(&pool).await?;
         let (client, js) = connect::connect(&config.nats_url, "halakha-publish", readiness.register("nats")).await?;
         topology::apply_streams(&js, &names).await?;
-        let runner = Runner::bind(&js, &names, Stage::Publish, config.runner.clone(), readiness.register("consumer")).await?;
+        let runner =
+            Runner::bind(&js, &names, Stage::Publish, config.runner.clone(), readiness.register("consumer")).await?;
         let addr = config.telemetry.metrics_addr;
         let admin = BoundServer::bind(addr, health::routes(metrics, readiness))
             .await

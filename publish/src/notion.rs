@@ -125,7 +125,8 @@ pub struct Notion {
 
 impl Notion {
     pub fn new(config: NotionConfig) -> Result<Self, reqwest::Error> {
-        let http = reqwest::Client::builder().timeout(config.timeout).connect_timeout(Duration::from_secs(10)).build()?;
+        let http =
+            reqwest::Client::builder().timeout(config.timeout).connect_timeout(Duration::from_secs(10)).build()?;
         Ok(Self { http, config })
     }
 
@@ -141,7 +142,8 @@ impl Notion {
         let resp = match result {
             Ok(r) => r,
             Err(e) => {
-                metrics::counter!(m::NOTION_REQUESTS_TOTAL, "operation" => operation, "outcome" => "transient").increment(1);
+                metrics::counter!(m::NOTION_REQUESTS_TOTAL, "operation" => operation, "outcome" => "transient")
+                    .increment(1);
                 let what = if e.is_timeout() { "timed out" } else { "failed" };
                 return Err(StageError::transient(format!("the Notion {operation} request {what}")).with_source(e));
             }
@@ -149,10 +151,9 @@ impl Notion {
         let status = resp.status();
         if status.is_success() {
             metrics::counter!(m::NOTION_REQUESTS_TOTAL, "operation" => operation, "outcome" => "ok").increment(1);
-            return resp
-                .json()
-                .await
-                .map_err(|e| StageError::transient(format!("the Notion {operation} answer could not be read")).with_source(e));
+            return resp.json().await.map_err(|e| {
+                StageError::transient(format!("the Notion {operation} answer could not be read")).with_source(e)
+            });
         }
         let retry_after = resp.headers().get("retry-after").and_then(|v| v.to_str().ok()).and_then(parse_retry_after);
         let err = error_for(operation, status, retry_after, &resp.text().await.unwrap_or_default());
@@ -174,7 +175,10 @@ impl Notion {
         let v = self.send("query_database", self.post(&path).json(&body)).await?;
         let first = v.get("results").and_then(|r| r.get(0)).cloned();
         match first {
-            Some(p) => Ok(Some(serde_json::from_value(p).map_err(|e| StageError::transient("a Notion result has no id or url").with_source(e))?)),
+            Some(p) => Ok(Some(
+                serde_json::from_value(p)
+                    .map_err(|e| StageError::transient("a Notion result has no id or url").with_source(e))?,
+            )),
             None => Ok(None),
         }
     }

@@ -102,10 +102,15 @@ async fn link_names(
     values: &[String],
 ) -> Result<(), DbError> {
     let values: Vec<&str> = values.iter().map(|v| v.trim()).filter(|v| !v.is_empty()).collect();
-    tx.execute(&format!("INSERT INTO {table} (name) SELECT DISTINCT unnest($1::text[]) ON CONFLICT (name) DO NOTHING"), &[&values])
-        .await?;
     tx.execute(
-        &format!("DELETE FROM {link} WHERE halakha_id = $2 AND {column} NOT IN (SELECT id FROM {table} WHERE name = ANY($1))"),
+        &format!("INSERT INTO {table} (name) SELECT DISTINCT unnest($1::text[]) ON CONFLICT (name) DO NOTHING"),
+        &[&values],
+    )
+    .await?;
+    tx.execute(
+        &format!(
+            "DELETE FROM {link} WHERE halakha_id = $2 AND {column} NOT IN (SELECT id FROM {table} WHERE name = ANY($1))"
+        ),
         &[&values, &id],
     )
     .await?;
@@ -125,7 +130,12 @@ pub async fn mark_attempt(pool: &Pool, id: &str) -> Result<(), DbError> {
 }
 
 /// Store the page and mark the row `published`.
-pub async fn mark_published(pool: &Pool, id: &str, page_id: Option<&str>, page_url: Option<&str>) -> Result<(), DbError> {
+pub async fn mark_published(
+    pool: &Pool,
+    id: &str,
+    page_id: Option<&str>,
+    page_url: Option<&str>,
+) -> Result<(), DbError> {
     let conn = pool.get().await?;
     conn.execute(
         "UPDATE halakhot SET status = 'published', notion_page_id = COALESCE($2, notion_page_id),

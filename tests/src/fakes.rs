@@ -12,7 +12,8 @@ use wiremock::{Mock, MockServer, Request, Respond, ResponseTemplate};
 use crate::{NOTION_DATABASE, NOTION_TOKEN, OPENAI_KEY};
 
 fn openai_error(status: u16, kind: &str, message: &str) -> ResponseTemplate {
-    ResponseTemplate::new(status).set_body_json(json!({"error": {"message": message, "type": kind, "param": null, "code": null}}))
+    ResponseTemplate::new(status)
+        .set_body_json(json!({"error": {"message": message, "type": kind, "param": null, "code": null}}))
 }
 
 /// How the fake model answers.
@@ -78,8 +79,15 @@ impl Respond for ChatCompletions {
             return openai_error(400, "invalid_request_error", "We could not parse the JSON body of your request.");
         };
         let format = &body["response_format"];
-        if format["type"] != "json_schema" || format["json_schema"]["strict"] != true || !format["json_schema"]["schema"].is_object() {
-            return openai_error(400, "invalid_request_error", "response_format json_schema with strict: true is required by this fake");
+        if format["type"] != "json_schema"
+            || format["json_schema"]["strict"] != true
+            || !format["json_schema"]["schema"].is_object()
+        {
+            return openai_error(
+                400,
+                "invalid_request_error",
+                "response_format json_schema with strict: true is required by this fake",
+            );
         }
         let Some(text) = delimited_text(&body) else {
             return openai_error(400, "invalid_request_error", "the user message has no delimited halakha text");
@@ -118,19 +126,21 @@ pub async fn openai(model: Model) -> (MockServer, Arc<AtomicUsize>) {
 }
 
 fn notion_error(status: u16, code: &str, message: &str) -> ResponseTemplate {
-    ResponseTemplate::new(status).set_body_json(json!({"object": "error", "status": status, "code": code, "message": message}))
+    ResponseTemplate::new(status)
+        .set_body_json(json!({"object": "error", "status": status, "code": code, "message": message}))
 }
 
 /// Checks shared by every Notion route.
-fn notion_checks(request: &Request) -> Result<Value, ResponseTemplate> {
+fn notion_checks(request: &Request) -> Result<Value, Box<ResponseTemplate>> {
     let auth = request.headers.get("authorization").and_then(|v| v.to_str().ok());
     if auth != Some(&format!("Bearer {NOTION_TOKEN}")) {
-        return Err(notion_error(401, "unauthorized", "API token is invalid."));
+        return Err(Box::new(notion_error(401, "unauthorized", "API token is invalid.")));
     }
     if request.headers.get("notion-version").is_none() {
-        return Err(notion_error(400, "missing_version", "Notion-Version header failed validation."));
+        return Err(Box::new(notion_error(400, "missing_version", "Notion-Version header failed validation.")));
     }
-    serde_json::from_slice(&request.body).map_err(|_| notion_error(400, "invalid_json", "Error parsing JSON body."))
+    serde_json::from_slice(&request.body)
+        .map_err(|_| Box::new(notion_error(400, "invalid_json", "Error parsing JSON body.")))
 }
 
 /// Every rich-text array within Notion's documented limits.
@@ -168,7 +178,7 @@ impl Respond for CreatePage {
     fn respond(&self, request: &Request) -> ResponseTemplate {
         let body = match notion_checks(request) {
             Ok(b) => b,
-            Err(r) => return r,
+            Err(r) => return *r,
         };
         if body["parent"]["database_id"] != NOTION_DATABASE {
             return notion_error(404, "object_not_found", "Could not find database with that ID.");
@@ -205,9 +215,10 @@ pub struct QueryDatabase;
 impl Respond for QueryDatabase {
     fn respond(&self, request: &Request) -> ResponseTemplate {
         if let Err(r) = notion_checks(request) {
-            return r;
+            return *r;
         }
-        ResponseTemplate::new(200).set_body_json(json!({"object": "list", "results": [], "next_cursor": null, "has_more": false}))
+        ResponseTemplate::new(200)
+            .set_body_json(json!({"object": "list", "results": [], "next_cursor": null, "has_more": false}))
     }
 }
 
@@ -215,7 +226,15 @@ impl Respond for QueryDatabase {
 pub async fn notion() -> (MockServer, Arc<AtomicUsize>) {
     let server = MockServer::start().await;
     let creates = Arc::new(AtomicUsize::new(0));
-    Mock::given(method("POST")).and(path("/v1/pages")).respond_with(CreatePage { creates: creates.clone() }).mount(&server).await;
-    Mock::given(method("POST")).and(path_regex(r"^/v1/databases/[^/]+/query$")).respond_with(QueryDatabase).mount(&server).await;
+    Mock::given(method("POST"))
+        .and(path("/v1/pages"))
+        .respond_with(CreatePage { creates: creates.clone() })
+        .mount(&server)
+        .await;
+    Mock::given(method("POST"))
+        .and(path_regex(r"^/v1/databases/[^/]+/query$"))
+        .respond_with(QueryDatabase)
+        .mount(&server)
+        .await;
     (server, creates)
 }

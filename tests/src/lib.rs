@@ -109,7 +109,10 @@ impl TestEnv {
     pub async fn collect<T: serde::de::DeserializeOwned>(&self, s: Subject, n: usize, limit: Duration) -> Vec<T> {
         let stream = self.js.get_stream(self.names.stream(s)).await.unwrap();
         let consumer = stream
-            .create_consumer(jetstream::consumer::pull::OrderedConfig { filter_subject: self.names.subject(s), ..Default::default() })
+            .create_consumer(jetstream::consumer::pull::OrderedConfig {
+                filter_subject: self.names.subject(s),
+                ..Default::default()
+            })
             .await
             .unwrap();
         let mut messages = consumer.messages().await.unwrap();

@@ -32,7 +32,8 @@ async fn fifty_corpus_texts_submitted_over_http_and_nats_end_as_fifty_published_
     let mut ids = BTreeSet::new();
     let mut http_ids = Vec::new();
     for (i, item) in items.iter().enumerate() {
-        let body = json!({"content": item.text, "schedule_days": i % 3, "source": item.source, "idempotency_key": item.id});
+        let body =
+            json!({"content": item.text, "schedule_days": i % 3, "source": item.source, "idempotency_key": item.id});
         if i % 2 == 0 {
             let resp = http.post(format!("{base}/v1/halakhot")).bearer_auth(API_KEY).json(&body).send().await.unwrap();
             assert_eq!(resp.status(), 202, "{}", resp.text().await.unwrap());
@@ -75,7 +76,8 @@ async fn fifty_corpus_texts_submitted_over_http_and_nats_end_as_fifty_published_
     assert_eq!(env.stream_len(S::DeadLetter(halakha_nats::Stage::Ingest)).await, 0, "nothing dead-lettered");
 
     // The status route shows the result.
-    let resp = http.get(format!("{base}/v1/halakhot/{}", http_ids[0])).header("x-api-key", API_KEY).send().await.unwrap();
+    let resp =
+        http.get(format!("{base}/v1/halakhot/{}", http_ids[0])).header("x-api-key", API_KEY).send().await.unwrap();
     assert_eq!(resp.status(), 200);
     let v: Value = resp.json().await.unwrap();
     assert_eq!(v["status"], "published");
@@ -110,7 +112,8 @@ async fn a_text_the_model_answers_with_invalid_json_ends_in_the_enrich_dead_lett
     assert_eq!(resp.status(), 202);
     let id = resp.json::<Value>().await.unwrap()["id"].as_str().unwrap().to_owned();
 
-    let dead: Vec<DeadLetter> = env.collect(S::DeadLetter(halakha_nats::Stage::Enrich), 1, Duration::from_secs(60)).await;
+    let dead: Vec<DeadLetter> =
+        env.collect(S::DeadLetter(halakha_nats::Stage::Enrich), 1, Duration::from_secs(60)).await;
     let entry = &dead[0];
     assert_eq!(entry.id.as_deref(), Some(id.as_str()));
     assert_eq!(entry.stage, "enrich");
