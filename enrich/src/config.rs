@@ -3,15 +3,14 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
-use halakha_common::config::{Reader, TelemetryConfig};
-use halakha_nats::{Namespace, RunnerConfig};
+use halakha_common::config::Reader;
+use halakha_nats::stage::StageConfig;
 use secrecy::SecretString;
 
 #[derive(Debug, Clone)]
 pub struct Config {
-    pub nats_url: String,
-    pub namespace: Namespace,
-    pub telemetry: TelemetryConfig,
+    /// NATS, namespace, telemetry and consumer tuning.
+    pub stage: StageConfig,
     pub openai_api_key: SecretString,
     pub openai_base_url: String,
     pub openai_model: String,
@@ -20,7 +19,6 @@ pub struct Config {
     pub prompt_dir: Option<PathBuf>,
     /// Upper bound on generated tokens per call (`OPENAI_MAX_COMPLETION_TOKENS`).
     pub max_completion_tokens: u32,
-    pub runner: RunnerConfig,
 }
 
 impl Config {
@@ -36,18 +34,13 @@ impl Config {
             r.error("ENRICH_PROMPT_DIR", format!("must be a folder containing {}", crate::prompt::STRUCTURE_FILE));
         }
         Self {
-            nats_url: r.string_or("NATS_URL", "nats://127.0.0.1:4222"),
-            namespace: r.parse_or("PIPELINE_NAMESPACE", Namespace::default()),
-            telemetry: TelemetryConfig::read(r, "0.0.0.0:9102"),
+            stage: StageConfig::read(r, "0.0.0.0:9102", 4),
             openai_api_key: r.secret("OPENAI_API_KEY"),
             openai_base_url: base.trim_end_matches('/').to_owned(),
             openai_model: r.string_or("OPENAI_MODEL", "gpt-4o-mini"),
             openai_timeout: r.seconds("OPENAI_TIMEOUT_SECS", 300, 60..=600),
             prompt_dir,
             max_completion_tokens: r.ranged("OPENAI_MAX_COMPLETION_TOKENS", 4096, 256..=32_768),
-            // In-progress acks keep long calls alive; a small default
-            // concurrency keeps the provider's rate limits in view.
-            runner: RunnerConfig::read(r, 4),
         }
     }
 }

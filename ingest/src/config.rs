@@ -2,16 +2,15 @@
 
 use std::net::SocketAddr;
 
-use halakha_common::config::{DatabaseConfig, Reader, TelemetryConfig};
-use halakha_nats::{Namespace, RunnerConfig};
+use halakha_common::config::{DatabaseConfig, Reader};
+use halakha_nats::stage::StageConfig;
 use secrecy::{ExposeSecret, SecretString};
 
 /// Every setting of the ingest stage.
 #[derive(Debug, Clone)]
 pub struct Config {
-    pub nats_url: String,
-    pub namespace: Namespace,
-    pub telemetry: TelemetryConfig,
+    /// NATS, namespace, telemetry and consumer tuning.
+    pub stage: StageConfig,
     pub http_addr: SocketAddr,
     pub database: DatabaseConfig,
     pub api_keys: Vec<SecretString>,
@@ -20,7 +19,6 @@ pub struct Config {
     pub max_content_chars: usize,
     /// Largest accepted request body, in bytes (`MAX_BODY_BYTES`).
     pub max_body_bytes: usize,
-    pub runner: RunnerConfig,
 }
 
 /// Shortest accepted API key.
@@ -39,16 +37,13 @@ impl Config {
             r.error("CORS_ORIGINS", "must list origins; '*' is not allowed");
         }
         Self {
-            nats_url: r.string_or("NATS_URL", "nats://127.0.0.1:4222"),
-            namespace: r.parse_or("PIPELINE_NAMESPACE", Namespace::default()),
-            telemetry: TelemetryConfig::read(r, "0.0.0.0:9101"),
+            stage: StageConfig::read(r, "0.0.0.0:9101", 16),
             http_addr: r.addr("HTTP_ADDR", "0.0.0.0:8000"),
             database: DatabaseConfig::read(r),
             api_keys,
             cors_origins,
             max_content_chars: r.ranged("MAX_CONTENT_CHARS", 50_000, 100..=1_000_000),
             max_body_bytes: r.ranged("MAX_BODY_BYTES", 1_048_576, 1024..=16_777_216),
-            runner: RunnerConfig::read(r, 16),
         }
     }
 }

@@ -8,6 +8,7 @@ pub mod connect;
 pub mod names;
 pub mod publisher;
 pub mod runner;
+pub mod stage;
 pub mod topology;
 
 pub use names::{Names, Namespace, Stage};

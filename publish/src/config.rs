@@ -2,8 +2,8 @@
 
 use std::time::Duration;
 
-use halakha_common::config::{DatabaseConfig, Reader, TelemetryConfig};
-use halakha_nats::{Namespace, RunnerConfig};
+use halakha_common::config::{DatabaseConfig, Reader};
+use halakha_nats::stage::StageConfig;
 use secrecy::SecretString;
 
 /// The Notion sink, present when `NOTION_TOKEN` is set.
@@ -20,12 +20,10 @@ pub struct NotionConfig {
 
 #[derive(Debug, Clone)]
 pub struct Config {
-    pub nats_url: String,
-    pub namespace: Namespace,
-    pub telemetry: TelemetryConfig,
+    /// NATS, namespace, telemetry and consumer tuning.
+    pub stage: StageConfig,
     pub database: DatabaseConfig,
     pub notion: Option<NotionConfig>,
-    pub runner: RunnerConfig,
 }
 
 impl Config {
@@ -54,14 +52,7 @@ impl Config {
             }
             (None, _) => None,
         };
-        Self {
-            nats_url: r.string_or("NATS_URL", "nats://127.0.0.1:4222"),
-            namespace: r.parse_or("PIPELINE_NAMESPACE", Namespace::default()),
-            telemetry: TelemetryConfig::read(r, "0.0.0.0:9103"),
-            database: DatabaseConfig::read(r),
-            notion,
-            runner: RunnerConfig::read(r, 4),
-        }
+        Self { stage: StageConfig::read(r, "0.0.0.0:9103", 4), database: DatabaseConfig::read(r), notion }
     }
 }
 

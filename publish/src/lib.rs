@@ -11,10 +11,10 @@ use std::sync::Arc;
 
 use deadpool_postgres::Pool;
 use halakha_common::envelope::{Enriched, Published, SCHEMA_VERSION};
-use halakha_common::health::{self, BoundServer, Readiness};
 use halakha_common::{StageError, db, metrics as m};
+use halakha_nats::Stage;
 use halakha_nats::runner::{Delivery, Handler};
-use halakha_nats::{Names, Runner, Stage, connect, topology};
+use halakha_nats::stage::{Prepared, StageStartError};
 use time::OffsetDateTime;
 use tokio_util::sync::CancellationToken;
 
@@ -22,22 +22,12 @@ pub use config::Config;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
-    #[error("could not connect to NATS")]
-    Nats(#[from] async_nats::ConnectError),
-    #[error("could not apply the JetStream topology")]
-    Topology(#[from] topology::TopologyError),
-    #[error("could not start the consumer")]
-    Runner(#[from] halakha_nats::runner::RunnerError),
+    #[error(transparent)]
+    Stage(#[from] StageStartError),
     #[error("database")]
     Db(#[from] db::DbError),
     #[error("could not build the HTTP client")]
     Http(#[from] reqwest::Error),
-    #[error("could not bind METRICS_ADDR on {addr}")]
-    Bind {
-        addr: SocketAddr,
-        #[source]
-        source: std::io::Error,
-    },
 }
 
 fn db_error(what: &str, e: db::DbError) -> StageError {
@@ -94,18 +84,13 @@ impl Handler for PublishHandler {
 }
 
 pub struct App {
-    admin: BoundServer,
-    runner: Runner,
+    stage: Prepared,
     handler: Arc<PublishHandler>,
-    client: async_nats::Client,
 }
 
 impl App {
     pub async fn build(config: Config) -> Result<Self, StartError> {
         halakha_common::install_crypto_provider();
-        let metrics = m::install_recorder();
-        let readiness = Readiness::new();
-        let names = Names::new(config.namespace.clone());
         let notion = match config.notion.clone() {
             Some(c) => Some(notion::Notion::new(c)?),
             None => {
@@ -115,29 +100,15 @@ impl App {
         };
         let pool = db::pool(&config.database)?;
         db::migrate(&pool).await?;
-        let (client, js) = connect::connect(&config.nats_url, "halakha-publish", readiness.register("nats")).await?;
-        topology::apply_streams(&js, &names).await?;
-        let runner =
-            Runner::bind(&js, &names, Stage::Publish, config.runner.clone(), readiness.register("consumer")).await?;
-        let addr = config.telemetry.metrics_addr;
-        let admin = BoundServer::bind(addr, health::routes(metrics, readiness))
-            .await
-            .map_err(|source| StartError::Bind { addr, source })?;
-        Ok(Self { admin, runner, handler: Arc::new(PublishHandler { pool, notion }), client })
+        let stage = Prepared::new(Stage::Publish, &config.stage).await?;
+        Ok(Self { stage, handler: Arc::new(PublishHandler { pool, notion }) })
     }
 
     pub fn metrics_addr(&self) -> SocketAddr {
-        self.admin.local_addr().unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)))
+        self.stage.metrics_addr()
     }
 
-    pub async fn run(self, shutdown: CancellationToken) {
-        let Self { admin, runner, handler, client } = self;
-        tracing::info!(metrics = ?admin.local_addr().ok(), "halakha-publish started");
-        let stop_admin = CancellationToken::new();
-        let admin_task = tokio::spawn(admin.serve(stop_admin.clone()));
-        runner.run(handler, shutdown).await;
-        let _ = client.flush().await;
-        stop_admin.cancel();
-        let _ = admin_task.await;
+    pub async fn run(self, shutdown: CancellationToken) -> Result<(), StartError> {
+        Ok(self.stage.serve(self.handler, None, shutdown).await?)
     }
 }

@@ -113,15 +113,21 @@ impl Respond for ChatCompletions {
     }
 }
 
-/// A fake OpenAI server; returns it and the count of completion calls.
-pub async fn openai(model: Model) -> (MockServer, Arc<AtomicUsize>) {
-    let server = MockServer::start().await;
+/// Serve the fake chat completions on `server`; returns the call count.
+pub async fn mount_openai(server: &MockServer, model: Model) -> Arc<AtomicUsize> {
     let calls = Arc::new(AtomicUsize::new(0));
     Mock::given(method("POST"))
         .and(path("/v1/chat/completions"))
         .respond_with(ChatCompletions { model, calls: calls.clone() })
-        .mount(&server)
+        .mount(server)
         .await;
+    calls
+}
+
+/// A fake OpenAI server; returns it and the count of completion calls.
+pub async fn openai(model: Model) -> (MockServer, Arc<AtomicUsize>) {
+    let server = MockServer::start().await;
+    let calls = mount_openai(&server, model).await;
     (server, calls)
 }
 
@@ -222,19 +228,25 @@ impl Respond for QueryDatabase {
     }
 }
 
-/// A fake Notion server; returns it and the count of pages created.
-pub async fn notion() -> (MockServer, Arc<AtomicUsize>) {
-    let server = MockServer::start().await;
+/// Serve the fake Notion routes on `server`; returns the count of pages created.
+pub async fn mount_notion(server: &MockServer) -> Arc<AtomicUsize> {
     let creates = Arc::new(AtomicUsize::new(0));
     Mock::given(method("POST"))
         .and(path("/v1/pages"))
         .respond_with(CreatePage { creates: creates.clone() })
-        .mount(&server)
+        .mount(server)
         .await;
     Mock::given(method("POST"))
         .and(path_regex(r"^/v1/databases/[^/]+/query$"))
         .respond_with(QueryDatabase)
-        .mount(&server)
+        .mount(server)
         .await;
+    creates
+}
+
+/// A fake Notion server; returns it and the count of pages created.
+pub async fn notion() -> (MockServer, Arc<AtomicUsize>) {
+    let server = MockServer::start().await;
+    let creates = mount_notion(&server).await;
     (server, creates)
 }

@@ -189,7 +189,7 @@ pub async fn spawn_enrich(env: &TestEnv, openai_url: &str, extra: &[(&str, &str)
     let app = halakha_enrich::App::build(read(&vars, halakha_enrich::Config::read)).await.unwrap();
     let shutdown = CancellationToken::new();
     let s = shutdown.clone();
-    let task = tokio::spawn(async move { app.run(s).await });
+    let task = tokio::spawn(async move { app.run(s).await.unwrap() });
     Running { http_addr: None, shutdown, task }
 }
 
@@ -204,7 +204,7 @@ pub async fn spawn_publish(env: &TestEnv, notion_url: Option<&str>, extra: &[(&s
     let app = halakha_publish::App::build(read(&vars, halakha_publish::Config::read)).await.unwrap();
     let shutdown = CancellationToken::new();
     let s = shutdown.clone();
-    let task = tokio::spawn(async move { app.run(s).await });
+    let task = tokio::spawn(async move { app.run(s).await.unwrap() });
     Running { http_addr: None, shutdown, task }
 }
 

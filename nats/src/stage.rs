@@ -1,0 +1,148 @@
+//! What every stage binary does around its handler: connect, apply the
+//! topology, bind the consumer and the admin server, then serve until
+//! shutdown and drain in order (readiness first, consumer, API, admin last).
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use async_nats::jetstream;
+use halakha_common::config::{Reader, TelemetryConfig};
+use halakha_common::health::{self, BoundServer, Readiness};
+use halakha_common::metrics as m;
+use metrics_exporter_prometheus::PrometheusHandle;
+use tokio_util::sync::CancellationToken;
+
+use crate::names::{Names, Namespace, Stage};
+use crate::runner::{Handler, Runner, RunnerConfig, RunnerError};
+use crate::topology::{self, TopologyError};
+
+/// Why a stage could not start or serve.
+#[derive(Debug, thiserror::Error)]
+pub enum StageStartError {
+    #[error("could not connect to NATS")]
+    Nats(#[from] async_nats::ConnectError),
+    #[error("could not apply the JetStream topology")]
+    Topology(#[from] TopologyError),
+    #[error("could not start the consumer")]
+    Runner(#[from] RunnerError),
+    #[error("could not bind {what} on {addr}")]
+    Bind {
+        what: &'static str,
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("server failed")]
+    Serve(#[source] std::io::Error),
+}
+
+/// The settings every stage shares: NATS, namespace, telemetry, runner.
+#[derive(Debug, Clone)]
+pub struct StageConfig {
+    pub nats_url: String,
+    pub namespace: Namespace,
+    pub telemetry: TelemetryConfig,
+    pub runner: RunnerConfig,
+}
+
+impl StageConfig {
+    /// Read the shared variables with the stage's defaults.
+    pub fn read(r: &mut Reader<'_>, default_metrics_addr: &str, default_concurrency: usize) -> Self {
+        Self {
+            nats_url: r.string_or("NATS_URL", "nats://127.0.0.1:4222"),
+            namespace: r.parse_or("PIPELINE_NAMESPACE", Namespace::default()),
+            telemetry: TelemetryConfig::read(r, default_metrics_addr),
+            runner: RunnerConfig::read(r, default_concurrency),
+        }
+    }
+}
+
+/// A stage connected and bound, ready to serve.
+pub struct Prepared {
+    pub names: Names,
+    pub js: jetstream::Context,
+    pub readiness: Readiness,
+    pub metrics: PrometheusHandle,
+    client: async_nats::Client,
+    runner: Runner,
+    admin: BoundServer,
+}
+
+/// Bind a TCP address, naming the variable it came from on failure.
+pub async fn bind(what: &'static str, addr: SocketAddr, router: axum::Router) -> Result<BoundServer, StageStartError> {
+    BoundServer::bind(addr, router).await.map_err(|source| StageStartError::Bind { what, addr, source })
+}
+
+impl Prepared {
+    /// Connect to NATS, apply the streams and the stage's consumer, bind
+    /// `METRICS_ADDR`.
+    pub async fn new(stage: Stage, c: &StageConfig) -> Result<Self, StageStartError> {
+        halakha_common::install_crypto_provider();
+        let metrics = m::install_recorder();
+        let readiness = Readiness::new();
+        let names = Names::new(c.namespace.clone());
+        let client_name = format!("halakha-{stage}");
+        let (client, js) = crate::connect::connect(&c.nats_url, &client_name, readiness.register("nats")).await?;
+        topology::apply_streams(&js, &names).await?;
+        let runner = Runner::bind(&js, &names, stage, c.runner.clone(), readiness.register("consumer")).await?;
+        let admin =
+            bind("METRICS_ADDR", c.telemetry.metrics_addr, health::routes(metrics.clone(), readiness.clone())).await?;
+        Ok(Self { names, js, readiness, metrics, client, runner, admin })
+    }
+
+    pub fn metrics_addr(&self) -> SocketAddr {
+        self.admin.local_addr().unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)))
+    }
+
+    /// The health routes, to merge into a stage's own API.
+    pub fn health_routes(&self) -> axum::Router {
+        health::routes(self.metrics.clone(), self.readiness.clone())
+    }
+
+    /// Serve until `shutdown`, then drain: the consumer stops fetching and
+    /// finishes what it holds, the API (if any) finishes open requests,
+    /// pending publishes are flushed, the admin server stops last.
+    pub async fn serve<H: Handler>(
+        self,
+        handler: Arc<H>,
+        api: Option<BoundServer>,
+        shutdown: CancellationToken,
+    ) -> Result<(), StageStartError> {
+        let Self { runner, admin, client, .. } = self;
+        let stage = runner.route().stage;
+        tracing::info!(
+            stage = %stage,
+            metrics = ?admin.local_addr().ok(),
+            http = ?api.as_ref().and_then(|a| a.local_addr().ok()),
+            "Stage started"
+        );
+        let stop_admin = CancellationToken::new();
+        let admin_task = tokio::spawn(admin.serve(stop_admin.clone()));
+        let stop_api = CancellationToken::new();
+        let api_task = api.map(|a| tokio::spawn(a.serve(stop_api.clone())));
+        runner.run(handler, shutdown).await;
+        stop_api.cancel();
+        let api_result = match api_task {
+            Some(t) => t.await.unwrap_or(Ok(())),
+            None => Ok(()),
+        };
+        if let Err(error) = client.flush().await {
+            tracing::warn!(%error, "Could not flush NATS on shutdown");
+        }
+        stop_admin.cancel();
+        let _ = admin_task.await;
+        tracing::info!(stage = %stage, "Stage stopped");
+        api_result.map_err(StageStartError::Serve)
+    }
+}
+
+/// A token cancelled on the first SIGINT or SIGTERM.
+pub fn shutdown_on_signal() -> CancellationToken {
+    let token = CancellationToken::new();
+    let trigger = token.clone();
+    tokio::spawn(async move {
+        halakha_common::shutdown::signal().await;
+        trigger.cancel();
+    });
+    token
+}
