@@ -302,6 +302,27 @@ impl DatabaseConfig {
     }
 }
 
+/// The optional Redis settings (`REDIS_URL` unset = cache off).
+#[derive(Debug, Clone)]
+pub struct RedisConfig {
+    pub url: Option<SecretString>,
+    /// How long a cached enrichment is kept (`CACHE_TTL_SECS`).
+    pub cache_ttl: Duration,
+}
+
+impl RedisConfig {
+    pub fn read(r: &mut Reader<'_>) -> Self {
+        let url = r.optional_secret("REDIS_URL");
+        if let Some(u) = &url {
+            use secrecy::ExposeSecret;
+            if !u.expose_secret().starts_with("redis://") {
+                r.error("REDIS_URL", "must be a redis:// URL (TLS rediss:// is not supported by this build)");
+            }
+        }
+        Self { url, cache_ttl: r.seconds("CACHE_TTL_SECS", 30 * 24 * 3600, 60..=365 * 24 * 3600) }
+    }
+}
+
 /// Read a configuration, or print every problem and exit 64.
 ///
 /// Call this first in `main`, before binding any port.

@@ -30,6 +30,8 @@ pub const OPENAI_TOKENS_TOTAL: &str = "halakha_enrich_openai_tokens_total";
 pub const OPENAI_REQUEST_SECONDS: &str = "halakha_enrich_openai_request_duration_seconds";
 /// Notion API calls, by `operation` and `outcome`.
 pub const NOTION_REQUESTS_TOTAL: &str = "halakha_publish_notion_requests_total";
+/// Cache look-ups and writes, by `outcome` (`hit`, `miss`, `error`).
+pub const CACHE_REQUESTS_TOTAL: &str = "halakha_cache_requests_total";
 /// Rows written to Postgres by publish, by `status`.
 pub const DB_WRITES_TOTAL: &str = "halakha_publish_db_writes_total";
 

@@ -3,7 +3,7 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
-use halakha_common::config::Reader;
+use halakha_common::config::{Reader, RedisConfig};
 use halakha_nats::stage::StageConfig;
 use secrecy::SecretString;
 
@@ -19,6 +19,8 @@ pub struct Config {
     pub prompt_dir: Option<PathBuf>,
     /// Upper bound on generated tokens per call (`OPENAI_MAX_COMPLETION_TOKENS`).
     pub max_completion_tokens: u32,
+    /// The enrichment cache (`REDIS_URL`, `CACHE_TTL_SECS`).
+    pub redis: RedisConfig,
 }
 
 impl Config {
@@ -41,6 +43,7 @@ impl Config {
             openai_timeout: r.seconds("OPENAI_TIMEOUT_SECS", 300, 60..=600),
             prompt_dir,
             max_completion_tokens: r.ranged("OPENAI_MAX_COMPLETION_TOKENS", 4096, 256..=32_768),
+            redis: RedisConfig::read(r),
         }
     }
 }
@@ -56,6 +59,16 @@ mod tests {
         let mut r = Reader::new(&src);
         let c = Config::read(&mut r);
         assert_eq!(r.finish(c).expect_err("missing").names(), vec!["OPENAI_API_KEY"]);
+    }
+
+    #[test]
+    fn the_api_key_and_redis_url_never_reach_debug_output() {
+        let src = Map::new([("OPENAI_API_KEY", "sk-live-hunter2"), ("REDIS_URL", "redis://:pw-hunter3@cache:6379")]);
+        let mut r = Reader::new(&src);
+        let c = Config::read(&mut r);
+        let c = r.finish(c).expect("valid");
+        let shown = format!("{c:?}");
+        assert!(!shown.contains("hunter2") && !shown.contains("hunter3"), "{shown}");
     }
 
     #[test]

@@ -9,7 +9,9 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use halakha_common::StageError;
-use halakha_common::envelope::{Enriched, Ingested, SCHEMA_VERSION};
+use halakha_common::cache::{self, Cache};
+use halakha_common::envelope::{Enriched, Enrichment, Ingested, SCHEMA_VERSION, Usage};
+use halakha_common::text::sha256_hex;
 use halakha_nats::Stage;
 use halakha_nats::runner::{Delivery, Handler};
 use halakha_nats::stage::{Prepared, StageStartError};
@@ -25,12 +27,26 @@ pub enum StartError {
     Prompt(#[source] std::io::Error),
     #[error("could not build the HTTP client")]
     Http(#[from] reqwest::Error),
+    #[error(transparent)]
+    Cache(#[from] cache::InvalidRedisUrl),
 }
 
-/// The enrich handler: one structured completion per text.
+/// The enrich handler: one structured completion per text, cached.
 pub struct EnrichHandler {
     llm: llm::Llm,
     prompt: prompt::Prompt,
+    cache: Cache,
+    cache_prefix: String,
+}
+
+impl EnrichHandler {
+    /// The cache key: what determines the answer (the text and its declared
+    /// language, the model, the instructions and the schema version).
+    fn cache_key(&self, input: &Ingested) -> String {
+        let lang = input.halakha.lang.map(|l| l.as_str()).unwrap_or("");
+        let text = sha256_hex(format!("{lang}\0{}", input.halakha.content).as_bytes());
+        format!("{}:v{SCHEMA_VERSION}:{}:{}:{text}", self.cache_prefix, self.llm.model(), self.prompt.version)
+    }
 }
 
 impl Handler for EnrichHandler {
@@ -38,8 +54,22 @@ impl Handler for EnrichHandler {
     type Output = Enriched;
 
     async fn handle(&self, input: Ingested, _delivery: &Delivery) -> Result<Option<Enriched>, StageError> {
-        let (enrichment, usage) = self.llm.enrich(&self.prompt, &input).await?;
-        tracing::info!(id = %input.id, total_tokens = usage.total_tokens, "Enriched");
+        let key = self.cache_key(&input);
+        let cached = self.cache.get(&key).await.and_then(|bytes| serde_json::from_slice::<Enrichment>(&bytes).ok());
+        let (enrichment, usage) = match cached {
+            Some(enrichment) => {
+                tracing::info!(id = %input.id, "Enrichment found in the cache; no API call");
+                (enrichment, Usage::default())
+            }
+            None => {
+                let (enrichment, usage) = self.llm.enrich(&self.prompt, &input).await?;
+                if let Ok(bytes) = serde_json::to_vec(&enrichment) {
+                    self.cache.set(&key, &bytes).await;
+                }
+                tracing::info!(id = %input.id, total_tokens = usage.total_tokens, "Enriched");
+                (enrichment, usage)
+            }
+        };
         Ok(Some(Enriched {
             schema_version: SCHEMA_VERSION,
             id: input.id,
@@ -62,9 +92,17 @@ impl App {
         let prompt = prompt::Prompt::load(config.prompt_dir.as_deref()).map_err(StartError::Prompt)?;
         halakha_common::install_crypto_provider();
         let llm = llm::Llm::new(&config)?;
+        let cache = match &config.redis.url {
+            Some(url) => Cache::new(url, config.redis.cache_ttl)?,
+            None => {
+                tracing::info!("REDIS_URL is not set: the enrichment cache is off");
+                Cache::off()
+            }
+        };
+        let cache_prefix = format!("{}:enrich", config.stage.namespace);
         let stage = Prepared::new(Stage::Enrich, &config.stage).await?;
         tracing::info!(model = %config.openai_model, prompt_version = %prompt.version, "Enrichment configured");
-        Ok(Self { stage, handler: Arc::new(EnrichHandler { llm, prompt }) })
+        Ok(Self { stage, handler: Arc::new(EnrichHandler { llm, prompt, cache, cache_prefix }) })
     }
 
     pub fn metrics_addr(&self) -> SocketAddr {
@@ -72,6 +110,6 @@ impl App {
     }
 
     pub async fn run(self, shutdown: CancellationToken) -> Result<(), StartError> {
-        Ok(self.stage.serve(self.handler, None, shutdown).await?)
+        Ok(self.stage.serve(self.handler, None, Vec::new(), shutdown).await?)
     }
 }

@@ -1,10 +1,12 @@
 //! The chat completion call and what its answer must satisfy.
 
-use std::time::Instant;
+use std::future::Future;
+use std::time::{Duration, Instant};
 
 use async_openai::Client;
 use async_openai::config::OpenAIConfig;
-use async_openai::error::OpenAIError;
+use async_openai::error::{OpenAIError, WrappedError};
+use async_openai::middleware::HttpRequestFactory;
 use async_openai::types::chat::{
     ChatCompletionRequestMessage, ChatCompletionRequestSystemMessage, ChatCompletionRequestSystemMessageContent,
     ChatCompletionRequestUserMessage, ChatCompletionRequestUserMessageContent, CreateChatCompletionRequest,
@@ -12,7 +14,7 @@ use async_openai::types::chat::{
 };
 use halakha_common::StageError;
 use halakha_common::envelope::{Enrichment, Ingested, Usage};
-use halakha_common::error::classify_http_status;
+use halakha_common::error::{classify_http_status, parse_retry_after};
 use halakha_common::metrics as m;
 use secrecy::ExposeSecret;
 
@@ -41,7 +43,7 @@ impl Llm {
             .with_api_base(config.openai_base_url.clone())
             .with_api_key(config.openai_api_key.expose_secret().to_owned());
         Ok(Self {
-            client: Client::with_config(openai).with_http_client(http),
+            client: Client::with_config(openai).with_http_service(single_attempt(http)),
             model: config.openai_model.clone(),
             max_completion_tokens: config.max_completion_tokens,
         })
@@ -100,6 +102,53 @@ impl Llm {
     }
 }
 
+/// A failed HTTP answer, kept whole: status, `Retry-After` and body.
+#[derive(Debug, thiserror::Error)]
+#[error("HTTP {status}")]
+struct HttpFailure {
+    status: u16,
+    retry_after: Option<Duration>,
+    body: String,
+}
+
+/// The transport: exactly one HTTP request per call.
+///
+/// async-openai retries 429, 5xx and connection errors on its own by
+/// default; the stage runner owns retries (nak with delay, `max_deliver`,
+/// dead-letter), so hidden retries would multiply attempts and cost. A
+/// failed answer is returned as [`HttpFailure`] so its `Retry-After`
+/// reaches the runner.
+fn single_attempt(
+    http: reqwest::Client,
+) -> impl tower::Service<
+    HttpRequestFactory,
+    Response = reqwest::Response,
+    Error = OpenAIError,
+    Future = impl Future<Output = Result<reqwest::Response, OpenAIError>> + Send + 'static,
+> + Clone
++ Send
++ Sync
++ 'static {
+    tower::service_fn(move |factory: HttpRequestFactory| {
+        let http = http.clone();
+        async move {
+            let request = factory.build().await?;
+            let response = http.execute(request).await.map_err(OpenAIError::Reqwest)?;
+            let status = response.status();
+            if status.is_success() {
+                return Ok(response);
+            }
+            let retry_after = response
+                .headers()
+                .get(reqwest::header::RETRY_AFTER)
+                .and_then(|v| v.to_str().ok())
+                .and_then(parse_retry_after);
+            let body = response.text().await.unwrap_or_default();
+            Err(OpenAIError::Boxed(Box::new(HttpFailure { status: status.as_u16(), retry_after, body })))
+        }
+    })
+}
+
 fn usage(r: &CreateChatCompletionResponse) -> Usage {
     r.usage
         .as_ref()
@@ -114,6 +163,19 @@ fn usage(r: &CreateChatCompletionResponse) -> Usage {
 /// Map a client error to a kind, following the delivery rules.
 fn classify(e: OpenAIError) -> StageError {
     match e {
+        OpenAIError::Boxed(boxed) => match boxed.downcast::<HttpFailure>() {
+            Ok(f) => {
+                let detail = serde_json::from_str::<WrappedError>(&f.body)
+                    .map(|w| w.error.to_string())
+                    .unwrap_or_else(|_| truncate(&f.body, 300));
+                let reason = format!("OpenAI answered {}: {detail}", f.status);
+                match classify_http_status(f.status) {
+                    Some(false) => StageError::permanent(reason),
+                    _ => StageError::transient_after(reason, f.retry_after),
+                }
+            }
+            Err(other) => StageError::transient(format!("the OpenAI request failed: {other}")),
+        },
         OpenAIError::ApiError(api) => {
             let status = api.status_code.as_u16();
             let reason = format!("OpenAI answered {status}: {}", api.api_error);

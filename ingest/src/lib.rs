@@ -17,7 +17,7 @@ use halakha_common::db;
 use halakha_common::health::{BoundServer, Readiness};
 use halakha_nats::names::Subject;
 use halakha_nats::stage::{Prepared, StageStartError, bind};
-use halakha_nats::{Publisher, Stage};
+use halakha_nats::{Publisher, Runner, Stage};
 use tokio_util::sync::CancellationToken;
 
 pub use config::Config;
@@ -36,6 +36,8 @@ pub struct App {
     stage: Prepared,
     api: BoundServer,
     handler: Arc<service::SubmittedHandler>,
+    status: Runner,
+    status_handler: Arc<service::StatusHandler>,
 }
 
 impl App {
@@ -43,6 +45,8 @@ impl App {
         let pool = db::pool(&config.database)?;
         db::migrate(&pool).await?;
         let stage = Prepared::new(Stage::Ingest, &config.stage).await?;
+        let status = stage.bind_extra(stage.names.status_route(), "status_consumer").await?;
+        let status_handler = Arc::new(service::StatusHandler { pool: pool.clone() });
         let ingestor = service::Ingestor { pool, max_content_chars: config.max_content_chars };
         let state = http::ApiState {
             ingestor: ingestor.clone(),
@@ -52,7 +56,7 @@ impl App {
         };
         let router = http::routes(state, config.max_body_bytes).merge(stage.health_routes());
         let api = bind("HTTP_ADDR", config.http_addr, router).await?;
-        Ok(Self { stage, api, handler: Arc::new(service::SubmittedHandler { ingestor }) })
+        Ok(Self { stage, api, handler: Arc::new(service::SubmittedHandler { ingestor }), status, status_handler })
     }
 
     pub fn http_addr(&self) -> SocketAddr {
@@ -70,6 +74,7 @@ impl App {
     /// Serve until `shutdown` is cancelled, then drain: the consumer stops
     /// fetching and finishes what it holds, the API finishes open requests.
     pub async fn run(self, shutdown: CancellationToken) -> Result<(), StartError> {
-        Ok(self.stage.serve(self.handler, Some(self.api), shutdown).await?)
+        let status = Box::pin(self.status.run(self.status_handler, shutdown.clone()));
+        Ok(self.stage.serve(self.handler, Some(self.api), vec![status], shutdown).await?)
     }
 }

@@ -2,7 +2,7 @@
 
 use deadpool_postgres::Pool;
 use halakha_common::StageError;
-use halakha_common::envelope::{Envelope, Ingested, Submission};
+use halakha_common::envelope::{DeadLetter, Envelope, Ingested, Submission};
 use halakha_common::metrics as m;
 use halakha_nats::runner::{Delivery, Handler};
 use time::OffsetDateTime;
@@ -93,5 +93,28 @@ impl Handler for SubmittedHandler {
     /// broker drops a second submission of one text within its window.
     fn output_message_id(&self, output: &Ingested, _delivery: &Delivery) -> String {
         output.id()
+    }
+}
+
+/// Marks dead-lettered halakhot `failed`, so `GET /v1/halakhot/{id}` can say
+/// why an item will not be published.
+pub struct StatusHandler {
+    pub pool: Pool,
+}
+
+impl Handler for StatusHandler {
+    type Input = DeadLetter;
+    type Output = DeadLetter;
+
+    async fn handle(&self, entry: DeadLetter, _delivery: &Delivery) -> Result<Option<DeadLetter>, StageError> {
+        let Some(id) = entry.id.as_deref() else { return Ok(None) };
+        let error = format!("{}: {}", entry.stage, entry.reason);
+        let changed = store::mark_failed(&self.pool, id, &error, entry.failed_at)
+            .await
+            .map_err(|e| StageError::transient("could not record the failure").with_source(e))?;
+        if changed > 0 {
+            tracing::info!(%id, stage = %entry.stage, "Marked failed");
+        }
+        Ok(None)
     }
 }

@@ -46,6 +46,20 @@ pub async fn claim(pool: &Pool, m: &Ingested) -> Result<Claim, DbError> {
     Ok(if status == "accepted" { Claim::Pending } else { Claim::Done { status } })
 }
 
+/// Mark a dead-lettered halakha `failed` with the reason, unless it was
+/// published or changed after the failure (a redrive that already
+/// succeeded must not be overwritten by a late status update).
+pub async fn mark_failed(pool: &Pool, id: &str, error: &str, failed_at: time::OffsetDateTime) -> Result<u64, DbError> {
+    let conn = pool.get().await?;
+    Ok(conn
+        .execute(
+            "UPDATE halakhot SET status = 'failed', error = $2, updated_at = now()
+             WHERE id = $1 AND status <> 'published' AND updated_at <= $3",
+            &[&id, &error, &failed_at],
+        )
+        .await?)
+}
+
 /// What `GET /v1/halakhot/{id}` answers.
 #[derive(Debug, Clone, Serialize)]
 pub struct StatusView {

@@ -103,16 +103,23 @@ impl Subject {
     }
 }
 
-/// Where a stage reads, writes and dead-letters.
+/// Where a consumer loop reads, writes and dead-letters.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Route {
+    /// Label in logs and metrics: the stage name, or `ingest-status`.
+    pub name: &'static str,
+    /// The stage that owns the loop (and whose dead-letter subject it uses).
     pub stage: Stage,
     pub input_subject: String,
     pub input_stream: String,
     pub consumer: String,
-    pub output_subject: String,
+    /// Where outputs go; `None` for a loop that only records.
+    pub output_subject: Option<String>,
     pub dlq_subject: String,
 }
+
+/// The consumer of `halakha-ingest` that marks dead-lettered items `failed`.
+pub const STATUS_CONSUMER: &str = "ingest-status";
 
 /// Names derived from one namespace.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -174,12 +181,27 @@ impl Names {
             Stage::Publish => (Subject::Enriched, Subject::Published),
         };
         Route {
+            name: stage.as_str(),
             stage,
             input_subject: self.subject(input),
             input_stream: self.stream(input),
             consumer: stage.as_str().to_owned(),
-            output_subject: self.subject(output),
+            output_subject: Some(self.subject(output)),
             dlq_subject: self.subject(Subject::DeadLetter(stage)),
+        }
+    }
+
+    /// The status loop of ingest: every dead letter, nothing published.
+    pub fn status_route(&self) -> Route {
+        let dlq = Subject::DeadLetter(Stage::Ingest);
+        Route {
+            name: STATUS_CONSUMER,
+            stage: Stage::Ingest,
+            input_subject: self.dlq_wildcard(),
+            input_stream: self.stream(dlq),
+            consumer: STATUS_CONSUMER.to_owned(),
+            output_subject: None,
+            dlq_subject: self.subject(dlq),
         }
     }
 
@@ -231,7 +253,9 @@ mod tests {
         let r = n.route(Stage::Enrich);
         assert_eq!(r.input_subject, "halakha.ingested");
         assert_eq!(r.input_stream, "HALAKHA_INGESTED");
-        assert_eq!(r.output_subject, "halakha.enriched");
+        assert_eq!(r.output_subject.as_deref(), Some("halakha.enriched"));
+        let status = n.status_route();
+        assert_eq!((status.input_stream.as_str(), status.input_subject.as_str()), ("HALAKHA_DLQ", "halakha.dlq.>"));
         assert_eq!(r.consumer, "enrich");
         assert_eq!(n.stream(Subject::DeadLetter(Stage::Publish)), "HALAKHA_DLQ");
     }

@@ -38,7 +38,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
-use crate::names::{Names, Route, Stage};
+use crate::names::{Names, Route};
 use crate::publisher::Publisher;
 use crate::topology::{self, ConsumerOverrides, TopologyError};
 
@@ -152,17 +152,16 @@ pub struct Runner {
 }
 
 impl Runner {
-    /// Apply the stage's consumer definition and bind to it. `consuming`
+    /// Apply the route's consumer definition and bind to it. `consuming`
     /// is set while the fetch loop is healthy.
     pub async fn bind(
         js: &jetstream::Context,
         names: &Names,
-        stage: Stage,
+        route: Route,
         config: RunnerConfig,
         consuming: ReadyFlag,
     ) -> Result<Self, RunnerError> {
-        let route = names.route(stage);
-        let consumer_config = topology::consumer(names, stage, &config.overrides())?;
+        let consumer_config = topology::consumer(names, &route, &config.overrides())?;
         let consumer = topology::apply_consumer(js, &route, consumer_config).await?;
         Ok(Self { route, consumer, publisher: Publisher::new(js.clone()), config, consuming })
     }
@@ -173,7 +172,7 @@ impl Runner {
 
     /// Run until `shutdown` is cancelled, then drain.
     pub async fn run<H: Handler>(self, handler: Arc<H>, shutdown: CancellationToken) {
-        let stage = self.route.stage.as_str();
+        let stage = self.route.name;
         let permits = Arc::new(Semaphore::new(self.config.concurrency));
         let tracker = TaskTracker::new();
         let shared = Arc::new(Shared {
@@ -277,7 +276,7 @@ enum Outcome {
 }
 
 async fn process<H: Handler>(shared: &Shared, handler: &H, msg: jetstream::Message) {
-    let stage = shared.route.stage.as_str();
+    let stage = shared.route.name;
     let delivery = match msg.info() {
         Ok(info) => Delivery {
             subject: msg.subject.to_string(),
@@ -370,12 +369,16 @@ async fn handle<H: Handler>(
         Ok(None) => return (Some(id), Ok(())),
         Err(e) => return (Some(id), Err(e)),
     };
+    let Some(subject) = shared.route.output_subject.as_deref() else {
+        tracing::error!("Handler returned an output on a route without an output subject; dropped");
+        return (Some(id), Ok(()));
+    };
     let msg_id = handler.output_message_id(&output, delivery);
-    let published = shared.publisher.publish_json(&shared.route.output_subject, &msg_id, &output).await;
+    let published = shared.publisher.publish_json(subject, &msg_id, &output).await;
     let result = match published {
         Ok(_) => Ok(()),
         Err(e) => {
-            metrics::counter!(m::PUBLISH_ERRORS_TOTAL, "stage" => shared.route.stage.as_str()).increment(1);
+            metrics::counter!(m::PUBLISH_ERRORS_TOTAL, "stage" => shared.route.name).increment(1);
             Err(StageError::transient("could not publish the output").with_source(e))
         }
     };
@@ -420,7 +423,7 @@ async fn dead_letter(
     let entry = DeadLetter {
         schema_version: SCHEMA_VERSION,
         id,
-        stage: shared.route.stage.as_str().to_owned(),
+        stage: shared.route.name.to_owned(),
         error_kind: kind,
         reason,
         attempts: u64::try_from(delivery.delivered).unwrap_or(0),

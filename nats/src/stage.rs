@@ -12,7 +12,9 @@ use halakha_common::metrics as m;
 use metrics_exporter_prometheus::PrometheusHandle;
 use tokio_util::sync::CancellationToken;
 
-use crate::names::{Names, Namespace, Stage};
+use futures::future::BoxFuture;
+
+use crate::names::{Names, Namespace, Route, Stage};
 use crate::runner::{Handler, Runner, RunnerConfig, RunnerError};
 use crate::topology::{self, TopologyError};
 
@@ -65,6 +67,7 @@ pub struct Prepared {
     pub metrics: PrometheusHandle,
     client: async_nats::Client,
     runner: Runner,
+    runner_config: RunnerConfig,
     admin: BoundServer,
 }
 
@@ -84,14 +87,22 @@ impl Prepared {
         let client_name = format!("halakha-{stage}");
         let (client, js) = crate::connect::connect(&c.nats_url, &client_name, readiness.register("nats")).await?;
         topology::apply_streams(&js, &names).await?;
-        let runner = Runner::bind(&js, &names, stage, c.runner.clone(), readiness.register("consumer")).await?;
+        let runner =
+            Runner::bind(&js, &names, names.route(stage), c.runner.clone(), readiness.register("consumer")).await?;
         let admin =
             bind("METRICS_ADDR", c.telemetry.metrics_addr, health::routes(metrics.clone(), readiness.clone())).await?;
-        Ok(Self { names, js, readiness, metrics, client, runner, admin })
+        Ok(Self { names, js, readiness, metrics, client, runner, runner_config: c.runner.clone(), admin })
     }
 
     pub fn metrics_addr(&self) -> SocketAddr {
         self.admin.local_addr().unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)))
+    }
+
+    /// Bind a further consumer loop of this stage (run it with
+    /// [`Runner::run`] and hand the future to [`Prepared::serve`]).
+    pub async fn bind_extra(&self, route: Route, ready_name: &'static str) -> Result<Runner, StageStartError> {
+        let flag = self.readiness.register(ready_name);
+        Ok(Runner::bind(&self.js, &self.names, route, self.runner_config.clone(), flag).await?)
     }
 
     /// The health routes, to merge into a stage's own API.
@@ -99,13 +110,15 @@ impl Prepared {
         health::routes(self.metrics.clone(), self.readiness.clone())
     }
 
-    /// Serve until `shutdown`, then drain: the consumer stops fetching and
-    /// finishes what it holds, the API (if any) finishes open requests,
+    /// Serve until `shutdown`, then drain: the consumers stop fetching and
+    /// finish what they hold, the API (if any) finishes open requests,
     /// pending publishes are flushed, the admin server stops last.
+    /// `extra` are further consumer loops, built on the same `shutdown`.
     pub async fn serve<H: Handler>(
         self,
         handler: Arc<H>,
         api: Option<BoundServer>,
+        extra: Vec<BoxFuture<'static, ()>>,
         shutdown: CancellationToken,
     ) -> Result<(), StageStartError> {
         let Self { runner, admin, client, .. } = self;
@@ -120,7 +133,7 @@ impl Prepared {
         let admin_task = tokio::spawn(admin.serve(stop_admin.clone()));
         let stop_api = CancellationToken::new();
         let api_task = api.map(|a| tokio::spawn(a.serve(stop_api.clone())));
-        runner.run(handler, shutdown).await;
+        futures::future::join(runner.run(handler, shutdown), futures::future::join_all(extra)).await;
         stop_api.cancel();
         let api_result = match api_task {
             Some(t) => t.await.unwrap_or(Ok(())),

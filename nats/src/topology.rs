@@ -11,7 +11,7 @@ use std::time::Duration;
 use async_nats::jetstream::{self, consumer, stream};
 use serde_json::Value;
 
-use crate::names::{DEFAULT_NAMESPACE, Names, Route, Stage};
+use crate::names::{DEFAULT_NAMESPACE, Names, Route, STATUS_CONSUMER};
 
 const STREAM_FILES: [(&str, &str); 5] = [
     ("HALAKHA_SUBMITTED", include_str!("../topology/streams/HALAKHA_SUBMITTED.json")),
@@ -21,17 +21,18 @@ const STREAM_FILES: [(&str, &str); 5] = [
     ("HALAKHA_DLQ", include_str!("../topology/streams/HALAKHA_DLQ.json")),
 ];
 
-fn consumer_file(stage: Stage) -> &'static str {
-    match stage {
-        Stage::Ingest => include_str!("../topology/consumers/HALAKHA_SUBMITTED.ingest.json"),
-        Stage::Enrich => include_str!("../topology/consumers/HALAKHA_INGESTED.enrich.json"),
-        Stage::Publish => include_str!("../topology/consumers/HALAKHA_ENRICHED.publish.json"),
-    }
-}
+const CONSUMER_FILES: [(&str, &str); 4] = [
+    ("ingest", include_str!("../topology/consumers/HALAKHA_SUBMITTED.ingest.json")),
+    ("enrich", include_str!("../topology/consumers/HALAKHA_INGESTED.enrich.json")),
+    ("publish", include_str!("../topology/consumers/HALAKHA_ENRICHED.publish.json")),
+    (STATUS_CONSUMER, include_str!("../topology/consumers/HALAKHA_DLQ.ingest-status.json")),
+];
 
 /// Why the topology could not be read or applied.
 #[derive(Debug, thiserror::Error)]
 pub enum TopologyError {
+    #[error("no consumer definition named {0}")]
+    UnknownConsumer(String),
     #[error("topology file {file} is invalid")]
     Invalid {
         file: String,
@@ -125,9 +126,13 @@ pub struct ConsumerOverrides {
     pub max_ack_pending: Option<i64>,
 }
 
-/// The consumer definition of a stage, with overrides applied.
-pub fn consumer(names: &Names, stage: Stage, o: &ConsumerOverrides) -> Result<consumer::pull::Config, TopologyError> {
-    let mut c: consumer::pull::Config = parse(names, stage.as_str(), consumer_file(stage))?;
+/// The consumer definition of a route, with overrides applied.
+pub fn consumer(names: &Names, route: &Route, o: &ConsumerOverrides) -> Result<consumer::pull::Config, TopologyError> {
+    let (file, text) = CONSUMER_FILES
+        .iter()
+        .find(|(name, _)| *name == route.consumer)
+        .ok_or_else(|| TopologyError::UnknownConsumer(route.consumer.clone()))?;
+    let mut c: consumer::pull::Config = parse(names, file, text)?;
     if let Some(v) = o.max_deliver {
         c.max_deliver = v;
     }
@@ -186,6 +191,7 @@ pub async fn apply_consumer(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::names::Stage;
 
     fn names(ns: &str) -> Names {
         Names::new(ns.parse().expect("valid"))
@@ -199,9 +205,9 @@ mod tests {
         assert_eq!(got, n.streams());
         assert_eq!(s[4].subjects, vec!["halakha.dlq.>"]);
         assert_eq!(s[0].duplicate_window, Duration::from_secs(120));
-        for stage in Stage::ALL {
-            let c = consumer(&n, stage, &ConsumerOverrides::default()).expect("valid");
-            let route = n.route(stage);
+        let routes = Stage::ALL.iter().map(|s| n.route(*s)).chain([n.status_route()]);
+        for route in routes {
+            let c = consumer(&n, &route, &ConsumerOverrides::default()).expect("valid");
             assert_eq!(c.durable_name.as_deref(), Some(route.consumer.as_str()));
             assert_eq!(c.filter_subject, route.input_subject);
             assert_eq!(c.ack_policy, consumer::AckPolicy::Explicit);
@@ -216,7 +222,7 @@ mod tests {
         assert_eq!(s[1].subjects, vec!["t_42.ingested"]);
         assert_eq!(s[4].subjects, vec!["t_42.dlq.>"]);
         let o = ConsumerOverrides { max_deliver: Some(2), ..Default::default() };
-        let c = consumer(&n, Stage::Publish, &o).expect("valid");
+        let c = consumer(&n, &n.route(Stage::Publish), &o).expect("valid");
         assert_eq!(c.filter_subject, "t_42.enriched");
         assert_eq!(c.max_deliver, 2);
     }

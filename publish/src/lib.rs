@@ -109,6 +109,6 @@ impl App {
     }
 
     pub async fn run(self, shutdown: CancellationToken) -> Result<(), StartError> {
-        Ok(self.stage.serve(self.handler, None, shutdown).await?)
+        Ok(self.stage.serve(self.handler, None, Vec::new(), shutdown).await?)
     }
 }

@@ -23,6 +23,8 @@ pub enum Model {
     Faithful,
     /// A message whose content is not JSON, every time.
     InvalidJson,
+    /// 503 "overloaded" with `Retry-After: 0`, every time.
+    Overloaded,
 }
 
 /// The fake `POST /v1/chat/completions`.
@@ -95,6 +97,14 @@ impl Respond for ChatCompletions {
         let content = match self.model {
             Model::Faithful => enrichment(&text).to_string(),
             Model::InvalidJson => "Sure! Here is the halakha: {title: oops".to_owned(),
+            Model::Overloaded => {
+                return openai_error(
+                    503,
+                    "server_error",
+                    "The engine is currently overloaded, please try again later.",
+                )
+                .insert_header("retry-after", "0");
+            }
         };
         ResponseTemplate::new(200).set_body_json(json!({
             "id": "chatcmpl-fake",

@@ -36,6 +36,10 @@ pub fn nats_url() -> String {
     std::env::var("TEST_NATS_URL").unwrap_or_else(|_| "nats://127.0.0.1:4222".into())
 }
 
+pub fn redis_url() -> String {
+    std::env::var("TEST_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into())
+}
+
 fn admin_db_url() -> String {
     std::env::var("TEST_DATABASE_URL").unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into())
 }
@@ -91,6 +95,8 @@ impl TestEnv {
             ("BACKOFF_BASE_MS", "50".into()),
             ("BACKOFF_MAX_SECS", "1".into()),
             ("DRAIN_TIMEOUT_SECS", "5".into()),
+            ("REDIS_URL", redis_url()),
+            ("CACHE_TTL_SECS", "600".into()),
         ])
     }
 
@@ -128,6 +134,28 @@ impl TestEnv {
             }
         }
         out
+    }
+
+    /// Poll the status route until `pred` holds for the answer (the status
+    /// lives in Postgres, which announces nothing to wait on), or fail.
+    pub async fn wait_for_status(
+        &self,
+        base: &str,
+        id: &str,
+        limit: Duration,
+        pred: impl Fn(&serde_json::Value) -> bool,
+    ) -> serde_json::Value {
+        let http = reqwest::Client::new();
+        let deadline = tokio::time::Instant::now() + limit;
+        loop {
+            let resp = http.get(format!("{base}/v1/halakhot/{id}")).bearer_auth(API_KEY).send().await.unwrap();
+            let v: serde_json::Value = resp.json().await.unwrap();
+            if pred(&v) {
+                return v;
+            }
+            assert!(tokio::time::Instant::now() < deadline, "status of {id} never matched; last: {v}");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
     }
 
     /// Remove the namespace's streams and the database.

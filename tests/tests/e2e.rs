@@ -8,7 +8,8 @@ use std::collections::BTreeSet;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-use halakha_common::envelope::{DeadLetter, Published};
+use halakha_common::envelope::{DeadLetter, ErrorKind, Published};
+use halakha_nats::Stage;
 use halakha_tests::fakes::{self, Model};
 use halakha_tests::{API_KEY, S, TestEnv, corpus, spawn_enrich, spawn_ingest, spawn_publish};
 use serde_json::{Value, json};
@@ -73,7 +74,29 @@ async fn fifty_corpus_texts_submitted_over_http_and_nats_end_as_fifty_published_
     assert_eq!(tags.get::<_, i64>(0), 50, "each row linked to its tag once");
     assert_eq!(creates.load(Ordering::SeqCst), 50, "exactly one Notion page per halakha");
     assert_eq!(completions.load(Ordering::SeqCst), 50, "one completion per text");
-    assert_eq!(env.stream_len(S::DeadLetter(halakha_nats::Stage::Ingest)).await, 0, "nothing dead-lettered");
+    assert_eq!(env.stream_len(S::DeadLetter(Stage::Ingest)).await, 0, "nothing dead-lettered");
+
+    // The same text again under another key: a new id, but the enrichment
+    // comes from the Redis cache, so no second completion is paid for.
+    let again = json!({"content": items[0].text, "idempotency_key": format!("{}-again", items[0].id)});
+    let resp = http.post(format!("{base}/v1/halakhot")).bearer_auth(API_KEY).json(&again).send().await.unwrap();
+    assert_eq!(resp.status(), 202);
+    let again_id = resp.json::<Value>().await.unwrap()["id"].as_str().unwrap().to_owned();
+    assert!(!ids.contains(&again_id));
+    let published: Vec<Published> = env.collect(S::Published, 51, Duration::from_secs(60)).await;
+    assert_eq!(published[50].id, again_id);
+    assert_eq!(completions.load(Ordering::SeqCst), 50, "the cached enrichment was reused");
+    assert_eq!(creates.load(Ordering::SeqCst), 51);
+
+    // Resubmitting a published text answers duplicate and publishes nothing.
+    let first = json!({"content": items[0].text, "idempotency_key": items[0].id});
+    let ingested_before = env.stream_len(S::Ingested).await;
+    let resp = http.post(format!("{base}/v1/halakhot")).bearer_auth(API_KEY).json(&first).send().await.unwrap();
+    assert_eq!(resp.status(), 202);
+    let v: Value = resp.json().await.unwrap();
+    assert_eq!(v["duplicate"], true);
+    assert_eq!(v["id"], http_ids[0]);
+    assert_eq!(env.stream_len(S::Ingested).await, ingested_before, "a duplicate publishes nothing");
 
     // The status route shows the result.
     let resp =
@@ -112,8 +135,7 @@ async fn a_text_the_model_answers_with_invalid_json_ends_in_the_enrich_dead_lett
     assert_eq!(resp.status(), 202);
     let id = resp.json::<Value>().await.unwrap()["id"].as_str().unwrap().to_owned();
 
-    let dead: Vec<DeadLetter> =
-        env.collect(S::DeadLetter(halakha_nats::Stage::Enrich), 1, Duration::from_secs(60)).await;
+    let dead: Vec<DeadLetter> = env.collect(S::DeadLetter(Stage::Enrich), 1, Duration::from_secs(60)).await;
     let entry = &dead[0];
     assert_eq!(entry.id.as_deref(), Some(id.as_str()));
     assert_eq!(entry.stage, "enrich");
@@ -122,14 +144,178 @@ async fn a_text_the_model_answers_with_invalid_json_ends_in_the_enrich_dead_lett
     assert!(entry.payload.as_deref().unwrap().contains(&id), "the original payload is kept");
     assert!(completions.load(Ordering::SeqCst) >= 1);
 
+    // The status route explains the failure; nothing says published.
+    let v = env.wait_for_status(&base, &id, Duration::from_secs(30), |v| v["status"] == "failed").await;
+    assert!(v["error"].as_str().unwrap().contains("not valid JSON"), "{v}");
     let db = env.db().await;
     let status: String = db.query_one("SELECT status FROM halakhot WHERE id = $1", &[&id]).await.unwrap().get(0);
-    assert_ne!(status, "published");
+    assert_eq!(status, "failed");
     assert_eq!(env.stream_len(S::Published).await, 0);
     assert_eq!(creates.load(Ordering::SeqCst), 0);
 
     for stage in [ingest, enrich, publish] {
         stage.stop().await;
     }
+    env.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_overloaded_model_is_retried_with_backoff_then_dead_lettered_after_max_deliver() {
+    let env = TestEnv::new().await;
+    let (openai, completions) = fakes::openai(Model::Overloaded).await;
+    let ingest = spawn_ingest(&env, &[]).await;
+    let enrich = spawn_enrich(&env, &openai.uri(), &[("MAX_DELIVER", "3")]).await;
+
+    let item = corpus().into_iter().find(|i| i.lang == "he").unwrap();
+    let base = format!("http://{}", ingest.http_addr.unwrap());
+    let resp = reqwest::Client::new()
+        .post(format!("{base}/v1/halakhot"))
+        .bearer_auth(API_KEY)
+        .json(&json!({"content": item.text}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 202);
+    let id = resp.json::<Value>().await.unwrap()["id"].as_str().unwrap().to_owned();
+
+    let dead: Vec<DeadLetter> = env.collect(S::DeadLetter(Stage::Enrich), 1, Duration::from_secs(60)).await;
+    let entry = &dead[0];
+    assert_eq!(entry.id.as_deref(), Some(id.as_str()));
+    assert_eq!(entry.error_kind, ErrorKind::MaxDeliveries);
+    assert_eq!(entry.attempts, 3);
+    assert!(entry.reason.contains("503") && entry.reason.contains("overloaded"), "reason: {}", entry.reason);
+    assert_eq!(completions.load(Ordering::SeqCst), 3, "one call per delivery, no hidden retries");
+    let v = env.wait_for_status(&base, &id, Duration::from_secs(30), |v| v["status"] == "failed").await;
+    assert!(v["error"].as_str().unwrap().starts_with("enrich: "), "{v}");
+
+    for stage in [ingest, enrich] {
+        stage.stop().await;
+    }
+    env.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn poison_submissions_on_nats_are_dead_lettered_by_ingest_with_their_reason_and_never_dropped() {
+    let env = TestEnv::new().await;
+    let ingest = spawn_ingest(&env, &[]).await;
+    let subject = env.names.subject(S::Submitted);
+    let poison: [&[u8]; 4] = [
+        b"not json at all",
+        br#"{"content": "   "}"#,
+        br#"{"content": "x", "schema_version": 99}"#,
+        &[0x7b, 0x22, 0xff, 0xfe, 0x22, 0x7d],
+    ];
+    for p in poison {
+        env.js.publish(subject.clone(), p.to_vec().into()).await.unwrap().await.unwrap();
+    }
+    let mut dead: Vec<DeadLetter> = env.collect(S::DeadLetter(Stage::Ingest), 4, Duration::from_secs(30)).await;
+    // Handled concurrently: put them back in the order they were sent.
+    dead.sort_by_key(|d| d.stream_seq);
+    let reasons: Vec<&str> = dead.iter().map(|d| d.reason.as_str()).collect();
+    assert!(reasons[0].contains("not a valid submission message"), "{reasons:?}");
+    assert!(reasons[1].contains("content") && reasons[1].contains("empty"), "{reasons:?}");
+    assert!(reasons[2].contains("schema_version"), "{reasons:?}");
+    assert!(dead.iter().all(|d| d.error_kind == ErrorKind::Permanent && d.stage == "ingest" && d.attempts == 1));
+    assert_eq!(dead[0].payload.as_deref(), Some("not json at all"), "the original payload is kept");
+    assert_eq!(dead[3].payload, None);
+    assert_eq!(dead[3].payload_base64.as_deref(), Some("eyL//iJ9"), "invalid UTF-8 is kept byte for byte");
+    assert_eq!(env.stream_len(S::Ingested).await, 0);
+
+    ingest.stop().await;
+    env.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_the_notion_sink_off_a_text_is_published_to_postgres_without_a_page() {
+    let env = TestEnv::new().await;
+    let (openai, _) = fakes::openai(Model::Faithful).await;
+    let ingest = spawn_ingest(&env, &[]).await;
+    let enrich = spawn_enrich(&env, &openai.uri(), &[]).await;
+    let publish = spawn_publish(&env, None, &[]).await;
+
+    let item = corpus().into_iter().find(|i| i.id.starts_with("mt-he-te363")).unwrap();
+    let base = format!("http://{}", ingest.http_addr.unwrap());
+    let resp = reqwest::Client::new()
+        .post(format!("{base}/v1/halakhot"))
+        .header("x-api-key", API_KEY)
+        .json(&json!({"content": item.text, "schedule_days": 7}))
+        .send()
+        .await
+        .unwrap();
+    let id = resp.json::<Value>().await.unwrap()["id"].as_str().unwrap().to_owned();
+    let published: Vec<Published> = env.collect(S::Published, 1, Duration::from_secs(30)).await;
+    assert_eq!(published[0].id, id);
+    assert_eq!(published[0].notion_page_url, None);
+    let v = env.wait_for_status(&base, &id, Duration::from_secs(10), |v| v["status"] == "published").await;
+    assert!(v.get("notion_page_url").is_none(), "{v}");
+    let db = env.db().await;
+    let row = db
+        .query_one("SELECT date_post - received_at::date, language FROM halakhot WHERE id = $1", &[&id])
+        .await
+        .unwrap();
+    assert_eq!(row.get::<_, i32>(0), 7, "date_post is the processing day + schedule_days");
+    assert_eq!(row.get::<_, String>(1), "he");
+
+    for stage in [ingest, enrich, publish] {
+        stage.stop().await;
+    }
+    env.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_api_refuses_bad_requests_with_json_errors_naming_the_problem() {
+    let env = TestEnv::new().await;
+    let ingest = spawn_ingest(&env, &[("MAX_BODY_BYTES", "4096"), ("MAX_CONTENT_CHARS", "1000")]).await;
+    let base = format!("http://{}", ingest.http_addr.unwrap());
+    let http = reqwest::Client::new();
+    let url = format!("{base}/v1/halakhot");
+
+    let resp = http.post(&url).json(&json!({"content": "x"})).send().await.unwrap();
+    assert_eq!(resp.status(), 401);
+    assert!(resp.headers().contains_key("www-authenticate"));
+    assert_eq!(resp.json::<Value>().await.unwrap()["error"]["code"], "unauthorized");
+    let resp = http
+        .post(&url)
+        .bearer_auth("wrong-key-wrong-key-wrong-key-wrong")
+        .json(&json!({"content": "x"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 401);
+
+    let long = corpus().into_iter().find(|i| (1001..4000).contains(&i.text.chars().count())).unwrap();
+    let cases = [
+        (json!({"content": ""}), 422, Some("content")),
+        (json!({"content": "x", "schedule_days": 366}), 422, Some("schedule_days")),
+        (json!({"content": "x", "lang": "ru"}), 422, Some("lang")),
+        (json!({"content": long.text}), 422, Some("content")),
+        (json!({"content": 5}), 422, None),
+    ];
+    for (body, status, field) in cases {
+        let resp = http.post(&url).bearer_auth(API_KEY).json(&body).send().await.unwrap();
+        assert_eq!(resp.status(), status, "{body}");
+        let v: Value = resp.json().await.unwrap();
+        assert_eq!(v["error"]["field"].as_str(), field, "{v}");
+        assert!(!v["error"]["message"].as_str().unwrap().is_empty());
+    }
+    let resp = http
+        .post(&url)
+        .bearer_auth(API_KEY)
+        .header("content-type", "application/json")
+        .body("{\"content\":")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 400);
+    assert_eq!(resp.json::<Value>().await.unwrap()["error"]["code"], "invalid_json");
+    let big = json!({"content": "x".repeat(5000)});
+    let resp = http.post(&url).bearer_auth(API_KEY).json(&big).send().await.unwrap();
+    assert_eq!(resp.status(), 413);
+    let resp = http.get(format!("{url}/0123456789abcdef0123456789abcdef")).bearer_auth(API_KEY).send().await.unwrap();
+    assert_eq!(resp.status(), 404);
+    assert_eq!(resp.json::<Value>().await.unwrap()["error"]["code"], "not_found");
+    assert_eq!(env.stream_len(S::Ingested).await, 0, "nothing invalid was published");
+
+    ingest.stop().await;
     env.cleanup().await;
 }

@@ -1,0 +1,120 @@
+//! A best-effort Redis cache.
+//!
+//! The cache saves work; it is never a reason to fail a message. When
+//! `REDIS_URL` is unset it is off; when Redis is down every call is a miss,
+//! counted in `halakha_cache_requests_total{outcome="error"}`, and the
+//! connection is retried a few seconds later.
+
+use std::time::{Duration, Instant};
+
+use redis::AsyncCommands;
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use secrecy::{ExposeSecret, SecretString};
+use tokio::sync::Mutex;
+
+use crate::metrics as m;
+
+/// How long to wait before trying to reach Redis again after a failure.
+const RECONNECT_AFTER: Duration = Duration::from_secs(5);
+
+/// `REDIS_URL` could not be used.
+#[derive(Debug, thiserror::Error)]
+#[error("REDIS_URL is not a valid redis:// URL")]
+pub struct InvalidRedisUrl(#[source] redis::RedisError);
+
+struct Inner {
+    client: redis::Client,
+    conn: Mutex<Option<ConnectionManager>>,
+    retry_at: Mutex<Option<Instant>>,
+    ttl: Duration,
+}
+
+/// A cache of byte values under string keys, with one TTL.
+pub struct Cache {
+    inner: Option<Inner>,
+}
+
+impl Cache {
+    /// A cache that never hits and never stores.
+    pub fn off() -> Self {
+        Self { inner: None }
+    }
+
+    /// A cache on `url`; nothing is connected until first use.
+    pub fn new(url: &SecretString, ttl: Duration) -> Result<Self, InvalidRedisUrl> {
+        let client = redis::Client::open(url.expose_secret()).map_err(InvalidRedisUrl)?;
+        Ok(Self { inner: Some(Inner { client, conn: Mutex::new(None), retry_at: Mutex::new(None), ttl }) })
+    }
+
+    pub fn is_on(&self) -> bool {
+        self.inner.is_some()
+    }
+
+    async fn connection(inner: &Inner) -> Option<ConnectionManager> {
+        let mut conn = inner.conn.lock().await;
+        if let Some(c) = conn.as_ref() {
+            return Some(c.clone());
+        }
+        let mut retry_at = inner.retry_at.lock().await;
+        if retry_at.is_some_and(|t| Instant::now() < t) {
+            return None;
+        }
+        let config = ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(Duration::from_secs(1)))
+            .set_response_timeout(Some(Duration::from_millis(500)))
+            .set_number_of_retries(1);
+        match inner.client.get_connection_manager_with_config(config).await {
+            Ok(c) => {
+                *retry_at = None;
+                *conn = Some(c.clone());
+                Some(c)
+            }
+            Err(error) => {
+                tracing::warn!(%error, "Redis unreachable; continuing without the cache");
+                *retry_at = Some(Instant::now() + RECONNECT_AFTER);
+                None
+            }
+        }
+    }
+
+    fn count(outcome: &'static str) {
+        metrics::counter!(m::CACHE_REQUESTS_TOTAL, "outcome" => outcome).increment(1);
+    }
+
+    /// The value under `key`, or `None` on a miss, when off, or on error.
+    pub async fn get(&self, key: &str) -> Option<Vec<u8>> {
+        let inner = self.inner.as_ref()?;
+        let Some(mut conn) = Self::connection(inner).await else {
+            Self::count("error");
+            return None;
+        };
+        match conn.get::<_, Option<Vec<u8>>>(key).await {
+            Ok(Some(v)) => {
+                Self::count("hit");
+                Some(v)
+            }
+            Ok(None) => {
+                Self::count("miss");
+                None
+            }
+            Err(error) => {
+                tracing::warn!(%error, "Cache read failed; continuing without it");
+                Self::count("error");
+                None
+            }
+        }
+    }
+
+    /// Store `value` under `key` with the cache's TTL; errors are logged.
+    pub async fn set(&self, key: &str, value: &[u8]) {
+        let Some(inner) = self.inner.as_ref() else { return };
+        let Some(mut conn) = Self::connection(inner).await else {
+            Self::count("error");
+            return;
+        };
+        if let Err(error) = conn.set_ex::<_, _, ()>(key, value, inner.ttl.as_secs().max(1)).await {
+            tracing::warn!(%error, "Cache write failed; continuing without it");
+            Self::count("error");
+        }
+    }
+}
