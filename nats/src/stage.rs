@@ -13,6 +13,7 @@ use metrics_exporter_prometheus::PrometheusHandle;
 use tokio_util::sync::CancellationToken;
 
 use futures::future::BoxFuture;
+use secrecy::{ExposeSecret, SecretString};
 
 use crate::names::{Names, Namespace, Route, Stage};
 use crate::runner::{Handler, Runner, RunnerConfig, RunnerError};
@@ -41,7 +42,8 @@ pub enum StageStartError {
 /// The settings every stage shares: NATS, namespace, telemetry, runner.
 #[derive(Debug, Clone)]
 pub struct StageConfig {
-    pub nats_url: String,
+    /// May carry credentials (`nats://user:password@host`): kept secret.
+    pub nats_url: SecretString,
     pub namespace: Namespace,
     pub telemetry: TelemetryConfig,
     pub runner: RunnerConfig,
@@ -51,7 +53,7 @@ impl StageConfig {
     /// Read the shared variables with the stage's defaults.
     pub fn read(r: &mut Reader<'_>, default_metrics_addr: &str, default_concurrency: usize) -> Self {
         Self {
-            nats_url: r.string_or("NATS_URL", "nats://127.0.0.1:4222"),
+            nats_url: SecretString::from(r.string_or("NATS_URL", "nats://127.0.0.1:4222")),
             namespace: r.parse_or("PIPELINE_NAMESPACE", Namespace::default()),
             telemetry: TelemetryConfig::read(r, default_metrics_addr),
             runner: RunnerConfig::read(r, default_concurrency),
@@ -85,7 +87,8 @@ impl Prepared {
         let readiness = Readiness::new();
         let names = Names::new(c.namespace.clone());
         let client_name = format!("halakha-{stage}");
-        let (client, js) = crate::connect::connect(&c.nats_url, &client_name, readiness.register("nats")).await?;
+        let (client, js) =
+            crate::connect::connect(c.nats_url.expose_secret(), &client_name, readiness.register("nats")).await?;
         topology::apply_streams(&js, &names).await?;
         let runner =
             Runner::bind(&js, &names, names.route(stage), c.runner.clone(), readiness.register("consumer")).await?;

@@ -319,3 +319,25 @@ async fn the_api_refuses_bad_requests_with_json_errors_naming_the_problem() {
     ingest.stop().await;
     env.cleanup().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn restarting_a_stage_with_new_tuning_updates_its_durable_consumer_in_place() {
+    let env = TestEnv::new().await;
+    let first = spawn_ingest(&env, &[("MAX_DELIVER", "5"), ("ACK_WAIT_SECS", "30")]).await;
+    first.stop().await;
+    let stream = env.js.get_stream(env.names.stream(S::Submitted)).await.unwrap();
+    let info = stream.consumer_info("ingest").await.unwrap();
+    assert_eq!(info.config.max_deliver, 5);
+
+    let second = spawn_ingest(&env, &[("MAX_DELIVER", "3"), ("ACK_WAIT_SECS", "45")]).await;
+    let info = stream.consumer_info("ingest").await.unwrap();
+    assert_eq!(info.config.max_deliver, 3);
+    assert_eq!(info.config.ack_wait, Duration::from_secs(45));
+    assert_eq!(env.names.streams().len(), 5);
+    for name in env.names.streams() {
+        env.js.get_stream(&name).await.unwrap();
+    }
+
+    second.stop().await;
+    env.cleanup().await;
+}
