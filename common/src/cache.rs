@@ -105,6 +105,22 @@ impl Cache {
         }
     }
 
+    /// Increment the counter under `key`, giving it `ttl` when it is new.
+    /// `None` when off or unreachable: the caller falls back to local state.
+    pub async fn incr_with_ttl(&self, key: &str, ttl: Duration) -> Option<i64> {
+        let inner = self.inner.as_ref()?;
+        let mut conn = Self::connection(inner).await?;
+        let result: redis::RedisResult<(i64, i64)> =
+            redis::pipe().atomic().incr(key, 1).expire(key, ttl.as_secs().max(1) as i64).query_async(&mut conn).await;
+        match result {
+            Ok((n, _)) => Some(n),
+            Err(error) => {
+                tracing::warn!(%error, "Redis counter failed; falling back to local state");
+                None
+            }
+        }
+    }
+
     /// Store `value` under `key` with the cache's TTL; errors are logged.
     pub async fn set(&self, key: &str, value: &[u8]) {
         let Some(inner) = self.inner.as_ref() else { return };

@@ -302,12 +302,10 @@ impl DatabaseConfig {
     }
 }
 
-/// The optional Redis settings (`REDIS_URL` unset = cache off).
+/// The optional Redis settings (`REDIS_URL` unset = no Redis).
 #[derive(Debug, Clone)]
 pub struct RedisConfig {
     pub url: Option<SecretString>,
-    /// How long a cached enrichment is kept (`CACHE_TTL_SECS`).
-    pub cache_ttl: Duration,
 }
 
 impl RedisConfig {
@@ -319,7 +317,7 @@ impl RedisConfig {
                 r.error("REDIS_URL", "must be a redis:// URL (TLS rediss:// is not supported by this build)");
             }
         }
-        Self { url, cache_ttl: r.seconds("CACHE_TTL_SECS", 30 * 24 * 3600, 60..=365 * 24 * 3600) }
+        Self { url }
     }
 }
 

@@ -68,7 +68,7 @@ impl std::str::FromStr for Lang {
 ///
 /// `schema_version` may be omitted by upstream systems (it defaults to the
 /// current one). The stable id is derived, see [`Submission::id`].
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Submission {
     #[serde(default = "current_version")]
     pub schema_version: u32,
@@ -81,6 +81,9 @@ pub struct Submission {
     pub source: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub idempotency_key: Option<String>,
+    /// An image for the post (http or https URL), written to Notion's `Image`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image_url: Option<String>,
 }
 
 impl Envelope for Submission {
@@ -106,6 +109,10 @@ pub struct Halakha {
     pub schedule_days: u16,
     #[serde(with = "time::serde::rfc3339")]
     pub received_at: OffsetDateTime,
+    /// An image for the post, when the submission gave one (added in v1
+    /// as an optional field: older messages read as `None`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image_url: Option<String>,
 }
 
 impl Halakha {
@@ -279,6 +286,7 @@ mod tests {
             source: Some("Shulchan Arukh, Yoreh De'ah 65:6".into()),
             schedule_days: 2,
             received_at: datetime!(2026-11-24 06:00:00 UTC),
+            image_url: None,
         }
     }
 
@@ -317,6 +325,7 @@ mod tests {
             lang: Some("fr".into()),
             source: None,
             idempotency_key: Some("k".into()),
+            image_url: None,
         };
         snapshot(&s, r#"{"schema_version":1,"content":"text","schedule_days":3,"lang":"fr","idempotency_key":"k"}"#);
         let minimal: Submission = serde_json::from_str(r#"{"content":"x"}"#).expect("reads");

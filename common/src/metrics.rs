@@ -20,6 +20,12 @@ pub const DEAD_LETTERS_TOTAL: &str = "halakha_dead_letters_total";
 pub const PUBLISH_ERRORS_TOTAL: &str = "halakha_publish_errors_total";
 /// HTTP requests served by ingest, by `route` template, `method`, `status`.
 pub const HTTP_REQUESTS_TOTAL: &str = "halakha_http_requests_total";
+/// Authenticated requests, by `key` fingerprint (8 hex digits, not secret).
+pub const HTTP_REQUESTS_BY_KEY_TOTAL: &str = "halakha_http_requests_by_key_total";
+/// Requests refused for their key, by `reason` (`missing`, `invalid`).
+pub const HTTP_AUTH_FAILURES_TOTAL: &str = "halakha_http_auth_failures_total";
+/// Requests refused by the per-key rate limit, by `key` fingerprint.
+pub const HTTP_RATE_LIMITED_TOTAL: &str = "halakha_http_rate_limited_total";
 /// Submissions accepted by ingest, by `via` (`http`, `nats`) and `duplicate`.
 pub const INGEST_ACCEPTED_TOTAL: &str = "halakha_ingest_accepted_total";
 /// Chat completion calls, by `outcome` (`ok`, `transient`, `permanent`).

@@ -19,8 +19,10 @@ pub struct Config {
     pub prompt_dir: Option<PathBuf>,
     /// Upper bound on generated tokens per call (`OPENAI_MAX_COMPLETION_TOKENS`).
     pub max_completion_tokens: u32,
-    /// The enrichment cache (`REDIS_URL`, `CACHE_TTL_SECS`).
+    /// The enrichment cache (`REDIS_URL`).
     pub redis: RedisConfig,
+    /// How long a cached enrichment is kept (`CACHE_TTL_SECS`).
+    pub cache_ttl: Duration,
 }
 
 impl Config {
@@ -44,6 +46,7 @@ impl Config {
             prompt_dir,
             max_completion_tokens: r.ranged("OPENAI_MAX_COMPLETION_TOKENS", 4096, 256..=32_768),
             redis: RedisConfig::read(r),
+            cache_ttl: r.seconds("CACHE_TTL_SECS", 30 * 24 * 3600, 60..=365 * 24 * 3600),
         }
     }
 }

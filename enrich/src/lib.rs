@@ -93,7 +93,7 @@ impl App {
         halakha_common::install_crypto_provider();
         let llm = llm::Llm::new(&config)?;
         let cache = match &config.redis.url {
-            Some(url) => Cache::new(url, config.redis.cache_ttl)?,
+            Some(url) => Cache::new(url, config.cache_ttl)?,
             None => {
                 tracing::info!("REDIS_URL is not set: the enrichment cache is off");
                 Cache::off()

@@ -1,8 +1,9 @@
 //! Configuration of `halakha-ingest`.
 
 use std::net::SocketAddr;
+use std::time::Duration;
 
-use halakha_common::config::{DatabaseConfig, Reader};
+use halakha_common::config::{DatabaseConfig, Reader, RedisConfig};
 use halakha_nats::stage::StageConfig;
 use secrecy::{ExposeSecret, SecretString};
 
@@ -19,6 +20,19 @@ pub struct Config {
     pub max_content_chars: usize,
     /// Largest accepted request body, in bytes (`MAX_BODY_BYTES`).
     pub max_body_bytes: usize,
+    /// Largest accepted batch body, in bytes (`MAX_BATCH_BYTES`).
+    pub max_batch_bytes: usize,
+    /// Requests per minute per API key (`RATE_LIMIT_PER_MINUTE`, 0 = off).
+    pub rate_limit_per_minute: u32,
+    /// Requests a key may send at once above the steady rate (`RATE_LIMIT_BURST`).
+    pub rate_limit_burst: u32,
+    /// Longest time a request may take (`REQUEST_TIMEOUT_SECS`).
+    pub request_timeout: Duration,
+    /// How long the original service's form route waits for publication
+    /// before answering 202 (`FORM_WAIT_SECS`).
+    pub form_wait: Duration,
+    /// Shared rate limits across replicas (`REDIS_URL`; unset = per replica).
+    pub redis: RedisConfig,
 }
 
 /// Shortest accepted API key.
@@ -35,6 +49,11 @@ impl Config {
         let cors_origins = r.list("CORS_ORIGINS");
         if cors_origins.iter().any(|o| o == "*") {
             r.error("CORS_ORIGINS", "must list origins; '*' is not allowed");
+        } else if cors_origins.iter().any(|o| !valid_origin(o)) {
+            r.error(
+                "CORS_ORIGINS",
+                "each origin must look like https://example.org (scheme, host, optional port, no path)",
+            );
         }
         Self {
             stage: StageConfig::read(r, "0.0.0.0:9101", 16),
@@ -44,8 +63,23 @@ impl Config {
             cors_origins,
             max_content_chars: r.ranged("MAX_CONTENT_CHARS", 50_000, 100..=1_000_000),
             max_body_bytes: r.ranged("MAX_BODY_BYTES", 1_048_576, 1024..=16_777_216),
+            max_batch_bytes: r.ranged("MAX_BATCH_BYTES", 16_777_216, 1024..=268_435_456),
+            rate_limit_per_minute: r.ranged("RATE_LIMIT_PER_MINUTE", 600, 0..=1_000_000),
+            rate_limit_burst: r.ranged("RATE_LIMIT_BURST", 60, 1..=100_000),
+            request_timeout: r.seconds("REQUEST_TIMEOUT_SECS", 30, 1..=600),
+            form_wait: r.seconds("FORM_WAIT_SECS", 120, 1..=600),
+            redis: RedisConfig::read(r),
         }
     }
+}
+
+/// `scheme://host[:port]`, as browsers send in `Origin`.
+fn valid_origin(o: &str) -> bool {
+    let Some((scheme, rest)) = o.split_once("://") else { return false };
+    matches!(scheme, "http" | "https")
+        && !rest.is_empty()
+        && !rest.contains('/')
+        && rest.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | ':' | '[' | ']'))
 }
 
 #[cfg(test)]
@@ -60,6 +94,15 @@ mod tests {
         let c = Config::read(&mut r);
         let errors = r.finish(c).expect_err("required variables are missing");
         assert_eq!(errors.names(), vec!["API_KEYS", "DATABASE_URL"]);
+    }
+
+    #[test]
+    fn origins_must_be_scheme_and_host_only() {
+        assert!(valid_origin("https://halakha.example.org"));
+        assert!(valid_origin("http://localhost:3000"));
+        assert!(!valid_origin("https://example.org/path"));
+        assert!(!valid_origin("example.org"));
+        assert!(!valid_origin("ftp://example.org"));
     }
 
     #[test]

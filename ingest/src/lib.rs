@@ -1,10 +1,15 @@
 //! `halakha-ingest`: the pipeline's front door.
 //!
-//! Accepts texts over HTTP (`POST /v1/halakhot`) and on `<ns>.submitted`,
-//! validates and normalises them, derives the stable id, records them as
-//! `accepted` in Postgres and publishes `<ns>.ingested`.
+//! Accepts texts over HTTP (`POST /v1/halakhot`, the batch route, the
+//! original service's form route) and on `<ns>.submitted`, validates and
+//! normalises them, derives the stable id, records them as `accepted` in
+//! Postgres and publishes `<ns>.ingested`. It also marks dead-lettered
+//! items `failed`, so their status says why.
 
 pub mod config;
+pub mod errors;
+pub mod form;
+pub mod guard;
 pub mod http;
 pub mod service;
 pub mod store;
@@ -13,6 +18,7 @@ pub mod validate;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
+use halakha_common::cache::{self, Cache};
 use halakha_common::db;
 use halakha_common::health::{BoundServer, Readiness};
 use halakha_nats::names::Subject;
@@ -29,6 +35,22 @@ pub enum StartError {
     Stage(#[from] StageStartError),
     #[error("database")]
     Db(#[from] db::DbError),
+    #[error(transparent)]
+    Redis(#[from] cache::InvalidRedisUrl),
+    #[error("could not subscribe to the published and dead-letter events")]
+    Subscribe(#[from] async_nats::SubscribeError),
+}
+
+/// An error and its causes on one line.
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cause = c.source();
+    }
+    s
 }
 
 /// A started stage: bound, connected, not yet serving.
@@ -38,6 +60,8 @@ pub struct App {
     handler: Arc<service::SubmittedHandler>,
     status: Runner,
     status_handler: Arc<service::StatusHandler>,
+    events: (async_nats::Subscriber, async_nats::Subscriber),
+    waiters: Arc<form::Waiters>,
 }
 
 impl App {
@@ -47,16 +71,54 @@ impl App {
         let stage = Prepared::new(Stage::Ingest, &config.stage).await?;
         let status = stage.bind_extra(stage.names.status_route(), "status_consumer").await?;
         let status_handler = Arc::new(service::StatusHandler { pool: pool.clone() });
-        let ingestor = service::Ingestor { pool, max_content_chars: config.max_content_chars };
-        let state = http::ApiState {
-            ingestor: ingestor.clone(),
+
+        // The form route waits for these events: subscribe before serving.
+        let client = stage.client();
+        let events = (
+            client.subscribe(stage.names.subject(Subject::Published)).await?,
+            client.subscribe(stage.names.dlq_wildcard()).await?,
+        );
+        let waiters = Arc::new(form::Waiters::default());
+
+        let ingestor = service::Ingestor {
+            pool,
             publisher: Publisher::new(stage.js.clone()),
             ingested_subject: stage.names.subject(Subject::Ingested),
-            keys: Arc::new(http::ApiKeys::new(&config.api_keys)),
+            max_content_chars: config.max_content_chars,
         };
-        let router = http::routes(state, config.max_body_bytes).merge(stage.health_routes());
+        let shared = Arc::new(match &config.redis.url {
+            Some(url) => Cache::new(url, std::time::Duration::from_secs(120))?,
+            None => Cache::off(),
+        });
+        let guard = Arc::new(guard::Guard {
+            keys: guard::ApiKeys::new(&config.api_keys),
+            limiter: guard::RateLimiter::new(
+                config.rate_limit_per_minute,
+                config.rate_limit_burst,
+                shared,
+                stage.names.namespace().as_str(),
+            ),
+        });
+        let limits = http::Limits {
+            max_body_bytes: config.max_body_bytes,
+            max_batch_bytes: config.max_batch_bytes,
+            request_timeout: config.request_timeout,
+            form_wait: config.form_wait,
+        };
+        let state =
+            http::ApiState { ingestor: ingestor.clone(), waiters: waiters.clone(), form_wait: config.form_wait };
+        let cors = Arc::new(guard::Cors::new(&config.cors_origins));
+        let router = http::routes(state, guard, cors, &limits).merge(stage.health_routes());
         let api = bind("HTTP_ADDR", config.http_addr, router).await?;
-        Ok(Self { stage, api, handler: Arc::new(service::SubmittedHandler { ingestor }), status, status_handler })
+        Ok(Self {
+            stage,
+            api,
+            handler: Arc::new(service::SubmittedHandler { ingestor }),
+            status,
+            status_handler,
+            events,
+            waiters,
+        })
     }
 
     pub fn http_addr(&self) -> SocketAddr {
@@ -71,10 +133,16 @@ impl App {
         self.stage.readiness.clone()
     }
 
-    /// Serve until `shutdown` is cancelled, then drain: the consumer stops
-    /// fetching and finishes what it holds, the API finishes open requests.
+    /// Serve until `shutdown` is cancelled, then drain: the consumers stop
+    /// fetching and finish what they hold, the API finishes open requests.
     pub async fn run(self, shutdown: CancellationToken) -> Result<(), StartError> {
         let status = Box::pin(self.status.run(self.status_handler, shutdown.clone()));
-        Ok(self.stage.serve(self.handler, Some(self.api), vec![status], shutdown).await?)
+        let (published, dead) = self.events;
+        let stop_listening = CancellationToken::new();
+        let listener = tokio::spawn(form::listen(published, dead, self.waiters, stop_listening.clone()));
+        let result = self.stage.serve(self.handler, Some(self.api), vec![status], shutdown).await;
+        stop_listening.cancel();
+        let _ = listener.await;
+        Ok(result?)
     }
 }

@@ -1,10 +1,12 @@
-//! Accepting a submission, whichever way it came in.
+//! Accepting a submission, whichever way it came in: one validation, one
+//! id derivation, one durable claim.
 
 use deadpool_postgres::Pool;
 use halakha_common::StageError;
 use halakha_common::envelope::{DeadLetter, Envelope, Ingested, Submission};
 use halakha_common::metrics as m;
 use halakha_nats::runner::{Delivery, Handler};
+use halakha_nats::{PublishError, Publisher};
 use time::OffsetDateTime;
 
 use crate::store::{self, Claim};
@@ -29,10 +31,12 @@ impl Via {
 /// What to do after a submission was recorded.
 #[derive(Debug)]
 pub enum Decision {
-    /// Publish `<ns>.ingested`.
+    /// Publish `<ns>.ingested` (`duplicate`: the id was known but may not
+    /// have reached the broker, so it is published again under the same
+    /// `Nats-Msg-Id`).
     Publish { message: Ingested, duplicate: bool },
     /// Already past ingest: publish nothing.
-    Duplicate { id: String },
+    Duplicate { id: String, status: String },
 }
 
 /// Why a submission was not accepted.
@@ -44,25 +48,79 @@ pub enum AcceptError {
     Database(#[from] halakha_common::db::DbError),
 }
 
-/// Validation, id derivation and the durable record, shared by both paths.
+/// Validation, id derivation and the durable record, shared by every path.
 #[derive(Clone)]
 pub struct Ingestor {
     pub pool: Pool,
+    pub publisher: Publisher,
+    pub ingested_subject: String,
     pub max_content_chars: usize,
 }
 
 impl Ingestor {
-    pub async fn accept(&self, submission: Submission, via: Via) -> Result<Decision, AcceptError> {
-        let message = validate::validate(submission, self.max_content_chars, OffsetDateTime::now_utc())?;
+    /// Validate and normalise (no side effect).
+    pub fn prepare(&self, submission: Submission, extra_days: u16) -> Result<Ingested, Invalid> {
+        validate::validate(submission, self.max_content_chars, extra_days, OffsetDateTime::now_utc())
+    }
+
+    /// Claim the id in Postgres: the durable half of idempotency.
+    pub async fn record(&self, message: Ingested, via: Via) -> Result<Decision, AcceptError> {
         let claim = store::claim(&self.pool, &message).await?;
         let decision = match claim {
             Claim::New => Decision::Publish { message, duplicate: false },
             Claim::Pending => Decision::Publish { message, duplicate: true },
-            Claim::Done { .. } => Decision::Duplicate { id: message.id },
+            Claim::Done { status } => Decision::Duplicate { id: message.id, status },
         };
         let duplicate = !matches!(decision, Decision::Publish { duplicate: false, .. });
-        metrics::counter!(m::INGEST_ACCEPTED_TOTAL, "via" => via.as_str(), "duplicate" => if duplicate { "true" } else { "false" }).increment(1);
+        metrics::counter!(m::INGEST_ACCEPTED_TOTAL, "via" => via.as_str(), "duplicate" => if duplicate { "true" } else { "false" })
+            .increment(1);
         Ok(decision)
+    }
+
+    /// Publish `<ns>.ingested` under the halakha id (the broker's half of
+    /// idempotency). True when the broker had it already.
+    pub async fn publish(&self, message: &Ingested) -> Result<bool, PublishError> {
+        Ok(self.publisher.publish_json(&self.ingested_subject, &message.id, message).await?.duplicate)
+    }
+
+    /// Validate, record and publish: the whole acceptance of one HTTP item.
+    pub async fn accept(&self, submission: Submission, extra_days: u16) -> Result<Accepted, AcceptFailure> {
+        let message = self.prepare(submission, extra_days)?;
+        match self.record(message, Via::Http).await {
+            Ok(Decision::Publish { message, duplicate }) => match self.publish(&message).await {
+                Ok(again) => Ok(Accepted { id: message.id, duplicate: duplicate || again }),
+                Err(error) => {
+                    tracing::error!(id = %message.id, %error, "Could not publish an accepted submission");
+                    Err(AcceptFailure::Unavailable)
+                }
+            },
+            Ok(Decision::Duplicate { id, .. }) => Ok(Accepted { id, duplicate: true }),
+            Err(AcceptError::Invalid(e)) => Err(AcceptFailure::Invalid(e)),
+            Err(e @ AcceptError::Database(_)) => {
+                tracing::error!(error = %crate::error_chain(&e), "Could not record a submission");
+                Err(AcceptFailure::Unavailable)
+            }
+        }
+    }
+}
+
+/// An accepted submission.
+#[derive(Debug, Clone)]
+pub struct Accepted {
+    pub id: String,
+    pub duplicate: bool,
+}
+
+/// Why one HTTP submission was not accepted.
+#[derive(Debug)]
+pub enum AcceptFailure {
+    Invalid(Invalid),
+    Unavailable,
+}
+
+impl From<Invalid> for AcceptFailure {
+    fn from(e: Invalid) -> Self {
+        AcceptFailure::Invalid(e)
     }
 }
 
@@ -76,10 +134,12 @@ impl Handler for SubmittedHandler {
     type Output = Ingested;
 
     async fn handle(&self, input: Submission, _delivery: &Delivery) -> Result<Option<Ingested>, StageError> {
-        match self.ingestor.accept(input, Via::Nats).await {
+        let message =
+            self.ingestor.prepare(input, 0).map_err(|e| StageError::permanent(format!("invalid submission: {e}")))?;
+        match self.ingestor.record(message, Via::Nats).await {
             Ok(Decision::Publish { message, .. }) => Ok(Some(message)),
-            Ok(Decision::Duplicate { id }) => {
-                tracing::info!(%id, "Duplicate submission; already processed");
+            Ok(Decision::Duplicate { id, status }) => {
+                tracing::info!(%id, %status, "Duplicate submission; already past ingest");
                 Ok(None)
             }
             Err(AcceptError::Invalid(e)) => Err(StageError::permanent(format!("invalid submission: {e}"))),

@@ -23,8 +23,8 @@ pub async fn claim(pool: &Pool, m: &Ingested) -> Result<Claim, DbError> {
     let h = &m.halakha;
     let inserted = conn
         .query_opt(
-            "INSERT INTO halakhot (id, status, content, source, lang, schedule_days, received_at, date_post)
-             VALUES ($1, 'accepted', $2, $3, $4, $5, $6, $7)
+            "INSERT INTO halakhot (id, status, content, source, lang, schedule_days, received_at, date_post, image_url)
+             VALUES ($1, 'accepted', $2, $3, $4, $5, $6, $7, $8)
              ON CONFLICT (id) DO NOTHING
              RETURNING id",
             &[
@@ -35,6 +35,7 @@ pub async fn claim(pool: &Pool, m: &Ingested) -> Result<Claim, DbError> {
                 &i32::from(h.schedule_days),
                 &h.received_at,
                 &h.date_post(),
+                &h.image_url,
             ],
         )
         .await?;
@@ -61,9 +62,10 @@ pub async fn mark_failed(pool: &Pool, id: &str, error: &str, failed_at: time::Of
 }
 
 /// What `GET /v1/halakhot/{id}` answers.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 pub struct StatusView {
     pub id: String,
+    /// `accepted`, `enriched`, `published` or `failed`.
     pub status: String,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub title: Option<String>,

@@ -12,6 +12,8 @@ pub const MAX_SOURCE_CHARS: usize = 500;
 pub const MAX_KEY_CHARS: usize = 200;
 /// Largest `schedule_days`.
 pub const MAX_SCHEDULE_DAYS: i64 = 365;
+/// Longest `image_url`, in characters.
+pub const MAX_URL_CHARS: usize = 2000;
 
 /// A rejected submission: what is wrong, and with which field.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, thiserror::Error)]
@@ -59,7 +61,14 @@ pub fn detect_lang(content: &str) -> Option<Lang> {
 }
 
 /// Validate and normalise a submission into the `Ingested` envelope.
-pub fn validate(s: Submission, max_content_chars: usize, now: OffsetDateTime) -> Result<Ingested, Invalid> {
+/// `extra_days` is added to `schedule_days` after it is checked (item *i*
+/// of a spread batch is scheduled *i* days later).
+pub fn validate(
+    s: Submission,
+    max_content_chars: usize,
+    extra_days: u16,
+    now: OffsetDateTime,
+) -> Result<Ingested, Invalid> {
     if s.schema_version != SCHEMA_VERSION {
         return Err(invalid("unsupported_schema_version", "schema_version", format!("must be {SCHEMA_VERSION}")));
     }
@@ -85,6 +94,12 @@ pub fn validate(s: Submission, max_content_chars: usize, now: OffsetDateTime) ->
     };
     let source = optional_text(s.source.as_deref(), "source", MAX_SOURCE_CHARS)?;
     let key = optional_text(s.idempotency_key.as_deref(), "idempotency_key", MAX_KEY_CHARS)?;
+    let image_url = optional_text(s.image_url.as_deref(), "image_url", MAX_URL_CHARS)?;
+    if let Some(url) = &image_url
+        && !is_http_url(url)
+    {
+        return Err(invalid("invalid_url", "image_url", "must be an http:// or https:// URL"));
+    }
     let id = text::derive_id(key.as_deref(), &content);
     Ok(Ingested {
         schema_version: SCHEMA_VERSION,
@@ -93,10 +108,16 @@ pub fn validate(s: Submission, max_content_chars: usize, now: OffsetDateTime) ->
             content,
             lang,
             source,
-            schedule_days: u16::try_from(schedule_days).unwrap_or(0),
+            schedule_days: u16::try_from(schedule_days).unwrap_or(0).saturating_add(extra_days),
             received_at: now,
+            image_url,
         },
     })
+}
+
+fn is_http_url(u: &str) -> bool {
+    let rest = u.strip_prefix("https://").or_else(|| u.strip_prefix("http://"));
+    rest.is_some_and(|r| !r.is_empty() && !r.starts_with('/') && !r.chars().any(char::is_whitespace))
 }
 
 fn optional_text(value: Option<&str>, field: &'static str, max: usize) -> Result<Option<String>, Invalid> {
@@ -123,6 +144,7 @@ mod tests {
             lang: None,
             source: None,
             idempotency_key: None,
+            image_url: None,
         }
     }
 
@@ -132,15 +154,15 @@ mod tests {
 
     #[test]
     fn blank_content_is_refused_naming_the_field() {
-        let e = validate(sub(" \n\t "), 100, now()).expect_err("blank");
+        let e = validate(sub(" \n\t "), 100, 0, now()).expect_err("blank");
         assert_eq!((e.code, e.field), ("empty", "content"));
     }
 
     #[test]
     fn content_over_the_limit_is_refused_in_characters_not_bytes() {
         // 10 Hebrew letters are 20 bytes but 10 characters.
-        assert!(validate(sub("נוהג בכוי:"), 10, now()).is_ok());
-        let e = validate(sub("נוהג בכוי:!"), 10, now()).expect_err("too long");
+        assert!(validate(sub("נוהג בכוי:"), 10, 0, now()).is_ok());
+        let e = validate(sub("נוהג בכוי:!"), 10, 0, now()).expect_err("too long");
         assert_eq!(e.field, "content");
     }
 
@@ -149,14 +171,14 @@ mod tests {
         for bad in [-1, 366] {
             let mut s = sub("x");
             s.schedule_days = Some(bad);
-            assert_eq!(validate(s, 100, now()).expect_err("range").field, "schedule_days");
+            assert_eq!(validate(s, 100, 0, now()).expect_err("range").field, "schedule_days");
         }
     }
 
     #[test]
     fn nul_and_control_characters_are_removed_and_the_id_follows_the_clean_text() {
-        let a = validate(sub("a\u{0}b\u{7}\n"), 100, now()).expect("valid");
-        let b = validate(sub("ab"), 100, now()).expect("valid");
+        let a = validate(sub("a\u{0}b\u{7}\n"), 100, 0, now()).expect("valid");
+        let b = validate(sub("ab"), 100, 0, now()).expect("valid");
         assert_eq!(a.halakha.content, "ab");
         assert_eq!(a.id, b.id);
     }
@@ -165,7 +187,7 @@ mod tests {
     fn idempotency_key_gives_the_id_and_language_is_detected_from_the_script() {
         let mut s = sub("יתגבר כארי לעמוד בבוקר");
         s.idempotency_key = Some("ksa-he-1-1".into());
-        let i = validate(s, 100, now()).expect("valid");
+        let i = validate(s, 100, 0, now()).expect("valid");
         assert_eq!(i.id, text::derive_id(Some("ksa-he-1-1"), ""));
         assert_eq!(i.halakha.lang, Some(Lang::He));
         assert_eq!(detect_lang("Celui qui récite le Chema le soir"), Some(Lang::Fr));
@@ -173,9 +195,22 @@ mod tests {
     }
 
     #[test]
+    fn image_urls_must_be_http_and_extra_days_shift_the_schedule() {
+        let mut s = sub("x");
+        s.image_url = Some("javascript:alert(1)".into());
+        assert_eq!(validate(s, 100, 0, now()).expect_err("url").code, "invalid_url");
+        let mut s = sub("x");
+        s.image_url = Some("https://images.example.org/a.png".into());
+        s.schedule_days = Some(3);
+        let i = validate(s, 100, 4, now()).expect("valid");
+        assert_eq!(i.halakha.schedule_days, 7);
+        assert_eq!(i.halakha.image_url.as_deref(), Some("https://images.example.org/a.png"));
+    }
+
+    #[test]
     fn an_unknown_language_is_refused() {
         let mut s = sub("x");
         s.lang = Some("ru".into());
-        assert_eq!(validate(s, 100, now()).expect_err("lang").field, "lang");
+        assert_eq!(validate(s, 100, 0, now()).expect_err("lang").field, "lang");
     }
 }

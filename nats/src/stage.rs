@@ -108,6 +108,11 @@ impl Prepared {
         Ok(Runner::bind(&self.js, &self.names, route, self.runner_config.clone(), flag).await?)
     }
 
+    /// The NATS connection, for subscriptions of the stage's own.
+    pub fn client(&self) -> async_nats::Client {
+        self.client.clone()
+    }
+
     /// The health routes, to merge into a stage's own API.
     pub fn health_routes(&self) -> axum::Router {
         health::routes(self.metrics.clone(), self.readiness.clone())

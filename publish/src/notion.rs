@@ -35,6 +35,7 @@ pub mod props {
     pub const DATE: &str = "date_post";
     pub const STATUS: &str = "status";
     pub const HALAKHA_ID: &str = "Halakha ID";
+    pub const IMAGE: &str = "Image";
 }
 
 /// A page that exists in Notion.
@@ -100,6 +101,13 @@ pub fn page_body(config: &NotionConfig, m: &Enriched) -> Value {
         props::STATUS: {"status": {"name": config.status}},
         props::HALAKHA_ID: {"rich_text": [{"type": "text", "text": {"content": m.id}}]},
     });
+    let mut properties = properties;
+    if let (Some(url), Some(props)) = (&m.halakha.image_url, properties.as_object_mut()) {
+        props.insert(
+            props::IMAGE.to_owned(),
+            json!({"files": [{"name": "image", "type": "external", "external": {"url": url}}]}),
+        );
+    }
     let mut children = paragraphs(&e.answer);
     children.push(json!({"object": "block", "type": "divider", "divider": {}}));
     children.extend(paragraphs(&m.halakha.content));

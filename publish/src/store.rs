@@ -27,8 +27,8 @@ pub async fn upsert(pool: &Pool, m: &Enriched) -> Result<NotionState, DbError> {
         .query_one(
             "INSERT INTO halakhot (id, status, content, source, lang, schedule_days, received_at, date_post,
                  title, question, answer, difficulty_level, text_post, legend, language,
-                 model, prompt_version, schema_version, prompt_tokens, completion_tokens, total_tokens)
-             VALUES ($1, 'enriched', $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18, $19, $20)
+                 model, prompt_version, schema_version, prompt_tokens, completion_tokens, total_tokens, image_url)
+             VALUES ($1, 'enriched', $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18, $19, $20, $21)
              ON CONFLICT (id) DO UPDATE SET
                  status = CASE WHEN halakhot.status = 'published' THEN 'published' ELSE 'enriched' END,
                  content = EXCLUDED.content, source = EXCLUDED.source, lang = EXCLUDED.lang,
@@ -38,7 +38,8 @@ pub async fn upsert(pool: &Pool, m: &Enriched) -> Result<NotionState, DbError> {
                  legend = EXCLUDED.legend, language = EXCLUDED.language, model = EXCLUDED.model,
                  prompt_version = EXCLUDED.prompt_version, schema_version = EXCLUDED.schema_version,
                  prompt_tokens = EXCLUDED.prompt_tokens, completion_tokens = EXCLUDED.completion_tokens,
-                 total_tokens = EXCLUDED.total_tokens, error = NULL, updated_at = now()
+                 total_tokens = EXCLUDED.total_tokens, image_url = EXCLUDED.image_url,
+                 error = NULL, updated_at = now()
              RETURNING notion_page_id, notion_page_url, notion_attempted_at IS NOT NULL",
             &[
                 &m.id,
@@ -61,6 +62,7 @@ pub async fn upsert(pool: &Pool, m: &Enriched) -> Result<NotionState, DbError> {
                 &to_i32(m.usage.prompt_tokens),
                 &to_i32(m.usage.completion_tokens),
                 &to_i32(m.usage.total_tokens),
+                &h.image_url,
             ],
         )
         .await?;

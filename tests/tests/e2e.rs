@@ -4,6 +4,9 @@
 
 #![allow(clippy::unwrap_used)]
 
+#[path = "e2e/api.rs"]
+mod api;
+
 use std::collections::BTreeSet;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
@@ -259,64 +262,6 @@ async fn with_the_notion_sink_off_a_text_is_published_to_postgres_without_a_page
     for stage in [ingest, enrich, publish] {
         stage.stop().await;
     }
-    env.cleanup().await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_api_refuses_bad_requests_with_json_errors_naming_the_problem() {
-    let env = TestEnv::new().await;
-    let ingest = spawn_ingest(&env, &[("MAX_BODY_BYTES", "4096"), ("MAX_CONTENT_CHARS", "1000")]).await;
-    let base = format!("http://{}", ingest.http_addr.unwrap());
-    let http = reqwest::Client::new();
-    let url = format!("{base}/v1/halakhot");
-
-    let resp = http.post(&url).json(&json!({"content": "x"})).send().await.unwrap();
-    assert_eq!(resp.status(), 401);
-    assert!(resp.headers().contains_key("www-authenticate"));
-    assert_eq!(resp.json::<Value>().await.unwrap()["error"]["code"], "unauthorized");
-    let resp = http
-        .post(&url)
-        .bearer_auth("wrong-key-wrong-key-wrong-key-wrong")
-        .json(&json!({"content": "x"}))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(resp.status(), 401);
-
-    let long = corpus().into_iter().find(|i| (1001..4000).contains(&i.text.chars().count())).unwrap();
-    let cases = [
-        (json!({"content": ""}), 422, Some("content")),
-        (json!({"content": "x", "schedule_days": 366}), 422, Some("schedule_days")),
-        (json!({"content": "x", "lang": "ru"}), 422, Some("lang")),
-        (json!({"content": long.text}), 422, Some("content")),
-        (json!({"content": 5}), 422, None),
-    ];
-    for (body, status, field) in cases {
-        let resp = http.post(&url).bearer_auth(API_KEY).json(&body).send().await.unwrap();
-        assert_eq!(resp.status(), status, "{body}");
-        let v: Value = resp.json().await.unwrap();
-        assert_eq!(v["error"]["field"].as_str(), field, "{v}");
-        assert!(!v["error"]["message"].as_str().unwrap().is_empty());
-    }
-    let resp = http
-        .post(&url)
-        .bearer_auth(API_KEY)
-        .header("content-type", "application/json")
-        .body("{\"content\":")
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(resp.status(), 400);
-    assert_eq!(resp.json::<Value>().await.unwrap()["error"]["code"], "invalid_json");
-    let big = json!({"content": "x".repeat(5000)});
-    let resp = http.post(&url).bearer_auth(API_KEY).json(&big).send().await.unwrap();
-    assert_eq!(resp.status(), 413);
-    let resp = http.get(format!("{url}/0123456789abcdef0123456789abcdef")).bearer_auth(API_KEY).send().await.unwrap();
-    assert_eq!(resp.status(), 404);
-    assert_eq!(resp.json::<Value>().await.unwrap()["error"]["code"], "not_found");
-    assert_eq!(env.stream_len(S::Ingested).await, 0, "nothing invalid was published");
-
-    ingest.stop().await;
     env.cleanup().await;
 }
 
