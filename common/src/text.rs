@@ -4,12 +4,16 @@
 use sha2::{Digest, Sha256};
 use unicode_normalization::UnicodeNormalization;
 
-/// NFC-normalise and trim a text.
+/// Clean a text: remove control characters (NUL included: Postgres text
+/// cannot hold it) but line breaks and tabs, NFC-normalise, trim.
 ///
-/// NFC keeps Hebrew niqqud and cantillation (they compose, they are not
-/// removed); trimming makes `"\nטקסט\n\n"` and `"טקסט"` the same text.
+/// The order matters: a control character removed after NFC could leave
+/// two now-adjacent characters uncomposed, and the result would not be
+/// stable. NFC keeps Hebrew niqqud and cantillation (they are reordered
+/// canonically, never removed); trimming makes `"\nטקסט\n\n"` and
+/// `"טקסט"` the same text.
 pub fn normalize(content: &str) -> String {
-    let nfc: String = content.nfc().collect();
+    let nfc: String = content.chars().filter(|c| !c.is_control() || matches!(c, '\n' | '\t' | '\r')).nfc().collect();
     nfc.trim().to_owned()
 }
 
@@ -64,8 +68,63 @@ mod tests {
     }
 
     #[test]
+    fn control_characters_go_before_composition() {
+        assert_eq!(normalize("e\u{7}\u{301}\u{0}"), "\u{e9}");
+    }
+
+    #[test]
     fn idempotency_key_wins_over_content_and_is_domain_separated() {
         assert_eq!(derive_id(Some("k1"), "a"), derive_id(Some("k1"), "b"));
         assert_ne!(derive_id(Some("a"), "x"), derive_id(None, "a"));
+    }
+}
+
+#[cfg(test)]
+mod properties {
+    use super::*;
+    use proptest::prelude::*;
+
+    /// Text built from what the corpus holds and what breaks normalisers:
+    /// Hebrew letters, niqqud and cantillation, Latin letters with combining
+    /// accents, precomposed letters, spaces, line breaks, controls, NUL.
+    fn texts() -> impl Strategy<Value = String> {
+        let pieces = prop::sample::select(vec![
+            "ש", "ב", "ת", "ה", "\u{5b8}", "\u{5bc}", "\u{5c1}", "\u{5b0}", "\u{591}", "\u{596}", "\u{5a5}", "e", "a",
+            "c", "\u{301}", "\u{300}", "\u{327}", "\u{308}", "é", "ç", "Å", "\u{212b}", " ", "\n", "\t", "\u{a0}",
+            "\u{0}", "\u{7}", "\u{1b}", "\u{85}", "\"", "'", "״",
+        ]);
+        prop::collection::vec(pieces, 0..40).prop_map(|v| v.concat())
+    }
+
+    proptest! {
+        #[test]
+        fn normalisation_is_idempotent(s in texts()) {
+            let once = normalize(&s);
+            prop_assert_eq!(normalize(&once), once.clone());
+        }
+
+        #[test]
+        fn the_id_ignores_normal_form_and_surrounding_whitespace(s in texts(), pad in "[ \n\t]{0,4}") {
+            let nfc: String = s.nfc().collect();
+            let nfd: String = s.nfd().collect();
+            let id = derive_id(None, &normalize(&nfc));
+            prop_assert_eq!(derive_id(None, &normalize(&nfd)), id.clone());
+            prop_assert_eq!(derive_id(None, &normalize(&format!("{pad}{nfd}{pad}"))), id);
+        }
+
+        #[test]
+        fn hebrew_marks_are_kept(s in texts()) {
+            let marks = |t: &str| {
+                let mut v: Vec<char> = t.chars().filter(|c| ('\u{591}'..='\u{5c7}').contains(c)).collect();
+                v.sort_unstable();
+                v
+            };
+            prop_assert_eq!(marks(&normalize(&s)), marks(&s));
+        }
+
+        #[test]
+        fn no_control_character_but_line_breaks_and_tabs_survives(s in texts()) {
+            prop_assert!(normalize(&s).chars().all(|c| !c.is_control() || matches!(c, '\n' | '\t' | '\r')));
+        }
     }
 }

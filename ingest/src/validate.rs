@@ -28,12 +28,6 @@ fn invalid(code: &'static str, field: &'static str, message: impl Into<String>) 
     Invalid { code, field, message: message.into() }
 }
 
-/// Remove what Postgres text cannot hold (NUL) and other control
-/// characters, keeping line breaks and tabs.
-fn strip_controls(s: &str) -> String {
-    s.chars().filter(|c| !c.is_control() || matches!(c, '\n' | '\t' | '\r')).collect()
-}
-
 /// Guess the language from the script: Hebrew letters mean `he`; Latin
 /// text with French accents or words means `fr`; other Latin text `en`.
 pub fn detect_lang(content: &str) -> Option<Lang> {
@@ -72,7 +66,7 @@ pub fn validate(
     if s.schema_version != SCHEMA_VERSION {
         return Err(invalid("unsupported_schema_version", "schema_version", format!("must be {SCHEMA_VERSION}")));
     }
-    let content = text::normalize(&strip_controls(&s.content));
+    let content = text::normalize(&s.content);
     if content.is_empty() {
         return Err(invalid("empty", "content", "must not be empty"));
     }
@@ -122,7 +116,7 @@ fn is_http_url(u: &str) -> bool {
 
 fn optional_text(value: Option<&str>, field: &'static str, max: usize) -> Result<Option<String>, Invalid> {
     let Some(v) = value else { return Ok(None) };
-    let v = text::normalize(&strip_controls(v));
+    let v = text::normalize(v);
     if v.is_empty() {
         return Ok(None);
     }

@@ -286,3 +286,84 @@ async fn restarting_a_stage_with_new_tuning_updates_its_durable_consumer_in_plac
     second.stop().await;
     env.cleanup().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_original_form_route_waits_for_publication_and_answers_200_with_the_notion_url() {
+    let env = TestEnv::new().await;
+    let (openai, _) = fakes::openai(Model::Faithful).await;
+    let (notion, creates) = fakes::notion().await;
+    let ingest = spawn_ingest(&env, &[("FORM_WAIT_SECS", "30")]).await;
+    let enrich = spawn_enrich(&env, &openai.uri(), &[]).await;
+    let publish = spawn_publish(&env, Some(&notion.uri()), &[]).await;
+
+    let item = corpus().into_iter().find(|i| i.id.starts_with("mishnah-fr-schwab")).unwrap();
+    let base = format!("http://{}", ingest.http_addr.unwrap());
+    let image = "https://images.example.org/halakha/berakhot.png";
+    let resp = reqwest::Client::new()
+        .post(format!("{base}/api/v1/processing/halakhot/post"))
+        .bearer_auth(API_KEY)
+        .form(&[("content", item.text.as_str()), ("schedule_days", "3"), ("last_img", image)])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let v: Value = resp.json().await.unwrap();
+    assert_eq!(v["status"], "success");
+    let url = v["notion_page_url"].as_str().unwrap();
+    assert!(url.starts_with("https://www.notion.so/"), "{v}");
+    assert_eq!(creates.load(Ordering::SeqCst), 1);
+
+    // The page carries the image and the schedule.
+    let requests = notion.received_requests().await.unwrap();
+    let page: Value = requests.iter().find(|r| r.url.path() == "/v1/pages").unwrap().body_json().unwrap();
+    assert_eq!(page["properties"]["Image"]["files"][0]["external"]["url"], image);
+    let db = env.db().await;
+    let row = db
+        .query_one("SELECT notion_page_url, schedule_days FROM halakhot WHERE id = $1", &[&v["id"].as_str().unwrap()])
+        .await
+        .unwrap();
+    assert_eq!(row.get::<_, String>(0), url);
+    assert_eq!(row.get::<_, i32>(1), 3);
+
+    // Sent again: already published, answered at once from the database.
+    let again = reqwest::Client::new()
+        .post(format!("{base}/api/v1/processing/halakhot/post"))
+        .header("x-api-key", API_KEY)
+        .form(&[("content", item.text.as_str())])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(again.status(), 200);
+    assert_eq!(again.json::<Value>().await.unwrap()["notion_page_url"], url);
+    assert_eq!(creates.load(Ordering::SeqCst), 1);
+
+    for stage in [ingest, enrich, publish] {
+        stage.stop().await;
+    }
+    env.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_form_route_reports_a_processing_failure_with_its_reason() {
+    let env = TestEnv::new().await;
+    let (openai, _) = fakes::openai(Model::InvalidJson).await;
+    let ingest = spawn_ingest(&env, &[("FORM_WAIT_SECS", "30")]).await;
+    let enrich = spawn_enrich(&env, &openai.uri(), &[]).await;
+    let item = corpus().into_iter().find(|i| i.lang == "en").unwrap();
+    let base = format!("http://{}", ingest.http_addr.unwrap());
+    let resp = reqwest::Client::new()
+        .post(format!("{base}/api/v1/processing/halakhot/post"))
+        .bearer_auth(API_KEY)
+        .form(&[("content", item.text.as_str())])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 502);
+    let v: Value = resp.json().await.unwrap();
+    assert_eq!(v["error"]["code"], "processing_failed");
+    assert!(v["error"]["message"].as_str().unwrap().contains("not valid JSON"), "{v}");
+    for stage in [ingest, enrich] {
+        stage.stop().await;
+    }
+    env.cleanup().await;
+}

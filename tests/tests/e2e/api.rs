@@ -79,6 +79,20 @@ async fn a_request_without_a_valid_key_is_refused_with_401_and_www_authenticate(
         assert_eq!(code(&v), ("unauthorized", None));
     }
     assert_eq!(api.env.stream_len(S::Ingested).await, 0);
+
+    // Accepted requests are counted by a short fingerprint of the key,
+    // never by the key itself.
+    let ok =
+        api.http.get(format!("{}/v1/halakhot/{}", api.base, "0".repeat(32))).bearer_auth(API_KEY).send().await.unwrap();
+    assert_eq!(ok.status(), 404);
+    let metrics = api.http.get(format!("{}/metrics", api.base)).send().await.unwrap().text().await.unwrap();
+    let line = metrics.lines().find(|l| l.starts_with("halakha_http_requests_by_key_total{")).expect("counted by key");
+    let fp = line.split("key=\"").nth(1).unwrap().split('"').next().unwrap();
+    assert_eq!(fp.len(), 8);
+    assert!(fp.chars().all(|c| c.is_ascii_hexdigit()));
+    assert!(!metrics.contains(API_KEY) && !metrics.contains(&one_changed), "a key leaked into /metrics");
+    assert!(metrics.contains("halakha_http_auth_failures_total{reason=\"invalid\"} 3"), "{metrics}");
+    assert!(metrics.contains("halakha_http_auth_failures_total{reason=\"missing\"} 2"), "{metrics}");
     api.stop().await;
 }
 
