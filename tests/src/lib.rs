@@ -238,3 +238,96 @@ pub async fn spawn_publish(env: &TestEnv, notion_url: Option<&str>, extra: &[(&s
 
 /// Subjects used by tests.
 pub use halakha_nats::names::Subject as S;
+
+/// What a [`Pipeline`] runs.
+pub struct Spec<'a> {
+    pub model: fakes::Model,
+    /// Run the publish stage.
+    pub publish: bool,
+    /// With the Notion sink on (a fake Notion).
+    pub notion: bool,
+    pub ingest_vars: &'a [(&'a str, &'a str)],
+    pub enrich_vars: &'a [(&'a str, &'a str)],
+    pub publish_vars: &'a [(&'a str, &'a str)],
+}
+
+impl Default for Spec<'_> {
+    fn default() -> Self {
+        Self {
+            model: fakes::Model::Faithful,
+            publish: true,
+            notion: true,
+            ingest_vars: &[],
+            enrich_vars: &[],
+            publish_vars: &[],
+        }
+    }
+}
+
+/// The stages of one isolated environment, with their fakes.
+pub struct Pipeline {
+    pub env: TestEnv,
+    pub base: String,
+    pub http: reqwest::Client,
+    pub completions: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    pub creates: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    pub notion: Option<wiremock::MockServer>,
+    _openai: wiremock::MockServer,
+    stages: Vec<Running>,
+}
+
+impl Pipeline {
+    pub async fn start(spec: Spec<'_>) -> Self {
+        let env = TestEnv::new().await;
+        let (openai, completions) = fakes::openai(spec.model).await;
+        let (notion, creates) = if spec.notion && spec.publish {
+            let (server, creates) = fakes::notion().await;
+            (Some(server), creates)
+        } else {
+            (None, Default::default())
+        };
+        let ingest = spawn_ingest(&env, spec.ingest_vars).await;
+        let base = format!("http://{}", ingest.http_addr.unwrap());
+        let mut stages = vec![ingest, spawn_enrich(&env, &openai.uri(), spec.enrich_vars).await];
+        if spec.publish {
+            let url = notion.as_ref().map(|n| n.uri());
+            stages.push(spawn_publish(&env, url.as_deref(), spec.publish_vars).await);
+        }
+        Self { env, base, http: reqwest::Client::new(), completions, creates, notion, _openai: openai, stages }
+    }
+
+    /// `POST /v1/halakhot`, expecting 202; the answer.
+    pub async fn submit(&self, body: serde_json::Value) -> serde_json::Value {
+        let resp =
+            self.http.post(format!("{}/v1/halakhot", self.base)).bearer_auth(API_KEY).json(&body).send().await.unwrap();
+        assert_eq!(resp.status(), 202);
+        resp.json().await.unwrap()
+    }
+
+    /// The form route of the original service.
+    pub async fn post_form(&self, fields: &[(&str, &str)]) -> reqwest::Response {
+        self.http
+            .post(format!("{}/api/v1/processing/halakhot/post", self.base))
+            .bearer_auth(API_KEY)
+            .form(fields)
+            .send()
+            .await
+            .unwrap()
+    }
+
+    pub fn completions(&self) -> usize {
+        self.completions.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    pub fn creates(&self) -> usize {
+        self.creates.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// Stop every stage (draining) and remove the environment.
+    pub async fn stop(self) {
+        for stage in self.stages {
+            stage.stop().await;
+        }
+        self.env.cleanup().await;
+    }
+}

@@ -1,6 +1,6 @@
-//! End to end: the three stages against the machine's real NATS JetStream
-//! and Postgres, with OpenAI and Notion replaced by contract-keeping fakes.
-//! One test binary for the whole workspace.
+//! End to end: the three stages against the machine's real NATS JetStream,
+//! Postgres and Redis, with OpenAI and Notion replaced by contract-keeping
+//! fakes. One test binary for the whole workspace.
 
 #![allow(clippy::unwrap_used)]
 
@@ -8,57 +8,46 @@
 mod api;
 
 use std::collections::BTreeSet;
-use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use halakha_common::envelope::{DeadLetter, ErrorKind, Published};
 use halakha_nats::Stage;
-use halakha_tests::fakes::{self, Model};
-use halakha_tests::{API_KEY, S, TestEnv, corpus, spawn_enrich, spawn_ingest, spawn_publish};
+use halakha_tests::fakes::Model;
+use halakha_tests::{Pipeline, S, Spec, TestEnv, corpus, spawn_ingest};
 use serde_json::{Value, json};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fifty_corpus_texts_submitted_over_http_and_nats_end_as_fifty_published_rows_and_pages() {
-    let env = TestEnv::new().await;
-    let (openai, completions) = fakes::openai(Model::Faithful).await;
-    let (notion, creates) = fakes::notion().await;
-    let ingest = spawn_ingest(&env, &[]).await;
-    let enrich = spawn_enrich(&env, &openai.uri(), &[("CONCURRENCY", "8")]).await;
-    let publish = spawn_publish(&env, Some(&notion.uri()), &[("CONCURRENCY", "8")]).await;
+    let concurrency = [("CONCURRENCY", "8")];
+    let p = Pipeline::start(Spec { enrich_vars: &concurrency, publish_vars: &concurrency, ..Spec::default() }).await;
+    let env = &p.env;
     let started = Instant::now();
 
     // 50 real texts of every language, long ones included.
     let items: Vec<_> = corpus().into_iter().step_by(8).take(50).collect();
     assert_eq!(items.len(), 50);
     assert!(items.iter().any(|i| i.text.chars().count() > 2000), "a text over Notion's item limit is part of the run");
-    let http = reqwest::Client::new();
-    let base = format!("http://{}", ingest.http_addr.unwrap());
     let mut ids = BTreeSet::new();
     let mut http_ids = Vec::new();
     for (i, item) in items.iter().enumerate() {
         let body =
             json!({"content": item.text, "schedule_days": i % 3, "source": item.source, "idempotency_key": item.id});
         if i % 2 == 0 {
-            let resp = http.post(format!("{base}/v1/halakhot")).bearer_auth(API_KEY).json(&body).send().await.unwrap();
-            assert_eq!(resp.status(), 202, "{}", resp.text().await.unwrap());
-            let v: Value = resp.json().await.unwrap();
-            assert_eq!(v["status"], "accepted");
-            assert_eq!(v["duplicate"], false);
+            let v = p.submit(body).await;
+            assert_eq!((v["status"].as_str(), v["duplicate"].as_bool()), (Some("accepted"), Some(false)));
             let id = v["id"].as_str().unwrap().to_owned();
             http_ids.push(id.clone());
             ids.insert(id);
         } else {
             let subject = env.names.subject(S::Submitted);
-            let ack = env.js.publish(subject, serde_json::to_vec(&body).unwrap().into()).await.unwrap();
-            ack.await.unwrap();
+            env.js.publish(subject, serde_json::to_vec(&body).unwrap().into()).await.unwrap().await.unwrap();
             ids.insert(halakha_common::text::derive_id(Some(&item.id), ""));
         }
     }
     assert_eq!(ids.len(), 50);
 
     let published: Vec<Published> = env.collect(S::Published, 50, Duration::from_secs(120)).await;
-    let elapsed = started.elapsed();
-    eprintln!("50 texts published end to end in {elapsed:?}");
+    eprintln!("50 texts published end to end in {:?}", started.elapsed());
     let got: BTreeSet<String> = published.iter().map(|p| p.id.clone()).collect();
     assert_eq!(got, ids, "every submitted id is published once");
 
@@ -75,126 +64,77 @@ async fn fifty_corpus_texts_submitted_over_http_and_nats_end_as_fifty_published_
     assert_eq!(row.get::<_, i64>(0), 50);
     let tags = db.query_one("SELECT count(*) FROM halakha_tags", &[]).await.unwrap();
     assert_eq!(tags.get::<_, i64>(0), 50, "each row linked to its tag once");
-    assert_eq!(creates.load(Ordering::SeqCst), 50, "exactly one Notion page per halakha");
-    assert_eq!(completions.load(Ordering::SeqCst), 50, "one completion per text");
+    assert_eq!(p.creates(), 50, "exactly one Notion page per halakha");
+    assert_eq!(p.completions(), 50, "one completion per text");
     assert_eq!(env.stream_len(S::DeadLetter(Stage::Ingest)).await, 0, "nothing dead-lettered");
 
     // The same text again under another key: a new id, but the enrichment
     // comes from the Redis cache, so no second completion is paid for.
-    let again = json!({"content": items[0].text, "idempotency_key": format!("{}-again", items[0].id)});
-    let resp = http.post(format!("{base}/v1/halakhot")).bearer_auth(API_KEY).json(&again).send().await.unwrap();
-    assert_eq!(resp.status(), 202);
-    let again_id = resp.json::<Value>().await.unwrap()["id"].as_str().unwrap().to_owned();
+    let v = p.submit(json!({"content": items[0].text, "idempotency_key": format!("{}-again", items[0].id)})).await;
+    let again_id = v["id"].as_str().unwrap().to_owned();
     assert!(!ids.contains(&again_id));
     let published: Vec<Published> = env.collect(S::Published, 51, Duration::from_secs(60)).await;
     assert_eq!(published[50].id, again_id);
-    assert_eq!(completions.load(Ordering::SeqCst), 50, "the cached enrichment was reused");
-    assert_eq!(creates.load(Ordering::SeqCst), 51);
+    assert_eq!(p.completions(), 50, "the cached enrichment was reused");
+    assert_eq!(p.creates(), 51);
 
     // Resubmitting a published text answers duplicate and publishes nothing.
-    let first = json!({"content": items[0].text, "idempotency_key": items[0].id});
     let ingested_before = env.stream_len(S::Ingested).await;
-    let resp = http.post(format!("{base}/v1/halakhot")).bearer_auth(API_KEY).json(&first).send().await.unwrap();
-    assert_eq!(resp.status(), 202);
-    let v: Value = resp.json().await.unwrap();
-    assert_eq!(v["duplicate"], true);
-    assert_eq!(v["id"], http_ids[0]);
+    let v = p.submit(json!({"content": items[0].text, "idempotency_key": items[0].id})).await;
+    assert_eq!((v["duplicate"].as_bool(), v["id"].as_str()), (Some(true), Some(http_ids[0].as_str())));
     assert_eq!(env.stream_len(S::Ingested).await, ingested_before, "a duplicate publishes nothing");
 
     // The status route shows the result.
-    let resp =
-        http.get(format!("{base}/v1/halakhot/{}", http_ids[0])).header("x-api-key", API_KEY).send().await.unwrap();
-    assert_eq!(resp.status(), 200);
-    let v: Value = resp.json().await.unwrap();
-    assert_eq!(v["status"], "published");
+    let v = env.wait_for_status(&p.base, &http_ids[0], Duration::from_secs(5), |v| v["status"] == "published").await;
     assert!(v["notion_page_url"].as_str().unwrap().starts_with("https://www.notion.so/"));
     assert!(!v["title"].as_str().unwrap().is_empty());
-
-    for stage in [ingest, enrich, publish] {
-        stage.stop().await;
-    }
-    env.cleanup().await;
+    p.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_text_the_model_answers_with_invalid_json_ends_in_the_enrich_dead_letters_and_is_not_published() {
-    let env = TestEnv::new().await;
-    let (openai, completions) = fakes::openai(Model::InvalidJson).await;
-    let (notion, creates) = fakes::notion().await;
-    let ingest = spawn_ingest(&env, &[]).await;
-    let enrich = spawn_enrich(&env, &openai.uri(), &[]).await;
-    let publish = spawn_publish(&env, Some(&notion.uri()), &[]).await;
-
+    let p = Pipeline::start(Spec { model: Model::InvalidJson, ..Spec::default() }).await;
     let item = corpus().into_iter().find(|i| i.lang == "fr").unwrap();
-    let http = reqwest::Client::new();
-    let base = format!("http://{}", ingest.http_addr.unwrap());
-    let resp = http
-        .post(format!("{base}/v1/halakhot"))
-        .header("x-api-key", API_KEY)
-        .json(&json!({"content": item.text, "idempotency_key": item.id}))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(resp.status(), 202);
-    let id = resp.json::<Value>().await.unwrap()["id"].as_str().unwrap().to_owned();
+    let id =
+        p.submit(json!({"content": item.text, "idempotency_key": item.id})).await["id"].as_str().unwrap().to_owned();
 
-    let dead: Vec<DeadLetter> = env.collect(S::DeadLetter(Stage::Enrich), 1, Duration::from_secs(60)).await;
+    let dead: Vec<DeadLetter> = p.env.collect(S::DeadLetter(Stage::Enrich), 1, Duration::from_secs(60)).await;
     let entry = &dead[0];
     assert_eq!(entry.id.as_deref(), Some(id.as_str()));
-    assert_eq!(entry.stage, "enrich");
+    assert_eq!((entry.stage.as_str(), entry.error_kind), ("enrich", ErrorKind::Permanent));
     assert!(entry.reason.contains("not valid JSON"), "reason: {}", entry.reason);
-    assert_eq!(entry.subject, env.names.subject(S::Ingested));
+    assert_eq!(entry.subject, p.env.names.subject(S::Ingested));
     assert!(entry.payload.as_deref().unwrap().contains(&id), "the original payload is kept");
-    assert!(completions.load(Ordering::SeqCst) >= 1);
+    assert!(p.completions() >= 1);
 
     // The status route explains the failure; nothing says published.
-    let v = env.wait_for_status(&base, &id, Duration::from_secs(30), |v| v["status"] == "failed").await;
+    let v = p.env.wait_for_status(&p.base, &id, Duration::from_secs(30), |v| v["status"] == "failed").await;
     assert!(v["error"].as_str().unwrap().contains("not valid JSON"), "{v}");
-    let db = env.db().await;
+    let db = p.env.db().await;
     let status: String = db.query_one("SELECT status FROM halakhot WHERE id = $1", &[&id]).await.unwrap().get(0);
     assert_eq!(status, "failed");
-    assert_eq!(env.stream_len(S::Published).await, 0);
-    assert_eq!(creates.load(Ordering::SeqCst), 0);
-
-    for stage in [ingest, enrich, publish] {
-        stage.stop().await;
-    }
-    env.cleanup().await;
+    assert_eq!(p.env.stream_len(S::Published).await, 0);
+    assert_eq!(p.creates(), 0);
+    p.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_overloaded_model_is_retried_with_backoff_then_dead_lettered_after_max_deliver() {
-    let env = TestEnv::new().await;
-    let (openai, completions) = fakes::openai(Model::Overloaded).await;
-    let ingest = spawn_ingest(&env, &[]).await;
-    let enrich = spawn_enrich(&env, &openai.uri(), &[("MAX_DELIVER", "3")]).await;
-
+    let max = [("MAX_DELIVER", "3")];
+    let p =
+        Pipeline::start(Spec { model: Model::Overloaded, publish: false, enrich_vars: &max, ..Spec::default() }).await;
     let item = corpus().into_iter().find(|i| i.lang == "he").unwrap();
-    let base = format!("http://{}", ingest.http_addr.unwrap());
-    let resp = reqwest::Client::new()
-        .post(format!("{base}/v1/halakhot"))
-        .bearer_auth(API_KEY)
-        .json(&json!({"content": item.text}))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(resp.status(), 202);
-    let id = resp.json::<Value>().await.unwrap()["id"].as_str().unwrap().to_owned();
+    let id = p.submit(json!({"content": item.text})).await["id"].as_str().unwrap().to_owned();
 
-    let dead: Vec<DeadLetter> = env.collect(S::DeadLetter(Stage::Enrich), 1, Duration::from_secs(60)).await;
+    let dead: Vec<DeadLetter> = p.env.collect(S::DeadLetter(Stage::Enrich), 1, Duration::from_secs(60)).await;
     let entry = &dead[0];
     assert_eq!(entry.id.as_deref(), Some(id.as_str()));
-    assert_eq!(entry.error_kind, ErrorKind::MaxDeliveries);
-    assert_eq!(entry.attempts, 3);
+    assert_eq!((entry.error_kind, entry.attempts), (ErrorKind::MaxDeliveries, 3));
     assert!(entry.reason.contains("503") && entry.reason.contains("overloaded"), "reason: {}", entry.reason);
-    assert_eq!(completions.load(Ordering::SeqCst), 3, "one call per delivery, no hidden retries");
-    let v = env.wait_for_status(&base, &id, Duration::from_secs(30), |v| v["status"] == "failed").await;
+    assert_eq!(p.completions(), 3, "one call per delivery, no hidden retries");
+    let v = p.env.wait_for_status(&p.base, &id, Duration::from_secs(30), |v| v["status"] == "failed").await;
     assert!(v["error"].as_str().unwrap().starts_with("enrich: "), "{v}");
-
-    for stage in [ingest, enrich] {
-        stage.stop().await;
-    }
-    env.cleanup().await;
+    p.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -230,39 +170,21 @@ async fn poison_submissions_on_nats_are_dead_lettered_by_ingest_with_their_reaso
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn with_the_notion_sink_off_a_text_is_published_to_postgres_without_a_page() {
-    let env = TestEnv::new().await;
-    let (openai, _) = fakes::openai(Model::Faithful).await;
-    let ingest = spawn_ingest(&env, &[]).await;
-    let enrich = spawn_enrich(&env, &openai.uri(), &[]).await;
-    let publish = spawn_publish(&env, None, &[]).await;
-
+    let p = Pipeline::start(Spec { notion: false, ..Spec::default() }).await;
     let item = corpus().into_iter().find(|i| i.id.starts_with("mt-he-te363")).unwrap();
-    let base = format!("http://{}", ingest.http_addr.unwrap());
-    let resp = reqwest::Client::new()
-        .post(format!("{base}/v1/halakhot"))
-        .header("x-api-key", API_KEY)
-        .json(&json!({"content": item.text, "schedule_days": 7}))
-        .send()
-        .await
-        .unwrap();
-    let id = resp.json::<Value>().await.unwrap()["id"].as_str().unwrap().to_owned();
-    let published: Vec<Published> = env.collect(S::Published, 1, Duration::from_secs(30)).await;
-    assert_eq!(published[0].id, id);
-    assert_eq!(published[0].notion_page_url, None);
-    let v = env.wait_for_status(&base, &id, Duration::from_secs(10), |v| v["status"] == "published").await;
+    let id = p.submit(json!({"content": item.text, "schedule_days": 7})).await["id"].as_str().unwrap().to_owned();
+    let published: Vec<Published> = p.env.collect(S::Published, 1, Duration::from_secs(30)).await;
+    assert_eq!((published[0].id.as_str(), published[0].notion_page_url.as_deref()), (id.as_str(), None));
+    let v = p.env.wait_for_status(&p.base, &id, Duration::from_secs(10), |v| v["status"] == "published").await;
     assert!(v.get("notion_page_url").is_none(), "{v}");
-    let db = env.db().await;
+    let db = p.env.db().await;
     let row = db
         .query_one("SELECT date_post - received_at::date, language FROM halakhot WHERE id = $1", &[&id])
         .await
         .unwrap();
     assert_eq!(row.get::<_, i32>(0), 7, "date_post is the processing day + schedule_days");
     assert_eq!(row.get::<_, String>(1), "he");
-
-    for stage in [ingest, enrich, publish] {
-        stage.stop().await;
-    }
-    env.cleanup().await;
+    p.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -276,94 +198,57 @@ async fn restarting_a_stage_with_new_tuning_updates_its_durable_consumer_in_plac
 
     let second = spawn_ingest(&env, &[("MAX_DELIVER", "3"), ("ACK_WAIT_SECS", "45")]).await;
     let info = stream.consumer_info("ingest").await.unwrap();
-    assert_eq!(info.config.max_deliver, 3);
-    assert_eq!(info.config.ack_wait, Duration::from_secs(45));
-    assert_eq!(env.names.streams().len(), 5);
+    assert_eq!((info.config.max_deliver, info.config.ack_wait), (3, Duration::from_secs(45)));
     for name in env.names.streams() {
         env.js.get_stream(&name).await.unwrap();
     }
-
     second.stop().await;
     env.cleanup().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_original_form_route_waits_for_publication_and_answers_200_with_the_notion_url() {
-    let env = TestEnv::new().await;
-    let (openai, _) = fakes::openai(Model::Faithful).await;
-    let (notion, creates) = fakes::notion().await;
-    let ingest = spawn_ingest(&env, &[("FORM_WAIT_SECS", "30")]).await;
-    let enrich = spawn_enrich(&env, &openai.uri(), &[]).await;
-    let publish = spawn_publish(&env, Some(&notion.uri()), &[]).await;
-
+    let wait = [("FORM_WAIT_SECS", "30")];
+    let p = Pipeline::start(Spec { ingest_vars: &wait, ..Spec::default() }).await;
     let item = corpus().into_iter().find(|i| i.id.starts_with("mishnah-fr-schwab")).unwrap();
-    let base = format!("http://{}", ingest.http_addr.unwrap());
     let image = "https://images.example.org/halakha/berakhot.png";
-    let resp = reqwest::Client::new()
-        .post(format!("{base}/api/v1/processing/halakhot/post"))
-        .bearer_auth(API_KEY)
-        .form(&[("content", item.text.as_str()), ("schedule_days", "3"), ("last_img", image)])
-        .send()
-        .await
-        .unwrap();
+    let resp = p.post_form(&[("content", item.text.as_str()), ("schedule_days", "3"), ("last_img", image)]).await;
     assert_eq!(resp.status(), 200);
     let v: Value = resp.json().await.unwrap();
     assert_eq!(v["status"], "success");
-    let url = v["notion_page_url"].as_str().unwrap();
+    let url = v["notion_page_url"].as_str().unwrap().to_owned();
     assert!(url.starts_with("https://www.notion.so/"), "{v}");
-    assert_eq!(creates.load(Ordering::SeqCst), 1);
+    assert_eq!(p.creates(), 1);
 
-    // The page carries the image and the schedule.
-    let requests = notion.received_requests().await.unwrap();
+    // The page carries the image; the row, the page and the schedule.
+    let requests = p.notion.as_ref().unwrap().received_requests().await.unwrap();
     let page: Value = requests.iter().find(|r| r.url.path() == "/v1/pages").unwrap().body_json().unwrap();
     assert_eq!(page["properties"]["Image"]["files"][0]["external"]["url"], image);
-    let db = env.db().await;
+    let db = p.env.db().await;
     let row = db
         .query_one("SELECT notion_page_url, schedule_days FROM halakhot WHERE id = $1", &[&v["id"].as_str().unwrap()])
         .await
         .unwrap();
-    assert_eq!(row.get::<_, String>(0), url);
-    assert_eq!(row.get::<_, i32>(1), 3);
+    assert_eq!((row.get::<_, String>(0), row.get::<_, i32>(1)), (url.clone(), 3));
 
     // Sent again: already published, answered at once from the database.
-    let again = reqwest::Client::new()
-        .post(format!("{base}/api/v1/processing/halakhot/post"))
-        .header("x-api-key", API_KEY)
-        .form(&[("content", item.text.as_str())])
-        .send()
-        .await
-        .unwrap();
+    let again = p.post_form(&[("content", item.text.as_str())]).await;
     assert_eq!(again.status(), 200);
-    assert_eq!(again.json::<Value>().await.unwrap()["notion_page_url"], url);
-    assert_eq!(creates.load(Ordering::SeqCst), 1);
-
-    for stage in [ingest, enrich, publish] {
-        stage.stop().await;
-    }
-    env.cleanup().await;
+    assert_eq!(again.json::<Value>().await.unwrap()["notion_page_url"], url.as_str());
+    assert_eq!(p.creates(), 1);
+    p.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_form_route_reports_a_processing_failure_with_its_reason() {
-    let env = TestEnv::new().await;
-    let (openai, _) = fakes::openai(Model::InvalidJson).await;
-    let ingest = spawn_ingest(&env, &[("FORM_WAIT_SECS", "30")]).await;
-    let enrich = spawn_enrich(&env, &openai.uri(), &[]).await;
+    let wait = [("FORM_WAIT_SECS", "30")];
+    let p = Pipeline::start(Spec { model: Model::InvalidJson, publish: false, ingest_vars: &wait, ..Spec::default() })
+        .await;
     let item = corpus().into_iter().find(|i| i.lang == "en").unwrap();
-    let base = format!("http://{}", ingest.http_addr.unwrap());
-    let resp = reqwest::Client::new()
-        .post(format!("{base}/api/v1/processing/halakhot/post"))
-        .bearer_auth(API_KEY)
-        .form(&[("content", item.text.as_str())])
-        .send()
-        .await
-        .unwrap();
+    let resp = p.post_form(&[("content", item.text.as_str())]).await;
     assert_eq!(resp.status(), 502);
     let v: Value = resp.json().await.unwrap();
     assert_eq!(v["error"]["code"], "processing_failed");
     assert!(v["error"]["message"].as_str().unwrap().contains("not valid JSON"), "{v}");
-    for stage in [ingest, enrich] {
-        stage.stop().await;
-    }
-    env.cleanup().await;
+    p.stop().await;
 }
