@@ -34,7 +34,7 @@ pub trait Envelope {
 }
 
 /// Language of a halakha text.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum Lang {
     He,
@@ -142,24 +142,40 @@ impl Envelope for Ingested {
 }
 
 /// A cited source.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct SourceRef {
+    /// The work, as the text names it (e.g. `Psalms`, `Shulchan Arukh`).
     pub name: String,
+    /// Chapter, verse or paragraph, when the text gives one.
     pub reference: Option<String>,
 }
 
 /// What the language model makes of a text ("What a halakha becomes").
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+///
+/// The JSON schema sent to the model is generated from this type (see
+/// `halakha-enrich`), so the two cannot drift apart.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Enrichment {
+    /// A short title for the ruling.
     pub title: String,
+    /// The practical question the ruling answers.
     pub question: String,
+    /// The ruling's answer, faithful to the text.
     pub answer: String,
+    /// Short lowercase keywords.
     pub tags: Vec<String>,
+    /// Broad themes.
     pub themes: Vec<String>,
+    /// Works the text itself cites.
     pub sources: Vec<SourceRef>,
+    /// 1 (anyone can follow it) to 5 (advanced study).
+    #[schema(minimum = 1, maximum = 5)]
     pub difficulty_level: u8,
+    /// The text of the social-media post, built from the answer.
     pub text_post: String,
+    /// The caption of the post.
     pub legend: String,
+    /// The language of the halakha text.
     pub language: Lang,
 }
 

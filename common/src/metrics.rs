@@ -30,7 +30,9 @@ pub const HTTP_RATE_LIMITED_TOTAL: &str = "halakha_http_rate_limited_total";
 pub const INGEST_ACCEPTED_TOTAL: &str = "halakha_ingest_accepted_total";
 /// Chat completion calls, by `outcome` (`ok`, `transient`, `permanent`).
 pub const OPENAI_REQUESTS_TOTAL: &str = "halakha_enrich_openai_requests_total";
-/// Tokens used, by `kind` (`prompt`, `completion`).
+/// Repair turns, by `outcome` (`attempted`, `fixed`, `failed`).
+pub const OPENAI_REPAIRS_TOTAL: &str = "halakha_enrich_repairs_total";
+/// Tokens used, by `kind` (`prompt`, `completion`) and `model`.
 pub const OPENAI_TOKENS_TOTAL: &str = "halakha_enrich_openai_tokens_total";
 /// Chat completion latency.
 pub const OPENAI_REQUEST_SECONDS: &str = "halakha_enrich_openai_request_duration_seconds";

@@ -4,6 +4,7 @@
 pub mod config;
 pub mod llm;
 pub mod prompt;
+pub mod rules;
 
 use std::net::SocketAddr;
 use std::sync::Arc;

@@ -8,9 +8,10 @@ use async_openai::config::OpenAIConfig;
 use async_openai::error::{OpenAIError, WrappedError};
 use async_openai::middleware::HttpRequestFactory;
 use async_openai::types::chat::{
-    ChatCompletionRequestMessage, ChatCompletionRequestSystemMessage, ChatCompletionRequestSystemMessageContent,
-    ChatCompletionRequestUserMessage, ChatCompletionRequestUserMessageContent, CreateChatCompletionRequest,
-    CreateChatCompletionResponse, FinishReason, ResponseFormat, ResponseFormatJsonSchema,
+    ChatCompletionRequestAssistantMessage, ChatCompletionRequestAssistantMessageContent, ChatCompletionRequestMessage,
+    ChatCompletionRequestSystemMessage, ChatCompletionRequestSystemMessageContent, ChatCompletionRequestUserMessage,
+    ChatCompletionRequestUserMessageContent, CreateChatCompletionRequest, CreateChatCompletionResponse, FinishReason,
+    ResponseFormat, ResponseFormatJsonSchema,
 };
 use halakha_common::StageError;
 use halakha_common::envelope::{Enrichment, Ingested, Usage};
@@ -20,11 +21,7 @@ use secrecy::ExposeSecret;
 
 use crate::config::Config;
 use crate::prompt::{self, Prompt};
-
-/// Longest accepted value of the short text fields, in characters.
-const MAX_SHORT: usize = 500;
-/// Longest accepted value of the long text fields, in characters.
-const MAX_LONG: usize = 20_000;
+use crate::rules;
 
 /// An OpenAI-compatible chat completion client.
 pub struct Llm {
@@ -53,18 +50,10 @@ impl Llm {
         &self.model
     }
 
-    fn request(&self, prompt: &Prompt, input: &Ingested) -> CreateChatCompletionRequest {
-        let system = ChatCompletionRequestSystemMessage {
-            content: ChatCompletionRequestSystemMessageContent::Text(prompt.system.clone()),
-            name: None,
-        };
-        let user = ChatCompletionRequestUserMessage {
-            content: ChatCompletionRequestUserMessageContent::Text(prompt.user_message(input)),
-            name: None,
-        };
+    fn request(&self, messages: Vec<ChatCompletionRequestMessage>) -> CreateChatCompletionRequest {
         CreateChatCompletionRequest {
             model: self.model.clone(),
-            messages: vec![ChatCompletionRequestMessage::System(system), ChatCompletionRequestMessage::User(user)],
+            messages,
             response_format: Some(ResponseFormat::JsonSchema {
                 json_schema: ResponseFormatJsonSchema {
                     description: Some("A halakha structured for publication".into()),
@@ -79,26 +68,89 @@ impl Llm {
         }
     }
 
-    /// One structured completion: the enrichment and the usage it cost.
-    pub async fn enrich(&self, prompt: &Prompt, input: &Ingested) -> Result<(Enrichment, Usage), StageError> {
+    /// One chat completion: the response, or the error kind of its failure.
+    async fn complete(
+        &self,
+        messages: Vec<ChatCompletionRequestMessage>,
+    ) -> Result<CreateChatCompletionResponse, StageError> {
         let started = Instant::now();
-        let result = self.client.chat().create(self.request(prompt, input)).await;
+        let result = self.client.chat().create(self.request(messages)).await;
         metrics::histogram!(m::OPENAI_REQUEST_SECONDS).record(started.elapsed().as_secs_f64());
-        let response = match result {
-            Ok(r) => r,
+        match result {
+            Ok(response) => {
+                metrics::counter!(m::OPENAI_REQUESTS_TOTAL, "outcome" => "ok").increment(1);
+                let u = usage(&response);
+                let model = self.model.clone();
+                metrics::counter!(m::OPENAI_TOKENS_TOTAL, "kind" => "prompt", "model" => model.clone())
+                    .increment(u64::from(u.prompt_tokens));
+                metrics::counter!(m::OPENAI_TOKENS_TOTAL, "kind" => "completion", "model" => model)
+                    .increment(u64::from(u.completion_tokens));
+                Ok(response)
+            }
             Err(e) => {
                 let err = classify(e);
                 let outcome = if err.is_transient() { "transient" } else { "permanent" };
                 metrics::counter!(m::OPENAI_REQUESTS_TOTAL, "outcome" => outcome).increment(1);
-                return Err(err);
+                Err(err)
             }
+        }
+    }
+
+    /// Structure one text: a completion, checked; on a broken rule, one
+    /// repair turn naming every violation; still broken, a permanent error
+    /// naming the rules. Returns the enrichment and the tokens of every call.
+    pub async fn enrich(&self, prompt: &Prompt, input: &Ingested) -> Result<(Enrichment, Usage), StageError> {
+        let system = ChatCompletionRequestMessage::System(ChatCompletionRequestSystemMessage {
+            content: ChatCompletionRequestSystemMessageContent::Text(prompt.system.clone()),
+            name: None,
+        });
+        let user = ChatCompletionRequestMessage::User(ChatCompletionRequestUserMessage {
+            content: ChatCompletionRequestUserMessageContent::Text(prompt.user_message(input)),
+            name: None,
+        });
+        let mut messages = vec![system, user];
+        let first = self.complete(messages.clone()).await?;
+        let mut total = usage(&first);
+        let violations = match check_answer(&first, input) {
+            Ok(enrichment) => return Ok((enrichment, total)),
+            Err(Rejected::Final(e)) => return Err(e),
+            Err(Rejected::Repairable(v)) => v,
         };
-        metrics::counter!(m::OPENAI_REQUESTS_TOTAL, "outcome" => "ok").increment(1);
-        let usage = usage(&response);
-        metrics::counter!(m::OPENAI_TOKENS_TOTAL, "kind" => "prompt").increment(u64::from(usage.prompt_tokens));
-        metrics::counter!(m::OPENAI_TOKENS_TOTAL, "kind" => "completion").increment(u64::from(usage.completion_tokens));
-        let enrichment = parse(&response)?;
-        Ok((enrichment, usage))
+        metrics::counter!(m::OPENAI_REPAIRS_TOTAL, "outcome" => "attempted").increment(1);
+        tracing::info!(id = %input.id, violations = %violations.join("; "), "Model output breaks the rules; one repair turn");
+        let previous = first.choices.first().and_then(|c| c.message.content.clone()).unwrap_or_default();
+        messages.push(ChatCompletionRequestMessage::Assistant(ChatCompletionRequestAssistantMessage {
+            content: Some(ChatCompletionRequestAssistantMessageContent::Text(previous)),
+            ..Default::default()
+        }));
+        messages.push(ChatCompletionRequestMessage::User(ChatCompletionRequestUserMessage {
+            content: ChatCompletionRequestUserMessageContent::Text(prompt.repair_message(&violations)),
+            name: None,
+        }));
+        let second = self.complete(messages).await?;
+        total = add(total, usage(&second));
+        match check_answer(&second, input) {
+            Ok(enrichment) => {
+                metrics::counter!(m::OPENAI_REPAIRS_TOTAL, "outcome" => "fixed").increment(1);
+                Ok((enrichment, total))
+            }
+            Err(Rejected::Final(e)) => Err(e),
+            Err(Rejected::Repairable(v)) => {
+                metrics::counter!(m::OPENAI_REPAIRS_TOTAL, "outcome" => "failed").increment(1);
+                Err(StageError::permanent(format!(
+                    "the model output breaks the rules after one repair turn: {}",
+                    v.join("; ")
+                )))
+            }
+        }
+    }
+}
+
+fn add(a: Usage, b: Usage) -> Usage {
+    Usage {
+        prompt_tokens: a.prompt_tokens.saturating_add(b.prompt_tokens),
+        completion_tokens: a.completion_tokens.saturating_add(b.completion_tokens),
+        total_tokens: a.total_tokens.saturating_add(b.total_tokens),
     }
 }
 
@@ -196,53 +248,40 @@ fn classify(e: OpenAIError) -> StageError {
     }
 }
 
-/// Check the answer before trusting it: one choice, finished normally, not
-/// a refusal, valid JSON of the schema, and within the domain rules.
-pub fn parse(r: &CreateChatCompletionResponse) -> Result<Enrichment, StageError> {
-    let choice = r.choices.first().ok_or_else(|| StageError::transient("the completion has no choices"))?;
+/// Why an answer was not accepted.
+#[derive(Debug)]
+pub enum Rejected {
+    /// A repair turn cannot help (refusal, cut output, content filter).
+    Final(StageError),
+    /// Broken rules a repair turn may fix, each named.
+    Repairable(Vec<String>),
+}
+
+/// Check an answer before trusting it: one choice, finished normally, not
+/// a refusal, valid JSON of the schema, within the domain rules.
+pub fn check_answer(r: &CreateChatCompletionResponse, input: &Ingested) -> Result<Enrichment, Rejected> {
+    let choice =
+        r.choices.first().ok_or_else(|| Rejected::Final(StageError::transient("the completion has no choices")))?;
     if let Some(refusal) = choice.message.refusal.as_deref().filter(|s| !s.is_empty()) {
-        return Err(StageError::permanent(format!("the model refused: {}", truncate(refusal, 300))));
+        return Err(Rejected::Final(StageError::permanent(format!("the model refused: {}", truncate(refusal, 300)))));
     }
     match choice.finish_reason {
         Some(FinishReason::Stop) | None => {}
-        Some(FinishReason::Length) => return Err(StageError::permanent("the model output was cut at the token limit")),
-        Some(FinishReason::ContentFilter) => {
-            return Err(StageError::permanent("the model output was withheld by the content filter"));
+        Some(FinishReason::Length) => {
+            return Err(Rejected::Final(StageError::permanent("the model output was cut at the token limit")));
         }
-        Some(other) => return Err(StageError::permanent(format!("unexpected finish_reason {other:?}"))),
+        Some(FinishReason::ContentFilter) => {
+            return Err(Rejected::Final(StageError::permanent("the model output was withheld by the content filter")));
+        }
+        Some(other) => {
+            return Err(Rejected::Final(StageError::permanent(format!("unexpected finish_reason {other:?}"))));
+        }
     }
     let content = choice.message.content.as_deref().unwrap_or_default();
     let enrichment: Enrichment = serde_json::from_str(content)
-        .map_err(|e| StageError::permanent(format!("the model output is not valid JSON for the schema: {e}")))?;
-    check(&enrichment)?;
-    Ok(enrichment)
-}
-
-/// Domain rules the schema cannot express.
-fn check(e: &Enrichment) -> Result<(), StageError> {
-    let mut violations = Vec::new();
-    for (name, value, max) in [
-        ("title", &e.title, MAX_SHORT),
-        ("question", &e.question, MAX_LONG),
-        ("answer", &e.answer, MAX_LONG),
-        ("text_post", &e.text_post, MAX_LONG),
-        ("legend", &e.legend, MAX_LONG),
-    ] {
-        let n = value.trim().chars().count();
-        if n == 0 {
-            violations.push(format!("{name} is empty"));
-        } else if n > max {
-            violations.push(format!("{name} has {n} characters (at most {max})"));
-        }
-    }
-    if !(1..=5).contains(&e.difficulty_level) {
-        violations.push(format!("difficulty_level is {} (expected 1 to 5)", e.difficulty_level));
-    }
-    if violations.is_empty() {
-        Ok(())
-    } else {
-        Err(StageError::permanent(format!("the model output breaks the rules: {}", violations.join("; "))))
-    }
+        .map_err(|e| Rejected::Repairable(vec![format!("the answer is not valid JSON for the schema: {e}")]))?;
+    let violations = rules::check(&enrichment, input);
+    if violations.is_empty() { Ok(enrichment) } else { Err(Rejected::Repairable(violations)) }
 }
 
 fn truncate(s: &str, max: usize) -> String {
@@ -265,38 +304,35 @@ mod tests {
     fn valid() -> String {
         serde_json::json!({
             "title": "t", "question": "q", "answer": "a", "tags": ["x"], "themes": ["y"],
-            "sources": [{"name": "Kitzur Shulchan Arukh", "reference": "1:1"}],
+            "sources": [{"name": "Psalms", "reference": "16:8"}],
             "difficulty_level": 2, "text_post": "p", "legend": "l", "language": "en"
         })
         .to_string()
     }
 
-    #[test]
-    fn a_valid_answer_parses() {
-        let e = parse(&response(&valid(), "stop")).expect("valid");
-        assert_eq!(e.sources[0].reference.as_deref(), Some("1:1"));
+    fn input() -> Ingested {
+        rules::tests::ingested("I have set Hashem before me always. Psalms 16:8.", None)
     }
 
     #[test]
-    fn invalid_json_is_permanent_and_says_why() {
-        let e = parse(&response("{not json", "stop")).expect_err("invalid");
-        assert!(!e.is_transient());
-        assert!(e.full_reason().contains("not valid JSON"));
+    fn a_valid_answer_passes() {
+        let e = check_answer(&response(&valid(), "stop"), &input()).expect("valid");
+        assert_eq!(e.sources[0].reference.as_deref(), Some("16:8"));
     }
 
     #[test]
-    fn a_truncated_answer_is_refused_before_parsing() {
-        let e = parse(&response(&valid(), "length")).expect_err("cut");
-        assert!(e.full_reason().contains("token limit"));
+    fn invalid_json_is_repairable_and_says_why() {
+        match check_answer(&response("{not json", "stop"), &input()) {
+            Err(Rejected::Repairable(v)) => assert!(v[0].contains("not valid JSON"), "{v:?}"),
+            other => panic!("expected a repairable rejection, got {other:?}"),
+        }
     }
 
     #[test]
-    fn empty_fields_and_bad_difficulty_are_named() {
-        let mut v: serde_json::Value = serde_json::from_str(&valid()).expect("json");
-        v["title"] = "".into();
-        v["difficulty_level"] = 9.into();
-        let e = parse(&response(&v.to_string(), "stop")).expect_err("rules");
-        let r = e.full_reason();
-        assert!(r.contains("title is empty") && r.contains("difficulty_level is 9"), "{r}");
+    fn a_truncated_answer_is_final_before_parsing() {
+        match check_answer(&response(&valid(), "length"), &input()) {
+            Err(Rejected::Final(e)) => assert!(e.full_reason().contains("token limit")),
+            other => panic!("expected a final rejection, got {other:?}"),
+        }
     }
 }

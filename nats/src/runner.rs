@@ -8,9 +8,9 @@
 //! - long handlers send in-progress acks so the broker does not redeliver;
 //! - success: the output is published (PubAck awaited, `Nats-Msg-Id` set),
 //!   then the input is acked;
-//! - transient error: nak with a delay (exponential with jitter, or the
-//!   remote side's `Retry-After`); at `max_deliver` the message is
-//!   dead-lettered instead;
+//! - transient error: nak with a delay, the longer of the exponential
+//!   back-off with jitter and the remote side's `Retry-After`; at
+//!   `max_deliver` the message is dead-lettered instead;
 //! - permanent error or unreadable payload: dead-letter, then term;
 //! - shutdown: stop fetching, nak (no delay) what was fetched but not
 //!   started, wait for in-flight work within the drain timeout.
@@ -306,7 +306,10 @@ async fn process<H: Handler>(shared: &Shared, handler: &H, msg: jetstream::Messa
         let outcome = match result {
             Ok(()) => Outcome::Ack,
             Err(e) if e.is_transient() && delivery.delivered < shared.config.max_deliver => {
-                let delay = e.retry_after().unwrap_or_else(|| shared.config.backoff(delivery.delivered));
+                // Never sooner than the remote side asked, never sooner than
+                // our own back-off: both protect the provider.
+                let backoff = shared.config.backoff(delivery.delivered);
+                let delay = e.retry_after().map_or(backoff, |asked| asked.max(backoff));
                 tracing::warn!(error = %e.full_reason(), retry_in_ms = delay.as_millis() as u64, "Transient failure; will retry");
                 Outcome::Nak(delay)
             }

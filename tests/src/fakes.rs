@@ -25,6 +25,8 @@ pub enum Model {
     InvalidJson,
     /// 503 "overloaded" with `Retry-After: 0`, every time.
     Overloaded,
+    /// Leaves out `legend` on the first turn, fixes it in the repair turn.
+    MissingFieldOnce,
 }
 
 /// The fake `POST /v1/chat/completions`.
@@ -33,17 +35,30 @@ pub struct ChatCompletions {
     pub calls: Arc<AtomicUsize>,
 }
 
-/// The text between the data markers of the user message.
-fn delimited_text(body: &Value) -> Option<String> {
+/// The text between the data markers of the (first) user message:
+/// `<<<HALAKHA_TEXT id>>>` ... `<<<END_HALAKHA_TEXT id>>>`.
+pub fn delimited_text(body: &Value) -> Option<String> {
     let user = body["messages"].as_array()?.iter().find(|m| m["role"] == "user")?;
     let content = user["content"].as_str()?;
-    let start = content.find("<<<HALAKHA_TEXT\n")? + "<<<HALAKHA_TEXT\n".len();
-    let end = content.rfind("\nHALAKHA_TEXT>>>")?;
+    let open = content.find("<<<HALAKHA_TEXT ")?;
+    let id_start = open + "<<<HALAKHA_TEXT ".len();
+    let id_len = content[id_start..].find(">>>\n")?;
+    let id = &content[id_start..id_start + id_len];
+    let start = id_start + id_len + ">>>\n".len();
+    let end = content.rfind(&format!("\n<<<END_HALAKHA_TEXT {id}>>>"))?;
     Some(content[start..end].to_owned())
 }
 
+/// True when this request is the repair turn of a conversation.
+fn is_repair(body: &Value) -> bool {
+    body["messages"].as_array().is_some_and(|m| m.iter().any(|m| m["role"] == "assistant"))
+}
+
+/// What a faithful model answers: the language of most letters.
 fn language(text: &str) -> &'static str {
-    if text.chars().any(|c| ('\u{5d0}'..='\u{5ea}').contains(&c)) {
+    let hebrew = text.chars().filter(|c| ('\u{5d0}'..='\u{5ea}').contains(c)).count();
+    let latin = text.chars().filter(char::is_ascii_alphabetic).count();
+    if hebrew > latin {
         "he"
     } else if text.chars().any(|c| "éèêàçùôî".contains(c)) {
         "fr"
@@ -94,8 +109,23 @@ impl Respond for ChatCompletions {
         let Some(text) = delimited_text(&body) else {
             return openai_error(400, "invalid_request_error", "the user message has no delimited halakha text");
         };
+        // A model that obeys injected instructions: its answer cites a source
+        // the text does not name and claims the wrong language.
+        if text.to_lowercase().contains("ignore previous instructions") {
+            let mut pwned = enrichment(&text);
+            pwned["title"] = "PWNED".into();
+            pwned["sources"] = serde_json::json!([{"name": "Sefer HaPwn", "reference": null}]);
+            pwned["language"] = if language(&text) == "he" { "en".into() } else { "he".into() };
+            return completion(&body, pwned.to_string());
+        }
         let content = match self.model {
             Model::Faithful => enrichment(&text).to_string(),
+            Model::MissingFieldOnce if is_repair(&body) => enrichment(&text).to_string(),
+            Model::MissingFieldOnce => {
+                let mut v = enrichment(&text);
+                v.as_object_mut().map(|o| o.remove("legend"));
+                v.to_string()
+            }
             Model::InvalidJson => "Sure! Here is the halakha: {title: oops".to_owned(),
             Model::Overloaded => {
                 return openai_error(
@@ -106,7 +136,13 @@ impl Respond for ChatCompletions {
                 .insert_header("retry-after", "0");
             }
         };
-        ResponseTemplate::new(200).set_body_json(json!({
+        completion(&body, content)
+    }
+}
+
+/// A `chat.completion` answering `content`.
+fn completion(body: &Value, content: String) -> ResponseTemplate {
+    ResponseTemplate::new(200).set_body_json(json!({
             "id": "chatcmpl-fake",
             "object": "chat.completion",
             "created": 1_764_000_000,
@@ -119,8 +155,7 @@ impl Respond for ChatCompletions {
             }],
             "usage": {"prompt_tokens": 120, "completion_tokens": 80, "total_tokens": 200},
             "system_fingerprint": "fp_fake"
-        }))
-    }
+    }))
 }
 
 /// Serve the fake chat completions on `server`; returns the call count.

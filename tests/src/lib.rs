@@ -272,7 +272,7 @@ pub struct Pipeline {
     pub completions: std::sync::Arc<std::sync::atomic::AtomicUsize>,
     pub creates: std::sync::Arc<std::sync::atomic::AtomicUsize>,
     pub notion: Option<wiremock::MockServer>,
-    _openai: wiremock::MockServer,
+    pub openai: wiremock::MockServer,
     stages: Vec<Running>,
 }
 
@@ -293,7 +293,7 @@ impl Pipeline {
             let url = notion.as_ref().map(|n| n.uri());
             stages.push(spawn_publish(&env, url.as_deref(), spec.publish_vars).await);
         }
-        Self { env, base, http: reqwest::Client::new(), completions, creates, notion, _openai: openai, stages }
+        Self { env, base, http: reqwest::Client::new(), completions, creates, notion, openai, stages }
     }
 
     /// `POST /v1/halakhot`, expecting 202; the answer.

@@ -6,6 +6,8 @@
 
 #[path = "e2e/api.rs"]
 mod api;
+#[path = "e2e/enrich.rs"]
+mod enrich;
 
 use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
@@ -102,10 +104,14 @@ async fn a_text_the_model_answers_with_invalid_json_ends_in_the_enrich_dead_lett
     let entry = &dead[0];
     assert_eq!(entry.id.as_deref(), Some(id.as_str()));
     assert_eq!((entry.stage.as_str(), entry.error_kind), ("enrich", ErrorKind::Permanent));
-    assert!(entry.reason.contains("not valid JSON"), "reason: {}", entry.reason);
+    assert!(
+        entry.reason.contains("after one repair turn") && entry.reason.contains("not valid JSON"),
+        "{}",
+        entry.reason
+    );
     assert_eq!(entry.subject, p.env.names.subject(S::Ingested));
     assert!(entry.payload.as_deref().unwrap().contains(&id), "the original payload is kept");
-    assert!(p.completions() >= 1);
+    assert_eq!(p.completions(), 2, "invalid twice in a row: the answer and one repair, then dead-lettered");
 
     // The status route explains the failure; nothing says published.
     let v = p.env.wait_for_status(&p.base, &id, Duration::from_secs(30), |v| v["status"] == "failed").await;
