@@ -73,10 +73,7 @@ pub fn check(e: &Enrichment, input: &Ingested) -> Vec<String> {
         v.push(format!("difficulty_level is {} (expected 1 to 5)", e.difficulty_level));
     }
     let written = script(&input.halakha.content);
-    let fits = match (written, e.language) {
-        (Script::Hebrew, Lang::He) | (Script::Latin, Lang::En | Lang::Fr) => true,
-        _ => false,
-    };
+    let fits = matches!((written, e.language), (Script::Hebrew, Lang::He) | (Script::Latin, Lang::En | Lang::Fr));
     if !fits {
         let shown = match written {
             Script::Hebrew => "Hebrew letters",
