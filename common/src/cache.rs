@@ -108,16 +108,45 @@ impl Cache {
     /// Increment the counter under `key`, giving it `ttl` when it is new.
     /// `None` when off or unreachable: the caller falls back to local state.
     pub async fn incr_with_ttl(&self, key: &str, ttl: Duration) -> Option<i64> {
+        self.incr_by_with_ttl(key, 1, ttl).await
+    }
+
+    /// Add `by` (may be negative) to the counter under `key`, setting `ttl`.
+    pub async fn incr_by_with_ttl(&self, key: &str, by: i64, ttl: Duration) -> Option<i64> {
         let inner = self.inner.as_ref()?;
         let mut conn = Self::connection(inner).await?;
+        let ttl = i64::try_from(ttl.as_secs().max(1)).unwrap_or(i64::MAX);
         let result: redis::RedisResult<(i64, i64)> =
-            redis::pipe().atomic().incr(key, 1).expire(key, ttl.as_secs().max(1) as i64).query_async(&mut conn).await;
+            redis::pipe().atomic().incr(key, by).expire(key, ttl).query_async(&mut conn).await;
         match result {
             Ok((n, _)) => Some(n),
             Err(error) => {
                 tracing::warn!(%error, "Redis counter failed; falling back to local state");
                 None
             }
+        }
+    }
+
+    /// The integer under `key` (0 when absent); `None` when off or unreachable.
+    pub async fn get_i64(&self, key: &str) -> Option<i64> {
+        let inner = self.inner.as_ref()?;
+        let mut conn = Self::connection(inner).await?;
+        match conn.get::<_, Option<i64>>(key).await {
+            Ok(v) => Some(v.unwrap_or(0)),
+            Err(error) => {
+                tracing::warn!(%error, "Redis read failed; falling back to local state");
+                None
+            }
+        }
+    }
+
+    /// Store an integer under `key` for `ttl`; errors are logged.
+    pub async fn set_i64(&self, key: &str, value: i64, ttl: Duration) {
+        let Some(inner) = self.inner.as_ref() else { return };
+        let Some(mut conn) = Self::connection(inner).await else { return };
+        let ms = u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX).max(1);
+        if let Err(error) = conn.pset_ex::<_, _, ()>(key, value, ms).await {
+            tracing::warn!(%error, "Redis write failed; continuing with local state");
         }
     }
 

@@ -27,6 +27,13 @@ pub enum StageError {
         #[source]
         source: Option<Source>,
     },
+    /// Nothing is wrong with the message, but the stage must stop for a
+    /// while (provider quota exhausted, daily budget spent). The runner
+    /// stops fetching, holds the message with in-progress acks and tries it
+    /// again after `resume_after`: no delivery is spent, nothing is
+    /// dead-lettered.
+    #[error("paused: {reason}")]
+    Paused { reason: String, resume_after: Duration },
 }
 
 impl StageError {
@@ -42,12 +49,17 @@ impl StageError {
         StageError::Permanent { reason: reason.into(), source: None }
     }
 
+    pub fn paused(reason: impl Into<String>, resume_after: Duration) -> Self {
+        StageError::Paused { reason: reason.into(), resume_after }
+    }
+
     /// Attach the underlying error, kept in the cause chain.
     pub fn with_source(mut self, error: impl std::error::Error + Send + Sync + 'static) -> Self {
         match &mut self {
             StageError::Transient { source, .. } | StageError::Permanent { source, .. } => {
                 *source = Some(Box::new(error));
             }
+            StageError::Paused { .. } => {}
         }
         self
     }
@@ -60,7 +72,9 @@ impl StageError {
     /// dead-letter entries.
     pub fn full_reason(&self) -> String {
         let mut out = match self {
-            StageError::Transient { reason, .. } | StageError::Permanent { reason, .. } => reason.clone(),
+            StageError::Transient { reason, .. }
+            | StageError::Permanent { reason, .. }
+            | StageError::Paused { reason, .. } => reason.clone(),
         };
         let mut cause = std::error::Error::source(self);
         while let Some(c) = cause {
@@ -74,8 +88,13 @@ impl StageError {
     pub fn retry_after(&self) -> Option<Duration> {
         match self {
             StageError::Transient { retry_after, .. } => *retry_after,
+            StageError::Paused { resume_after, .. } => Some(*resume_after),
             StageError::Permanent { .. } => None,
         }
+    }
+
+    pub fn is_paused(&self) -> bool {
+        matches!(self, StageError::Paused { .. })
     }
 }
 

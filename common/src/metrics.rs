@@ -14,6 +14,10 @@ pub const STAGE_MESSAGES_TOTAL: &str = "halakha_stage_messages_total";
 pub const STAGE_HANDLE_SECONDS: &str = "halakha_stage_handle_duration_seconds";
 /// Messages being handled right now, by `stage`.
 pub const STAGE_IN_FLIGHT: &str = "halakha_stage_in_flight";
+/// 1 while the stage is paused (quota exhausted, budget spent), by `stage`.
+pub const STAGE_PAUSED: &str = "halakha_stage_paused";
+/// Pauses, by `stage`.
+pub const STAGE_PAUSES_TOTAL: &str = "halakha_stage_pauses_total";
 /// Dead-letter entries written, by `stage` and `kind`.
 pub const DEAD_LETTERS_TOTAL: &str = "halakha_dead_letters_total";
 /// Publishes to JetStream that failed (no PubAck), by `stage`.
@@ -34,6 +38,10 @@ pub const OPENAI_REQUESTS_TOTAL: &str = "halakha_enrich_openai_requests_total";
 pub const OPENAI_REPAIRS_TOTAL: &str = "halakha_enrich_repairs_total";
 /// Tokens used, by `kind` (`prompt`, `completion`) and `model`.
 pub const OPENAI_TOKENS_TOTAL: &str = "halakha_enrich_openai_tokens_total";
+/// Estimated cost from `OPENAI_PRICES`, in millionths of a US dollar, by `model`.
+pub const OPENAI_COST_MICRODOLLARS_TOTAL: &str = "halakha_enrich_estimated_cost_microdollars_total";
+/// Times the provider said the quota is exhausted.
+pub const OPENAI_QUOTA_EXHAUSTED_TOTAL: &str = "halakha_enrich_quota_exhausted_total";
 /// Chat completion latency.
 pub const OPENAI_REQUEST_SECONDS: &str = "halakha_enrich_openai_request_duration_seconds";
 /// Notion API calls, by `operation` and `outcome`.

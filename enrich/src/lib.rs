@@ -2,6 +2,7 @@
 //! completion (JSON schema, strict) and publishes `<ns>.enriched`.
 
 pub mod config;
+pub mod limits;
 pub mod llm;
 pub mod prompt;
 pub mod rules;
@@ -36,7 +37,7 @@ pub enum StartError {
 pub struct EnrichHandler {
     llm: llm::Llm,
     prompt: prompt::Prompt,
-    cache: Cache,
+    cache: Arc<Cache>,
     cache_prefix: String,
 }
 
@@ -92,14 +93,16 @@ impl App {
     pub async fn build(config: Config) -> Result<Self, StartError> {
         let prompt = prompt::Prompt::load(config.prompt_dir.as_deref()).map_err(StartError::Prompt)?;
         halakha_common::install_crypto_provider();
-        let llm = llm::Llm::new(&config)?;
-        let cache = match &config.redis.url {
+        let cache = Arc::new(match &config.redis.url {
             Some(url) => Cache::new(url, config.cache_ttl)?,
             None => {
-                tracing::info!("REDIS_URL is not set: the enrichment cache is off");
+                tracing::info!("REDIS_URL is not set: the enrichment cache is off, provider limits are per replica");
                 Cache::off()
             }
-        };
+        });
+        let limits =
+            Arc::new(limits::Limits::new(config.limits.clone(), cache.clone(), config.stage.namespace.as_str()));
+        let llm = llm::Llm::new(&config, limits)?;
         let cache_prefix = format!("{}:enrich", config.stage.namespace);
         let stage = Prepared::new(Stage::Enrich, &config.stage).await?;
         tracing::info!(model = %config.openai_model, prompt_version = %prompt.version, "Enrichment configured");

@@ -1,6 +1,7 @@
 //! The chat completion call and what its answer must satisfy.
 
 use std::future::Future;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use async_openai::Client;
@@ -20,6 +21,7 @@ use halakha_common::metrics as m;
 use secrecy::ExposeSecret;
 
 use crate::config::Config;
+use crate::limits::Limits;
 use crate::prompt::{self, Prompt};
 use crate::rules;
 
@@ -28,10 +30,14 @@ pub struct Llm {
     client: Client<OpenAIConfig>,
     model: String,
     max_completion_tokens: u32,
+    limits: Arc<Limits>,
+    quota_pause: Duration,
+    /// USD per million prompt and completion tokens for this model.
+    price: Option<(f64, f64)>,
 }
 
 impl Llm {
-    pub fn new(config: &Config) -> Result<Self, reqwest::Error> {
+    pub fn new(config: &Config, limits: Arc<Limits>) -> Result<Self, reqwest::Error> {
         let http = reqwest::Client::builder()
             .timeout(config.openai_timeout)
             .connect_timeout(std::time::Duration::from_secs(10))
@@ -40,9 +46,12 @@ impl Llm {
             .with_api_base(config.openai_base_url.clone())
             .with_api_key(config.openai_api_key.expose_secret().to_owned());
         Ok(Self {
-            client: Client::with_config(openai).with_http_service(single_attempt(http)),
+            client: Client::with_config(openai).with_http_service(single_attempt(http, limits.clone())),
             model: config.openai_model.clone(),
             max_completion_tokens: config.max_completion_tokens,
+            limits,
+            quota_pause: config.quota_pause,
+            price: config.prices.get(&config.openai_model).copied(),
         })
     }
 
@@ -69,10 +78,13 @@ impl Llm {
     }
 
     /// One chat completion: the response, or the error kind of its failure.
+    /// Waits first for room in the provider budgets.
     async fn complete(
         &self,
         messages: Vec<ChatCompletionRequestMessage>,
     ) -> Result<CreateChatCompletionResponse, StageError> {
+        let estimate = estimate_tokens(&messages, self.max_completion_tokens);
+        self.limits.acquire(estimate).await?;
         let started = Instant::now();
         let result = self.client.chat().create(self.request(messages)).await;
         metrics::histogram!(m::OPENAI_REQUEST_SECONDS).record(started.elapsed().as_secs_f64());
@@ -83,13 +95,27 @@ impl Llm {
                 let model = self.model.clone();
                 metrics::counter!(m::OPENAI_TOKENS_TOTAL, "kind" => "prompt", "model" => model.clone())
                     .increment(u64::from(u.prompt_tokens));
-                metrics::counter!(m::OPENAI_TOKENS_TOTAL, "kind" => "completion", "model" => model)
+                metrics::counter!(m::OPENAI_TOKENS_TOTAL, "kind" => "completion", "model" => model.clone())
                     .increment(u64::from(u.completion_tokens));
+                if let Some((prompt_price, completion_price)) = self.price {
+                    let micro =
+                        f64::from(u.prompt_tokens) * prompt_price + f64::from(u.completion_tokens) * completion_price;
+                    metrics::counter!(m::OPENAI_COST_MICRODOLLARS_TOTAL, "model" => model)
+                        .increment(micro.round() as u64);
+                }
+                self.limits.record(estimate, &u).await;
                 Ok(response)
             }
             Err(e) => {
-                let err = classify(e);
-                let outcome = if err.is_transient() { "transient" } else { "permanent" };
+                let err = classify(e, self.quota_pause);
+                let outcome = if err.is_transient() {
+                    "transient"
+                } else if err.is_paused() {
+                    metrics::counter!(m::OPENAI_QUOTA_EXHAUSTED_TOTAL).increment(1);
+                    "quota"
+                } else {
+                    "permanent"
+                };
                 metrics::counter!(m::OPENAI_REQUESTS_TOTAL, "outcome" => outcome).increment(1);
                 Err(err)
             }
@@ -172,6 +198,7 @@ struct HttpFailure {
 /// reaches the runner.
 fn single_attempt(
     http: reqwest::Client,
+    limits: Arc<Limits>,
 ) -> impl tower::Service<
     HttpRequestFactory,
     Response = reqwest::Response,
@@ -183,9 +210,11 @@ fn single_attempt(
 + 'static {
     tower::service_fn(move |factory: HttpRequestFactory| {
         let http = http.clone();
+        let limits = limits.clone();
         async move {
             let request = factory.build().await?;
             let response = http.execute(request).await.map_err(OpenAIError::Reqwest)?;
+            limits.observe(response.headers()).await;
             let status = response.status();
             if status.is_success() {
                 return Ok(response);
@@ -212,15 +241,30 @@ fn usage(r: &CreateChatCompletionResponse) -> Usage {
         .unwrap_or_default()
 }
 
-/// Map a client error to a kind, following the delivery rules.
-fn classify(e: OpenAIError) -> StageError {
+/// A rough count of the tokens a call will use, for the budgets; the
+/// real count corrects it afterwards.
+fn estimate_tokens(messages: &[ChatCompletionRequestMessage], max_completion: u32) -> u32 {
+    let chars: usize = messages.iter().map(|m| serde_json::to_string(m).map(|s| s.chars().count()).unwrap_or(0)).sum();
+    u32::try_from(chars / 3).unwrap_or(u32::MAX).saturating_add(max_completion.min(1000))
+}
+
+/// Map a client error to a kind, following the delivery rules. A 429 that
+/// says the quota is exhausted pauses the stage: retrying would only burn
+/// deliveries until someone adds credit.
+fn classify(e: OpenAIError, quota_pause: Duration) -> StageError {
     match e {
         OpenAIError::Boxed(boxed) => match boxed.downcast::<HttpFailure>() {
             Ok(f) => {
-                let detail = serde_json::from_str::<WrappedError>(&f.body)
-                    .map(|w| w.error.to_string())
-                    .unwrap_or_else(|_| truncate(&f.body, 300));
+                let parsed = serde_json::from_str::<WrappedError>(&f.body).ok();
+                let detail = parsed.as_ref().map(|w| w.error.to_string()).unwrap_or_else(|| truncate(&f.body, 300));
                 let reason = format!("OpenAI answered {}: {detail}", f.status);
+                let quota = parsed.as_ref().is_some_and(|w| {
+                    w.error.r#type.as_deref() == Some("insufficient_quota")
+                        || w.error.code.as_deref() == Some("insufficient_quota")
+                });
+                if f.status == 429 && quota {
+                    return StageError::paused(reason, quota_pause);
+                }
                 match classify_http_status(f.status) {
                     Some(false) => StageError::permanent(reason),
                     _ => StageError::transient_after(reason, f.retry_after),

@@ -115,7 +115,7 @@ pub struct Delivery {
 
 /// The business logic of a stage.
 pub trait Handler: Send + Sync + 'static {
-    type Input: DeserializeOwned + Envelope + Send;
+    type Input: DeserializeOwned + Envelope + Clone + Send;
     type Output: Serialize + Envelope + Send + Sync;
 
     /// Handle one message. `Ok(None)` acks without publishing (for
@@ -179,12 +179,22 @@ impl Runner {
             route: self.route.clone(),
             publisher: self.publisher.clone(),
             config: self.config.clone(),
+            pause: PauseGate::default(),
+            shutdown: shutdown.clone(),
         });
         tracing::info!(stage, consumer = %self.route.consumer, stream = %self.route.input_stream, concurrency = self.config.concurrency, "Consuming");
         self.consuming.set(true);
         let mut draining = false;
 
         while !draining {
+            // A paused stage fetches nothing until the pause ends.
+            if shared.pause.until().is_some() {
+                if !shared.pause.wait(&shutdown).await {
+                    break;
+                }
+                metrics::gauge!(m::STAGE_PAUSED, "stage" => stage).set(0.0);
+                tracing::info!(stage, "Pause over; fetching again");
+            }
             // Take a permit before fetching: never hold work we cannot start.
             let first = tokio::select! {
                 () = shutdown.cancelled() => break,
@@ -267,6 +277,42 @@ struct Shared {
     route: Route,
     publisher: Publisher,
     config: RunnerConfig,
+    pause: PauseGate,
+    shutdown: CancellationToken,
+}
+
+/// When the stage may fetch again, after a handler asked for a pause.
+#[derive(Default)]
+struct PauseGate {
+    until: std::sync::Mutex<Option<tokio::time::Instant>>,
+}
+
+impl PauseGate {
+    /// Pause until at least `for_` from now; true when this starts a pause.
+    fn pause(&self, for_: Duration) -> bool {
+        let end = tokio::time::Instant::now() + for_;
+        let Ok(mut until) = self.until.lock() else { return false };
+        let starts = until.is_none_or(|u| u <= tokio::time::Instant::now());
+        if until.is_none_or(|u| u < end) {
+            *until = Some(end);
+        }
+        starts
+    }
+
+    fn until(&self) -> Option<tokio::time::Instant> {
+        self.until.lock().ok().and_then(|u| *u).filter(|u| *u > tokio::time::Instant::now())
+    }
+
+    /// Wait out the pause; false if shutdown came first.
+    async fn wait(&self, shutdown: &CancellationToken) -> bool {
+        while let Some(until) = self.until() {
+            tokio::select! {
+                () = shutdown.cancelled() => return false,
+                () = tokio::time::sleep_until(until) => {}
+            }
+        }
+        true
+    }
 }
 
 enum Outcome {
@@ -305,6 +351,8 @@ async fn process<H: Handler>(shared: &Shared, handler: &H, msg: jetstream::Messa
         metrics::histogram!(m::STAGE_HANDLE_SECONDS, "stage" => stage).record(started.elapsed().as_secs_f64());
         let outcome = match result {
             Ok(()) => Outcome::Ack,
+            // Shut down while paused: hand the message back at once.
+            Err(e) if e.is_paused() => Outcome::Nak(Duration::ZERO),
             Err(e) if e.is_transient() && delivery.delivered < shared.config.max_deliver => {
                 // Never sooner than the remote side asked, never sooner than
                 // our own back-off: both protect the provider.
@@ -367,10 +415,26 @@ async fn handle<H: Handler>(
         let reason = format!("unsupported schema_version {version} (this build reads 1..={SCHEMA_VERSION})");
         return (Some(id), Err(StageError::permanent(reason)));
     }
-    let output = match with_progress(handler.handle(input, delivery), msg, shared.config.ack_wait / 3).await {
-        Ok(Some(output)) => output,
-        Ok(None) => return (Some(id), Ok(())),
-        Err(e) => return (Some(id), Err(e)),
+    let output = loop {
+        match with_progress(handler.handle(input.clone(), delivery), msg, shared.config.ack_wait / 3).await {
+            Ok(Some(output)) => break output,
+            Ok(None) => return (Some(id), Ok(())),
+            Err(StageError::Paused { reason, resume_after }) => {
+                // Hold the message (in-progress acks, no delivery spent),
+                // stop the stage fetching, and try again after the pause.
+                let stage = shared.route.name;
+                if shared.pause.pause(resume_after) {
+                    metrics::counter!(m::STAGE_PAUSES_TOTAL, "stage" => stage).increment(1);
+                    metrics::gauge!(m::STAGE_PAUSED, "stage" => stage).set(1.0);
+                    tracing::error!(stage, %reason, resume_in_secs = resume_after.as_secs(), "Stage paused");
+                }
+                let waited = with_progress(shared.pause.wait(&shared.shutdown), msg, shared.config.ack_wait / 3).await;
+                if !waited {
+                    return (Some(id), Err(StageError::paused(reason, Duration::ZERO)));
+                }
+            }
+            Err(e) => return (Some(id), Err(e)),
+        }
     };
     let Some(subject) = shared.route.output_subject.as_deref() else {
         tracing::error!("Handler returned an output on a route without an output subject; dropped");

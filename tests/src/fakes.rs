@@ -27,12 +27,46 @@ pub enum Model {
     Overloaded,
     /// Leaves out `legend` on the first turn, fixes it in the repair turn.
     MissingFieldOnce,
+    /// The first two attempts of each text fail often: 429 rate limits, 500
+    /// errors, or answers that hang past any sane timeout (about 40% of
+    /// first attempts); later attempts succeed. Deterministic per text.
+    Chaos,
+    /// The first call answers 429 `insufficient_quota`; later calls succeed.
+    QuotaOnce,
+}
+
+/// What the chaos fake did, by kind.
+#[derive(Debug, Default)]
+pub struct ChaosCounts {
+    pub rate_limited: AtomicUsize,
+    pub server_errors: AtomicUsize,
+    pub hung: AtomicUsize,
 }
 
 /// The fake `POST /v1/chat/completions`.
 pub struct ChatCompletions {
     model: Model,
     pub calls: Arc<AtomicUsize>,
+    attempts: std::sync::Mutex<std::collections::HashMap<String, u32>>,
+    pub chaos: Arc<ChaosCounts>,
+}
+
+/// The rate-limit headers OpenAI sends with every answer.
+fn with_rate_headers(t: ResponseTemplate, remaining_requests: u32) -> ResponseTemplate {
+    t.insert_header("x-ratelimit-limit-requests", "10000")
+        .insert_header("x-ratelimit-remaining-requests", remaining_requests.to_string().as_str())
+        .insert_header("x-ratelimit-reset-requests", "50ms")
+        .insert_header("x-ratelimit-limit-tokens", "2000000")
+        .insert_header("x-ratelimit-remaining-tokens", "1999000")
+        .insert_header("x-ratelimit-reset-tokens", "1ms")
+}
+
+fn hash(text: &str) -> u64 {
+    use std::hash::{Hash, Hasher};
+    // SipHash with fixed keys: the same text fails the same way every run.
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    text.hash(&mut h);
+    h.finish()
 }
 
 /// The text between the data markers of the (first) user message:
@@ -118,8 +152,53 @@ impl Respond for ChatCompletions {
             pwned["language"] = if language(&text) == "he" { "en".into() } else { "he".into() };
             return completion(&body, pwned.to_string());
         }
+        let call = self.calls.load(Ordering::SeqCst);
+        if matches!(self.model, Model::QuotaOnce) && call == 1 {
+            return openai_error(
+                429,
+                "insufficient_quota",
+                "You exceeded your current quota, please check your plan and billing details.",
+            )
+            .insert_header("retry-after", "0");
+        }
+        if matches!(self.model, Model::Chaos) {
+            let attempt = {
+                let mut map = self.attempts.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+                let n = map.entry(text.clone()).or_insert(0);
+                *n += 1;
+                *n
+            };
+            if attempt <= 2 {
+                match (hash(&text) >> (attempt * 8)) % 10 {
+                    0 | 1 => {
+                        self.chaos.rate_limited.fetch_add(1, Ordering::SeqCst);
+                        let t = openai_error(
+                            429,
+                            "requests",
+                            "Rate limit reached for requests per min (RPM). Please try again in 20ms.",
+                        )
+                        .insert_header("retry-after", "0");
+                        return with_rate_headers(t, 0);
+                    }
+                    2 => {
+                        self.chaos.server_errors.fetch_add(1, Ordering::SeqCst);
+                        return openai_error(
+                            500,
+                            "server_error",
+                            "The server had an error while processing your request.",
+                        );
+                    }
+                    3 => {
+                        self.chaos.hung.fetch_add(1, Ordering::SeqCst);
+                        return completion(&body, enrichment(&text).to_string())
+                            .set_delay(std::time::Duration::from_secs(3));
+                    }
+                    _ => {}
+                }
+            }
+        }
         let content = match self.model {
-            Model::Faithful => enrichment(&text).to_string(),
+            Model::Faithful | Model::Chaos | Model::QuotaOnce => enrichment(&text).to_string(),
             Model::MissingFieldOnce if is_repair(&body) => enrichment(&text).to_string(),
             Model::MissingFieldOnce => {
                 let mut v = enrichment(&text);
@@ -142,7 +221,7 @@ impl Respond for ChatCompletions {
 
 /// A `chat.completion` answering `content`.
 fn completion(body: &Value, content: String) -> ResponseTemplate {
-    ResponseTemplate::new(200).set_body_json(json!({
+    with_rate_headers(ResponseTemplate::new(200), 9999).set_body_json(json!({
             "id": "chatcmpl-fake",
             "object": "chat.completion",
             "created": 1_764_000_000,
@@ -160,13 +239,16 @@ fn completion(body: &Value, content: String) -> ResponseTemplate {
 
 /// Serve the fake chat completions on `server`; returns the call count.
 pub async fn mount_openai(server: &MockServer, model: Model) -> Arc<AtomicUsize> {
+    mount_openai_counted(server, model).await.0
+}
+
+/// Like [`mount_openai`], with what the chaos model did.
+pub async fn mount_openai_counted(server: &MockServer, model: Model) -> (Arc<AtomicUsize>, Arc<ChaosCounts>) {
     let calls = Arc::new(AtomicUsize::new(0));
-    Mock::given(method("POST"))
-        .and(path("/v1/chat/completions"))
-        .respond_with(ChatCompletions { model, calls: calls.clone() })
-        .mount(server)
-        .await;
-    calls
+    let chaos = Arc::new(ChaosCounts::default());
+    let responder = ChatCompletions { model, calls: calls.clone(), attempts: Default::default(), chaos: chaos.clone() };
+    Mock::given(method("POST")).and(path("/v1/chat/completions")).respond_with(responder).mount(server).await;
+    (calls, chaos)
 }
 
 /// A fake OpenAI server; returns it and the count of completion calls.
@@ -174,6 +256,13 @@ pub async fn openai(model: Model) -> (MockServer, Arc<AtomicUsize>) {
     let server = MockServer::start().await;
     let calls = mount_openai(&server, model).await;
     (server, calls)
+}
+
+/// A fake OpenAI server with the chaos counts.
+pub async fn openai_counted(model: Model) -> (MockServer, Arc<AtomicUsize>, Arc<ChaosCounts>) {
+    let server = MockServer::start().await;
+    let (calls, chaos) = mount_openai_counted(&server, model).await;
+    (server, calls, chaos)
 }
 
 fn notion_error(status: u16, code: &str, message: &str) -> ResponseTemplate {

@@ -158,6 +158,22 @@ impl TestEnv {
         }
     }
 
+    /// Wait until a durable consumer has nothing pending and nothing
+    /// unacknowledged (the broker announces no such event: its state is
+    /// read until it holds), or fail.
+    pub async fn wait_idle(&self, s: Subject, consumer: &str, limit: Duration) {
+        let stream = self.js.get_stream(self.names.stream(s)).await.unwrap();
+        let deadline = tokio::time::Instant::now() + limit;
+        loop {
+            let info = stream.consumer_info(consumer).await.unwrap();
+            if info.num_pending == 0 && info.num_ack_pending == 0 {
+                return;
+            }
+            assert!(tokio::time::Instant::now() < deadline, "{consumer} still busy: {info:?}");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
     /// Remove the namespace's streams and the database.
     pub async fn cleanup(self) {
         for s in self.names.streams() {
@@ -270,6 +286,7 @@ pub struct Pipeline {
     pub base: String,
     pub http: reqwest::Client,
     pub completions: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    pub chaos: std::sync::Arc<fakes::ChaosCounts>,
     pub creates: std::sync::Arc<std::sync::atomic::AtomicUsize>,
     pub notion: Option<wiremock::MockServer>,
     pub openai: wiremock::MockServer,
@@ -279,7 +296,7 @@ pub struct Pipeline {
 impl Pipeline {
     pub async fn start(spec: Spec<'_>) -> Self {
         let env = TestEnv::new().await;
-        let (openai, completions) = fakes::openai(spec.model).await;
+        let (openai, completions, chaos) = fakes::openai_counted(spec.model).await;
         let (notion, creates) = if spec.notion && spec.publish {
             let (server, creates) = fakes::notion().await;
             (Some(server), creates)
@@ -293,7 +310,7 @@ impl Pipeline {
             let url = notion.as_ref().map(|n| n.uri());
             stages.push(spawn_publish(&env, url.as_deref(), spec.publish_vars).await);
         }
-        Self { env, base, http: reqwest::Client::new(), completions, creates, notion, openai, stages }
+        Self { env, base, http: reqwest::Client::new(), completions, chaos, creates, notion, openai, stages }
     }
 
     /// `POST /v1/halakhot`, expecting 202; the answer.
@@ -317,6 +334,12 @@ impl Pipeline {
 
     pub fn completions(&self) -> usize {
         self.completions.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// Start another enrich replica on the same consumer.
+    pub async fn add_enrich(&mut self, vars: &[(&str, &str)]) {
+        let stage = spawn_enrich(&self.env, &self.openai.uri(), vars).await;
+        self.stages.push(stage);
     }
 
     pub fn creates(&self) -> usize {

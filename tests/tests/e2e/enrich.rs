@@ -101,3 +101,96 @@ async fn replaying_a_hundred_enriched_messages_makes_no_api_call() {
     assert_eq!(first.len(), 100);
     p.stop().await;
 }
+
+/// Submit texts through the batch route; their ids in order.
+async fn submit_batch(p: &Pipeline, texts: &[(String, String)]) -> Vec<String> {
+    let body: Vec<Value> = texts.iter().map(|(key, text)| json!({"content": text, "idempotency_key": key})).collect();
+    let resp = p
+        .http
+        .post(format!("{}/v1/halakhot/batch", p.base))
+        .bearer_auth(halakha_tests::API_KEY)
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 207);
+    let v: Value = resp.json().await.unwrap();
+    assert_eq!(v["accepted"].as_u64(), Some(texts.len() as u64), "{v}");
+    v["results"].as_array().unwrap().iter().map(|r| r["id"].as_str().unwrap().to_owned()).collect()
+}
+
+fn corpus_texts(n: usize) -> Vec<(String, String)> {
+    corpus().into_iter().filter(|i| i.lang != "ru").take(n).map(|i| (i.id, i.text)).collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn under_rate_limits_errors_and_hung_calls_two_hundred_texts_are_each_enriched_exactly_once() {
+    let vars = [("CONCURRENCY", "16"), ("OPENAI_TIMEOUT_MS", "500"), ("MAX_DELIVER", "5")];
+    let p = Pipeline::start(Spec { model: Model::Chaos, publish: false, enrich_vars: &vars, ..Spec::default() }).await;
+    let texts = corpus_texts(424);
+    let texts: Vec<_> = texts.into_iter().take(200).collect();
+    let mut ids = submit_batch(&p, &texts[..100]).await;
+    ids.extend(submit_batch(&p, &texts[100..]).await);
+    assert_eq!(ids.iter().collect::<std::collections::BTreeSet<_>>().len(), 200);
+
+    let enriched: Vec<Enriched> = p.env.collect(S::Enriched, 200, Duration::from_secs(120)).await;
+    p.env.wait_idle(S::Ingested, "enrich", Duration::from_secs(30)).await;
+    let mut per_id: BTreeMap<String, usize> = BTreeMap::new();
+    for e in &enriched {
+        *per_id.entry(e.id.clone()).or_default() += 1;
+    }
+    assert_eq!(per_id.len(), 200);
+    assert!(per_id.values().all(|n| *n == 1));
+    assert_eq!(p.env.stream_len(S::Enriched).await, 200, "nothing enriched twice");
+    assert_eq!(p.env.stream_len(S::DeadLetter(Stage::Enrich)).await, 0, "nothing dead-lettered");
+    let c = &p.chaos;
+    let (limited, errors, hung) = (
+        c.rate_limited.load(std::sync::atomic::Ordering::SeqCst),
+        c.server_errors.load(std::sync::atomic::Ordering::SeqCst),
+        c.hung.load(std::sync::atomic::Ordering::SeqCst),
+    );
+    eprintln!("chaos: {limited} rate-limited, {errors} server errors, {hung} hung, {} calls", p.completions());
+    assert!(limited > 20 && errors > 10 && hung > 10, "the fake did fail: {limited}/{errors}/{hung}");
+    assert!(p.completions() as f64 >= 200.0 * 1.3, "about 30% of calls failed and were retried");
+    p.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_exhausted_quota_pauses_the_stage_without_spending_deliveries_or_dead_lettering() {
+    let vars = [("OPENAI_QUOTA_PAUSE_SECS", "1"), ("MAX_DELIVER", "1")];
+    let p =
+        Pipeline::start(Spec { model: Model::QuotaOnce, publish: false, enrich_vars: &vars, ..Spec::default() }).await;
+    let texts = corpus_texts(3);
+    submit_batch(&p, &texts).await;
+    // MAX_DELIVER is 1: a nak would have been a dead letter. The quota
+    // answer held the message instead, and the stage paused.
+    let enriched: Vec<Enriched> = p.env.collect(S::Enriched, 3, Duration::from_secs(30)).await;
+    assert_eq!(enriched.len(), 3);
+    assert_eq!(p.env.stream_len(S::DeadLetter(Stage::Enrich)).await, 0);
+    assert_eq!(p.completions(), 4, "one refused call, then each text once");
+    let metrics = halakha_common::metrics::install_recorder().render();
+    assert!(metrics.contains("halakha_stage_pauses_total{stage=\"enrich\"} 1"), "{metrics}");
+    assert!(metrics.contains("halakha_enrich_quota_exhausted_total 1"), "{metrics}");
+    assert!(!metrics.contains("outcome=\"nak\""), "no delivery was spent: {metrics}");
+    p.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_enrich_replicas_share_one_consumer_and_no_message_is_completed_twice() {
+    let a = [("OPENAI_MODEL", "model-a"), ("CONCURRENCY", "4"), ("REDIS_URL", "")];
+    let mut p = Pipeline::start(Spec { publish: false, enrich_vars: &a, ..Spec::default() }).await;
+    p.add_enrich(&[("OPENAI_MODEL", "model-b"), ("CONCURRENCY", "4"), ("REDIS_URL", "")]).await;
+    let texts = corpus_texts(100);
+    submit_batch(&p, &texts).await;
+    let enriched: Vec<Enriched> = p.env.collect(S::Enriched, 100, Duration::from_secs(60)).await;
+    p.env.wait_idle(S::Ingested, "enrich", Duration::from_secs(30)).await;
+    assert_eq!(p.env.stream_len(S::Enriched).await, 100, "no message completed twice");
+    let ids: std::collections::BTreeSet<_> = enriched.iter().map(|e| e.id.as_str()).collect();
+    assert_eq!(ids.len(), 100);
+    let by_a = enriched.iter().filter(|e| e.model == "model-a").count();
+    let by_b = enriched.iter().filter(|e| e.model == "model-b").count();
+    eprintln!("replica a: {by_a}, replica b: {by_b}");
+    assert!(by_a > 0 && by_b > 0, "both replicas worked: {by_a} + {by_b}");
+    assert_eq!(p.completions(), 100);
+    p.stop().await;
+}
