@@ -194,3 +194,24 @@ async fn two_enrich_replicas_share_one_consumer_and_no_message_is_completed_twic
     assert_eq!(p.completions(), 100);
     p.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_redis_unreachable_enrichment_goes_on_without_the_cache_and_counts_it() {
+    // Nothing listens on port 1: every cache call fails fast.
+    let vars = [("REDIS_URL", "redis://127.0.0.1:1")];
+    let p = Pipeline::start(Spec { publish: false, enrich_vars: &vars, ..Spec::default() }).await;
+    let texts = corpus_texts(5);
+    submit_batch(&p, &texts).await;
+    let enriched: Vec<Enriched> = p.env.collect(S::Enriched, 5, Duration::from_secs(30)).await;
+    assert_eq!(enriched.len(), 5);
+    assert_eq!(p.env.stream_len(S::DeadLetter(Stage::Enrich)).await, 0, "Redis down is never an error for a message");
+    let metrics = halakha_common::metrics::install_recorder().render();
+    let errors = metrics
+        .lines()
+        .find(|l| l.starts_with("halakha_cache_requests_total{outcome=\"error\"}"))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|n| n.parse::<u64>().ok())
+        .unwrap_or(0);
+    assert!(errors >= 5, "cache failures are counted: {metrics}");
+    p.stop().await;
+}
