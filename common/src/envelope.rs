@@ -23,6 +23,10 @@ fn current_version() -> u32 {
     SCHEMA_VERSION
 }
 
+fn published_status() -> String {
+    "published".into()
+}
+
 /// Behaviour common to every envelope.
 pub trait Envelope {
     /// Short name used in logs and metrics (`submission`, `ingested`, ...).
@@ -216,6 +220,10 @@ pub struct Published {
     pub schema_version: u32,
     pub id: String,
     pub title: String,
+    /// The row's status once both effects are durable: `published`.
+    /// (Added to v1 as a field with a default: older events still read.)
+    #[serde(default = "published_status")]
+    pub status: String,
     #[serde(with = "iso_date")]
     pub date_post: Date,
     pub notion_page_id: Option<String>,
@@ -380,6 +388,7 @@ mod tests {
             schema_version: 1,
             id: "abc".into(),
             title: "t".into(),
+            status: "published".into(),
             date_post: date!(2026 - 11 - 26),
             notion_page_id: Some("p".into()),
             notion_page_url: Some("https://www.notion.so/p".into()),
@@ -387,8 +396,15 @@ mod tests {
         };
         snapshot(
             &m,
-            r#"{"schema_version":1,"id":"abc","title":"t","date_post":"2026-11-26","notion_page_id":"p","notion_page_url":"https://www.notion.so/p","published_at":"2026-11-24T06:00:01Z"}"#,
+            r#"{"schema_version":1,"id":"abc","title":"t","status":"published","date_post":"2026-11-26","notion_page_id":"p","notion_page_url":"https://www.notion.so/p","published_at":"2026-11-24T06:00:01Z"}"#,
         );
+    }
+
+    #[test]
+    fn a_published_event_written_before_the_status_field_still_reads() {
+        let old = r#"{"schema_version":1,"id":"abc","title":"t","date_post":"2026-11-26","notion_page_id":null,"notion_page_url":null,"published_at":"2026-11-24T06:00:01Z"}"#;
+        let p: Published = serde_json::from_str(old).expect("reads");
+        assert_eq!(p.status, "published");
     }
 
     #[test]

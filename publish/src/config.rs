@@ -2,20 +2,59 @@
 
 use std::time::Duration;
 
-use halakha_common::config::{DatabaseConfig, Reader};
+use halakha_common::config::{DatabaseConfig, Reader, RedisConfig};
 use halakha_nats::stage::StageConfig;
 use secrecy::SecretString;
+
+/// Where pages go: a database (API versions up to 2022-06-28) or a data
+/// source (2025-09-03 and later).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Parent {
+    Database(String),
+    DataSource(String),
+}
+
+/// Names of the posts database's properties (defaults: the original's).
+#[derive(Debug, Clone)]
+pub struct Properties {
+    pub title: String,
+    pub text_post: String,
+    pub legend: String,
+    pub content: String,
+    pub date: String,
+    pub status: String,
+    pub image: String,
+    pub halakha_id: String,
+}
+
+impl Properties {
+    fn read(r: &mut Reader<'_>) -> Self {
+        Self {
+            title: r.string_or("NOTION_PROPERTY_TITLE", "question"),
+            text_post: r.string_or("NOTION_PROPERTY_TEXT_POST", "text_post"),
+            legend: r.string_or("NOTION_PROPERTY_LEGEND", "legend"),
+            content: r.string_or("NOTION_PROPERTY_CONTENT", "content"),
+            date: r.string_or("NOTION_PROPERTY_DATE", "date_post"),
+            status: r.string_or("NOTION_PROPERTY_STATUS", "status"),
+            image: r.string_or("NOTION_PROPERTY_IMAGE", "Image"),
+            halakha_id: r.string_or("NOTION_PROPERTY_HALAKHA_ID", "Halakha ID"),
+        }
+    }
+}
 
 /// The Notion sink, present when `NOTION_TOKEN` is set.
 #[derive(Debug, Clone)]
 pub struct NotionConfig {
     pub token: SecretString,
-    pub database_id: String,
+    pub parent: Parent,
     pub base_url: String,
     pub version: String,
     pub timeout: Duration,
     /// The `status` given to new pages (`NOTION_STATUS`).
     pub status: String,
+    pub properties: Properties,
+    /// Requests per second for the integration (`NOTION_REQUESTS_PER_SECOND`).
+    pub requests_per_second: u32,
 }
 
 #[derive(Debug, Clone)]
@@ -24,12 +63,17 @@ pub struct Config {
     pub stage: StageConfig,
     pub database: DatabaseConfig,
     pub notion: Option<NotionConfig>,
+    /// Shared Notion rate limit across replicas (`REDIS_URL`).
+    pub redis: RedisConfig,
 }
 
 impl Config {
     pub fn read(r: &mut Reader<'_>) -> Self {
         let token = r.optional_secret("NOTION_TOKEN");
         let database_id = r.raw("NOTION_DATABASE_ID");
+        let data_source_id = r.raw("NOTION_DATA_SOURCE_ID");
+        let properties = Properties::read(r);
+        let requests_per_second = r.ranged("NOTION_REQUESTS_PER_SECOND", 3, 1..=100);
         let base_url = r.string_or("NOTION_BASE_URL", "https://api.notion.com");
         if !(base_url.starts_with("http://") || base_url.starts_with("https://")) {
             r.error("NOTION_BASE_URL", "must be an http:// or https:// URL");
@@ -37,22 +81,38 @@ impl Config {
         let version = r.string_or("NOTION_VERSION", "2022-06-28");
         let timeout = r.seconds("NOTION_TIMEOUT_SECS", 60, 30..=120);
         let status = r.string_or("NOTION_STATUS", "En cours");
-        let notion = match (token, database_id) {
-            (Some(token), Some(database_id)) => Some(NotionConfig {
+        let parent = match (database_id, data_source_id) {
+            (Some(d), None) => Some(Parent::Database(d)),
+            (None, Some(d)) => Some(Parent::DataSource(d)),
+            (Some(_), Some(_)) => {
+                r.error("NOTION_DATA_SOURCE_ID", "set NOTION_DATABASE_ID or NOTION_DATA_SOURCE_ID, not both");
+                None
+            }
+            (None, None) => None,
+        };
+        let notion = match (token, parent) {
+            (Some(token), Some(parent)) => Some(NotionConfig {
                 token,
-                database_id,
+                parent,
                 base_url: base_url.trim_end_matches('/').to_owned(),
                 version,
                 timeout,
                 status,
+                properties,
+                requests_per_second,
             }),
             (Some(_), None) => {
-                r.error("NOTION_DATABASE_ID", "required when NOTION_TOKEN is set");
+                r.error("NOTION_DATABASE_ID", "required when NOTION_TOKEN is set (or NOTION_DATA_SOURCE_ID)");
                 None
             }
             (None, _) => None,
         };
-        Self { stage: StageConfig::read(r, "0.0.0.0:9103", 4), database: DatabaseConfig::read(r), notion }
+        Self {
+            stage: StageConfig::read(r, "0.0.0.0:9103", 4),
+            database: DatabaseConfig::read(r),
+            notion,
+            redis: RedisConfig::read(r),
+        }
     }
 }
 

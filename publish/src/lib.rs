@@ -11,6 +11,7 @@ use std::sync::Arc;
 
 use deadpool_postgres::Pool;
 use halakha_common::envelope::{Enriched, Published, SCHEMA_VERSION};
+use halakha_common::cache::{self, Cache};
 use halakha_common::{StageError, db, metrics as m};
 use halakha_nats::Stage;
 use halakha_nats::runner::{Delivery, Handler};
@@ -28,6 +29,8 @@ pub enum StartError {
     Db(#[from] db::DbError),
     #[error("could not build the HTTP client")]
     Http(#[from] reqwest::Error),
+    #[error(transparent)]
+    Redis(#[from] cache::InvalidRedisUrl),
 }
 
 fn db_error(what: &str, e: db::DbError) -> StageError {
@@ -47,23 +50,9 @@ impl Handler for PublishHandler {
     async fn handle(&self, input: Enriched, _delivery: &Delivery) -> Result<Option<Published>, StageError> {
         let state = store::upsert(&self.pool, &input).await.map_err(|e| db_error("store the halakha", e))?;
         metrics::counter!(m::DB_WRITES_TOTAL, "status" => "enriched").increment(1);
-        let page = match (&self.notion, state.page_id) {
-            (None, _) => None,
-            (Some(_), Some(id)) => Some(notion::Page { id, url: state.page_url.unwrap_or_default() }),
-            (Some(notion), None) => {
-                // A create call may have succeeded before a crash: look
-                // before creating a second page.
-                let existing = if state.attempted { notion.find(&input.id).await? } else { None };
-                match existing {
-                    Some(p) => Some(p),
-                    None => {
-                        store::mark_attempt(&self.pool, &input.id)
-                            .await
-                            .map_err(|e| db_error("record the Notion attempt", e))?;
-                        Some(notion.create(&input).await?)
-                    }
-                }
-            }
+        let page = match &self.notion {
+            None => None,
+            Some(notion) => Some(self.page(notion, &input, state).await?),
         };
         let (page_id, page_url) = (page.as_ref().map(|p| p.id.clone()), page.as_ref().map(|p| p.url.clone()));
         store::mark_published(&self.pool, &input.id, page_id.as_deref(), page_url.as_deref())
@@ -76,10 +65,53 @@ impl Handler for PublishHandler {
             date_post: input.halakha.date_post(),
             id: input.id,
             title: input.enrichment.title,
+            status: "published".into(),
             notion_page_id: page_id,
             notion_page_url: page_url.filter(|u| !u.is_empty()),
             published_at: OffsetDateTime::now_utc(),
         }))
+    }
+}
+
+impl PublishHandler {
+    /// Exactly one complete page per id. Notion has no idempotency key, so:
+    /// a page id stored in Postgres is reused; else a page whose
+    /// `Halakha ID` is this id is looked up and reused (a crash after the
+    /// create, before the store); else the page is created and its id
+    /// stored at once. Blocks beyond the first 100 are appended, resuming
+    /// after the ones a page already has.
+    async fn page(&self, notion: &notion::Notion, input: &Enriched, state: store::NotionState) -> Result<notion::Page, StageError> {
+        let blocks = notion::blocks(input);
+        let (page, complete_up_to) = match state.page_id {
+            Some(id) => (notion::Page { id, url: state.page_url.unwrap_or_default() }, None),
+            None => match notion.find(&input.id).await? {
+                Some(found) => {
+                    tracing::info!(id = %input.id, page = %found.id, "Notion page found by Halakha ID; reusing it");
+                    store::store_page(&self.pool, &input.id, &found.id, &found.url)
+                        .await
+                        .map_err(|e| db_error("store the Notion page", e))?;
+                    (found, None)
+                }
+                None => {
+                    store::mark_attempt(&self.pool, &input.id).await.map_err(|e| db_error("record the Notion attempt", e))?;
+                    let created = notion.create(input, &blocks).await?;
+                    store::store_page(&self.pool, &input.id, &created.id, &created.url)
+                        .await
+                        .map_err(|e| db_error("store the Notion page", e))?;
+                    (created, Some(blocks.len().min(notion::MAX_ITEMS)))
+                }
+            },
+        };
+        if blocks.len() > notion::MAX_ITEMS {
+            let existing = match complete_up_to {
+                Some(n) => n,
+                None => notion.count_children(&page.id).await?,
+            };
+            if existing < blocks.len() {
+                notion.append(&page.id, &blocks[existing..]).await?;
+            }
+        }
+        Ok(page)
     }
 }
 
@@ -91,8 +123,15 @@ pub struct App {
 impl App {
     pub async fn build(config: Config) -> Result<Self, StartError> {
         halakha_common::install_crypto_provider();
+        let shared = Arc::new(match &config.redis.url {
+            Some(url) => Cache::new(url, std::time::Duration::from_secs(5))?,
+            None => Cache::off(),
+        });
         let notion = match config.notion.clone() {
-            Some(c) => Some(notion::Notion::new(c)?),
+            Some(c) => {
+                let rate = notion::RateLimit::new(c.requests_per_second, shared, config.stage.namespace.as_str());
+                Some(notion::Notion::new(c, rate)?)
+            }
             None => {
                 tracing::warn!("NOTION_TOKEN is not set: the Notion sink is off, halakhot are only stored in Postgres");
                 None

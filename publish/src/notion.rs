@@ -3,10 +3,16 @@
 //!
 //! Limits respected before sending: at most 2000 characters per rich-text
 //! item (long values become several items, split on grapheme boundaries so
-//! no letter loses its niqqud), at most 100 items per rich-text array and
-//! 100 blocks per request.
+//! no letter loses its niqqud), at most 100 items per rich-text array, 100
+//! blocks per request (the rest appended with `PATCH /v1/blocks/{id}/children`),
+//! and an average of 3 requests per second for the integration.
 
+use std::num::NonZeroU32;
+use std::sync::Arc;
 use std::time::Duration;
+
+use governor::{DefaultDirectRateLimiter, Quota};
+use halakha_common::cache::Cache;
 
 use halakha_common::StageError;
 use halakha_common::envelope::Enriched;
@@ -18,25 +24,13 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 use unicode_segmentation::UnicodeSegmentation;
 
-use crate::config::NotionConfig;
+use crate::config::{NotionConfig, Parent};
 
 /// Notion's limit per rich-text item, counted as JavaScript does (UTF-16
 /// code units), which is never less than the count of characters.
 pub const MAX_TEXT: usize = 2000;
 /// Notion's limit of items in one rich-text array, and of blocks per request.
 pub const MAX_ITEMS: usize = 100;
-
-/// Property names of the posts database.
-pub mod props {
-    pub const TITLE: &str = "question";
-    pub const TEXT_POST: &str = "text_post";
-    pub const LEGEND: &str = "legend";
-    pub const CONTENT: &str = "content";
-    pub const DATE: &str = "date_post";
-    pub const STATUS: &str = "status";
-    pub const HALAKHA_ID: &str = "Halakha ID";
-    pub const IMAGE: &str = "Image";
-}
 
 /// A page that exists in Notion.
 #[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
@@ -79,44 +73,54 @@ fn rich_text_prop(text: &str) -> Value {
     json!({"rich_text": items})
 }
 
-/// Paragraph blocks holding `text`, at most 100 rich-text items each.
+/// Paragraph blocks holding `text`: one per line (blank lines dropped),
+/// each split into rich-text items, at most 100 items a block.
 fn paragraphs(text: &str) -> Vec<Value> {
-    rich_text(text)
-        .chunks(MAX_ITEMS)
-        .map(|items| json!({"object": "block", "type": "paragraph", "paragraph": {"rich_text": items}}))
+    text.lines()
+        .filter(|l| !l.trim().is_empty())
+        .flat_map(|line| {
+            rich_text(line)
+                .chunks(MAX_ITEMS)
+                .map(|items| json!({"object": "block", "type": "paragraph", "paragraph": {"rich_text": items}}))
+                .collect::<Vec<_>>()
+        })
         .collect()
 }
 
-/// The page body of a `POST /v1/pages`.
-pub fn page_body(config: &NotionConfig, m: &Enriched) -> Value {
-    let e = &m.enrichment;
-    let mut title = rich_text(&e.question);
-    title.truncate(MAX_ITEMS);
-    let properties = json!({
-        props::TITLE: {"title": title},
-        props::TEXT_POST: rich_text_prop(&e.text_post),
-        props::LEGEND: rich_text_prop(&e.legend),
-        props::CONTENT: rich_text_prop(&m.halakha.content),
-        props::DATE: {"date": {"start": m.halakha.date_post().to_string()}},
-        props::STATUS: {"status": {"name": config.status}},
-        props::HALAKHA_ID: {"rich_text": [{"type": "text", "text": {"content": m.id}}]},
-    });
-    let mut properties = properties;
-    if let (Some(url), Some(props)) = (&m.halakha.image_url, properties.as_object_mut()) {
-        props.insert(
-            props::IMAGE.to_owned(),
-            json!({"files": [{"name": "image", "type": "external", "external": {"url": url}}]}),
-        );
-    }
-    let mut children = paragraphs(&e.answer);
+/// The page body, in order: the answer, a divider, the full text. The
+/// concatenation of the blocks' texts is the answer and the text, whole.
+pub fn blocks(m: &Enriched) -> Vec<Value> {
+    let mut children = paragraphs(&m.enrichment.answer);
     children.push(json!({"object": "block", "type": "divider", "divider": {}}));
     children.extend(paragraphs(&m.halakha.content));
-    children.truncate(MAX_ITEMS);
-    json!({
-        "parent": {"database_id": config.database_id},
-        "properties": properties,
-        "children": children,
-    })
+    children
+}
+
+/// The properties of a page, named as configured.
+pub fn properties(config: &NotionConfig, m: &Enriched) -> Value {
+    let e = &m.enrichment;
+    let p = &config.properties;
+    let mut title = rich_text(&e.question);
+    title.truncate(MAX_ITEMS);
+    let mut props = serde_json::Map::new();
+    props.insert(p.title.clone(), json!({"title": title}));
+    props.insert(p.text_post.clone(), rich_text_prop(&e.text_post));
+    props.insert(p.legend.clone(), rich_text_prop(&e.legend));
+    props.insert(p.content.clone(), rich_text_prop(&m.halakha.content));
+    props.insert(p.date.clone(), json!({"date": {"start": m.halakha.date_post().to_string()}}));
+    props.insert(p.status.clone(), json!({"status": {"name": config.status}}));
+    props.insert(p.halakha_id.clone(), json!({"rich_text": [{"type": "text", "text": {"content": m.id}}]}));
+    if let Some(url) = &m.halakha.image_url {
+        props.insert(p.image.clone(), json!({"files": [{"name": "image", "type": "external", "external": {"url": url}}]}));
+    }
+    Value::Object(props)
+}
+
+fn parent(config: &NotionConfig) -> Value {
+    match &config.parent {
+        Parent::Database(id) => json!({"type": "database_id", "database_id": id}),
+        Parent::DataSource(id) => json!({"type": "data_source_id", "data_source_id": id}),
+    }
 }
 
 /// Notion's error object.
@@ -126,32 +130,72 @@ struct ApiError {
     message: Option<String>,
 }
 
+/// Notion's "average of 3 requests per second per integration": shared by
+/// every replica through Redis (fixed one-second windows) when configured,
+/// else per replica (evenly spaced requests).
+pub struct RateLimit {
+    per_second: u32,
+    local: DefaultDirectRateLimiter,
+    shared: Arc<Cache>,
+    key: String,
+}
+
+impl RateLimit {
+    pub fn new(per_second: u32, shared: Arc<Cache>, namespace: &str) -> Self {
+        let rate = NonZeroU32::new(per_second).unwrap_or(NonZeroU32::MIN);
+        Self {
+            per_second,
+            local: DefaultDirectRateLimiter::direct(Quota::per_second(rate).allow_burst(NonZeroU32::MIN)),
+            shared,
+            key: format!("{namespace}:publish:notion-rate"),
+        }
+    }
+
+    pub async fn acquire(&self) {
+        if self.shared.is_on() {
+            loop {
+                let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+                let key = format!("{}:{}", self.key, now.as_secs());
+                match self.shared.incr_with_ttl(&key, Duration::from_secs(5)).await {
+                    Some(n) if n <= i64::from(self.per_second) => return,
+                    Some(_) => {
+                        let to_next = Duration::from_millis(1000 - u64::from(now.subsec_millis()));
+                        tokio::time::sleep(to_next).await;
+                    }
+                    None => break,
+                }
+            }
+        }
+        self.local.until_ready().await;
+    }
+}
+
 pub struct Notion {
     http: reqwest::Client,
     config: NotionConfig,
+    rate: RateLimit,
 }
 
 impl Notion {
-    pub fn new(config: NotionConfig) -> Result<Self, reqwest::Error> {
-        let http =
-            reqwest::Client::builder().timeout(config.timeout).connect_timeout(Duration::from_secs(10)).build()?;
-        Ok(Self { http, config })
+    pub fn new(config: NotionConfig, rate: RateLimit) -> Result<Self, reqwest::Error> {
+        let http = reqwest::Client::builder().timeout(config.timeout).connect_timeout(Duration::from_secs(10)).build()?;
+        Ok(Self { http, config, rate })
     }
 
-    fn post(&self, path: &str) -> reqwest::RequestBuilder {
+    fn request(&self, method: reqwest::Method, path: &str) -> reqwest::RequestBuilder {
         self.http
-            .post(format!("{}{path}", self.config.base_url))
+            .request(method, format!("{}{path}", self.config.base_url))
             .bearer_auth(self.config.token.expose_secret())
             .header("Notion-Version", &self.config.version)
     }
 
     async fn send(&self, operation: &'static str, req: reqwest::RequestBuilder) -> Result<Value, StageError> {
+        self.rate.acquire().await;
         let result = req.send().await;
         let resp = match result {
             Ok(r) => r,
             Err(e) => {
-                metrics::counter!(m::NOTION_REQUESTS_TOTAL, "operation" => operation, "outcome" => "transient")
-                    .increment(1);
+                metrics::counter!(m::NOTION_REQUESTS_TOTAL, "operation" => operation, "outcome" => "transient").increment(1);
                 let what = if e.is_timeout() { "timed out" } else { "failed" };
                 return Err(StageError::transient(format!("the Notion {operation} request {what}")).with_source(e));
             }
@@ -159,9 +203,10 @@ impl Notion {
         let status = resp.status();
         if status.is_success() {
             metrics::counter!(m::NOTION_REQUESTS_TOTAL, "operation" => operation, "outcome" => "ok").increment(1);
-            return resp.json().await.map_err(|e| {
-                StageError::transient(format!("the Notion {operation} answer could not be read")).with_source(e)
-            });
+            return resp
+                .json()
+                .await
+                .map_err(|e| StageError::transient(format!("the Notion {operation} answer could not be read")).with_source(e));
         }
         let retry_after = resp.headers().get("retry-after").and_then(|v| v.to_str().ok()).and_then(parse_retry_after);
         let err = error_for(operation, status, retry_after, &resp.text().await.unwrap_or_default());
@@ -170,17 +215,56 @@ impl Notion {
         Err(err)
     }
 
-    /// Create the page of a halakha.
-    pub async fn create(&self, m: &Enriched) -> Result<Page, StageError> {
-        let v = self.send("create_page", self.post("/v1/pages").json(&page_body(&self.config, m))).await?;
+    /// Create the page of a halakha with its properties and the first
+    /// `children` (at most 100).
+    pub async fn create(&self, m: &Enriched, children: &[Value]) -> Result<Page, StageError> {
+        let body = json!({
+            "parent": parent(&self.config),
+            "properties": properties(&self.config, m),
+            "children": &children[..children.len().min(MAX_ITEMS)],
+        });
+        let v = self.send("create_page", self.request(reqwest::Method::POST, "/v1/pages").json(&body)).await?;
         serde_json::from_value(v).map_err(|e| StageError::transient("the Notion page has no id or url").with_source(e))
+    }
+
+    /// Append blocks to a page, 100 per request.
+    pub async fn append(&self, page_id: &str, children: &[Value]) -> Result<(), StageError> {
+        for chunk in children.chunks(MAX_ITEMS) {
+            let path = format!("/v1/blocks/{page_id}/children");
+            self.send("append_blocks", self.request(reqwest::Method::PATCH, &path).json(&json!({"children": chunk}))).await?;
+        }
+        Ok(())
+    }
+
+    /// How many blocks a page has (to resume an interrupted append).
+    pub async fn count_children(&self, page_id: &str) -> Result<usize, StageError> {
+        let mut count = 0;
+        let mut cursor: Option<String> = None;
+        loop {
+            let mut path = format!("/v1/blocks/{page_id}/children?page_size=100");
+            if let Some(c) = &cursor {
+                path.push_str(&format!("&start_cursor={c}"));
+            }
+            let v = self.send("list_blocks", self.request(reqwest::Method::GET, &path)).await?;
+            count += v["results"].as_array().map_or(0, Vec::len);
+            match (v["has_more"].as_bool(), v["next_cursor"].as_str()) {
+                (Some(true), Some(next)) => cursor = Some(next.to_owned()),
+                _ => return Ok(count),
+            }
+        }
     }
 
     /// Find the page of a halakha by its `Halakha ID` property.
     pub async fn find(&self, id: &str) -> Result<Option<Page>, StageError> {
-        let body = json!({"filter": {"property": props::HALAKHA_ID, "rich_text": {"equals": id}}, "page_size": 1});
-        let path = format!("/v1/databases/{}/query", self.config.database_id);
-        let v = self.send("query_database", self.post(&path).json(&body)).await?;
+        let body = json!({
+            "filter": {"property": self.config.properties.halakha_id, "rich_text": {"equals": id}},
+            "page_size": 1
+        });
+        let path = match &self.config.parent {
+            Parent::Database(d) => format!("/v1/databases/{d}/query"),
+            Parent::DataSource(d) => format!("/v1/data_sources/{d}/query"),
+        };
+        let v = self.send("query", self.request(reqwest::Method::POST, &path).json(&body)).await?;
         let first = v.get("results").and_then(|r| r.get(0)).cloned();
         match first {
             Some(p) => Ok(Some(

@@ -124,6 +124,18 @@ async fn link_names(
     Ok(())
 }
 
+/// Store the page right after it was created, before anything else can
+/// fail: a redelivery then finds it here and never creates another.
+pub async fn store_page(pool: &Pool, id: &str, page_id: &str, page_url: &str) -> Result<(), DbError> {
+    let conn = pool.get().await?;
+    conn.execute(
+        "UPDATE halakhot SET notion_page_id = $2, notion_page_url = $3, updated_at = now() WHERE id = $1",
+        &[&id, &page_id, &page_url],
+    )
+    .await?;
+    Ok(())
+}
+
 /// Note that a Notion create call is about to be made.
 pub async fn mark_attempt(pool: &Pool, id: &str) -> Result<(), DbError> {
     let conn = pool.get().await?;

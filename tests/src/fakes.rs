@@ -270,7 +270,19 @@ fn notion_error(status: u16, code: &str, message: &str) -> ResponseTemplate {
         .set_body_json(json!({"object": "error", "status": status, "code": code, "message": message}))
 }
 
-/// Checks shared by every Notion route.
+/// Authentication and version, as every Notion route checks them.
+fn notion_checks_headers(request: &Request) -> Result<(), Box<ResponseTemplate>> {
+    let auth = request.headers.get("authorization").and_then(|v| v.to_str().ok());
+    if auth != Some(&format!("Bearer {NOTION_TOKEN}")) {
+        return Err(Box::new(notion_error(401, "unauthorized", "API token is invalid.")));
+    }
+    if request.headers.get("notion-version").is_none() {
+        return Err(Box::new(notion_error(400, "missing_version", "Notion-Version header failed validation.")));
+    }
+    Ok(())
+}
+
+/// Checks shared by every Notion route with a body.
 fn notion_checks(request: &Request) -> Result<Value, Box<ResponseTemplate>> {
     let auth = request.headers.get("authorization").and_then(|v| v.to_str().ok());
     if auth != Some(&format!("Bearer {NOTION_TOKEN}")) {
@@ -309,78 +321,198 @@ fn rich_text_within_limits(v: &Value) -> Result<(), String> {
     }
 }
 
-/// The fake `POST /v1/pages`.
-pub struct CreatePage {
-    pub creates: Arc<AtomicUsize>,
+/// A page the fake Notion holds.
+#[derive(Debug, Clone)]
+pub struct FakePage {
+    pub id: String,
+    pub url: String,
+    pub halakha_id: String,
+    pub properties: Value,
+    pub children: Vec<Value>,
 }
 
-impl Respond for CreatePage {
+impl FakePage {
+    /// The text of every paragraph block, one line per block.
+    pub fn body_text(&self) -> Vec<String> {
+        self.children
+            .iter()
+            .filter(|b| b["type"] == "paragraph")
+            .map(|b| {
+                b["paragraph"]["rich_text"]
+                    .as_array()
+                    .map(|items| items.iter().filter_map(|i| i["text"]["content"].as_str()).collect::<String>())
+                    .unwrap_or_default()
+            })
+            .collect()
+    }
+}
+
+/// What the fake Notion holds and saw.
+#[derive(Debug, Default)]
+pub struct NotionState {
+    pub pages: std::sync::Mutex<Vec<FakePage>>,
+    pub creates: Arc<AtomicUsize>,
+    pub rejected_400: AtomicUsize,
+    pub rate_limited: AtomicUsize,
+    /// Requests allowed per wall-clock second (None: no limit).
+    pub per_second: Option<u32>,
+    window: std::sync::Mutex<(u64, u32)>,
+    /// Hold the answer of the next create this long (the page is made
+    /// first): lets a test kill publish between the create and its store.
+    pub hang_next_create: std::sync::Mutex<Option<std::time::Duration>>,
+}
+
+impl NotionState {
+    pub fn pages_for(&self, halakha_id: &str) -> Vec<FakePage> {
+        self.pages
+            .lock()
+            .map(|p| p.iter().filter(|p| p.halakha_id == halakha_id).cloned().collect())
+            .unwrap_or_default()
+    }
+}
+
+/// The fake Notion API: pages, database and data-source queries, block
+/// children (append and list), with the documented limits.
+pub struct NotionFake {
+    pub state: Arc<NotionState>,
+}
+
+fn reject(state: &NotionState, message: &str) -> ResponseTemplate {
+    state.rejected_400.fetch_add(1, Ordering::SeqCst);
+    notion_error(400, "validation_error", message)
+}
+
+fn halakha_id_of(properties: &Value) -> String {
+    properties["Halakha ID"]["rich_text"]
+        .as_array()
+        .map(|items| items.iter().filter_map(|i| i["text"]["content"].as_str()).collect())
+        .unwrap_or_default()
+}
+
+fn page_json(p: &FakePage) -> Value {
+    json!({"object": "page", "id": p.id, "url": p.url, "archived": false, "properties": p.properties})
+}
+
+impl Respond for NotionFake {
     fn respond(&self, request: &Request) -> ResponseTemplate {
-        let body = match notion_checks(request) {
-            Ok(b) => b,
-            Err(r) => return *r,
-        };
-        if body["parent"]["database_id"] != NOTION_DATABASE {
-            return notion_error(404, "object_not_found", "Could not find database with that ID.");
-        }
-        if body["children"].as_array().map(Vec::len).unwrap_or(0) > 100 {
-            return notion_error(400, "validation_error", "body.children.length should be ≤ `100`.");
-        }
-        if let Err(e) = rich_text_within_limits(&body) {
-            return notion_error(400, "validation_error", &e);
-        }
-        for prop in ["question", "text_post", "legend", "content", "date_post", "status", "Halakha ID"] {
-            if body["properties"].get(prop).is_none() {
-                return notion_error(400, "validation_error", &format!("{prop} is required by this fake database"));
+        let state = &self.state;
+        if let Some(limit) = state.per_second {
+            let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_secs();
+            let mut w = state.window.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            if w.0 != now {
+                *w = (now, 0);
+            }
+            w.1 += 1;
+            if w.1 > limit {
+                state.rate_limited.fetch_add(1, Ordering::SeqCst);
+                return notion_error(429, "rate_limited", "You have been rate limited. Please try again in a few minutes.")
+                    .insert_header("retry-after", "1");
             }
         }
-        let n = self.creates.fetch_add(1, Ordering::SeqCst) + 1;
-        let id = format!("1a2b3c4d-0000-4000-8000-{n:012x}");
-        ResponseTemplate::new(200).set_body_json(json!({
-            "object": "page",
-            "id": id,
-            "created_time": "2026-11-24T06:00:00.000Z",
-            "parent": {"type": "database_id", "database_id": NOTION_DATABASE},
-            "archived": false,
-            "properties": body["properties"],
-            "url": format!("https://www.notion.so/{}", id.replace('-', "")),
-        }))
+        let path = request.url.path().to_owned();
+        let is_get = request.method.as_str() == "GET";
+        let body = if is_get {
+            if let Err(r) = notion_checks_headers(request) {
+                return *r;
+            }
+            Value::Null
+        } else {
+            match notion_checks(request) {
+                Ok(b) => b,
+                Err(r) => return *r,
+            }
+        };
+        if let Err(e) = rich_text_within_limits(&body) {
+            return reject(state, &e);
+        }
+        if body["children"].as_array().map(Vec::len).unwrap_or(0) > 100 {
+            return reject(state, "body.children.length should be ≤ `100`.");
+        }
+        let segments: Vec<&str> = path.trim_start_matches('/').split('/').collect();
+        match (request.method.as_str(), segments.as_slice()) {
+            ("POST", ["v1", "pages"]) => {
+                let parent_ok = body["parent"]["database_id"] == NOTION_DATABASE || body["parent"]["data_source_id"] == NOTION_DATABASE;
+                if !parent_ok {
+                    return notion_error(404, "object_not_found", "Could not find database with that ID.");
+                }
+                for prop in ["question", "text_post", "legend", "content", "date_post", "status", "Halakha ID"] {
+                    if body["properties"].get(prop).is_none() {
+                        return reject(state, &format!("{prop} is required by this fake database"));
+                    }
+                }
+                let n = state.creates.fetch_add(1, Ordering::SeqCst) + 1;
+                let id = format!("1a2b3c4d-0000-4000-8000-{n:012x}");
+                let page = FakePage {
+                    url: format!("https://www.notion.so/{}", id.replace('-', "")),
+                    id,
+                    halakha_id: halakha_id_of(&body["properties"]),
+                    properties: body["properties"].clone(),
+                    children: body["children"].as_array().cloned().unwrap_or_default(),
+                };
+                let answer = ResponseTemplate::new(200).set_body_json(page_json(&page));
+                if let Ok(mut pages) = state.pages.lock() {
+                    pages.push(page);
+                }
+                match state.hang_next_create.lock().ok().and_then(|mut h| h.take()) {
+                    Some(delay) => answer.set_delay(delay),
+                    None => answer,
+                }
+            }
+            ("POST", ["v1", "databases" | "data_sources", _, "query"]) => {
+                let wanted = body["filter"]["rich_text"]["equals"].as_str().unwrap_or_default().to_owned();
+                let results: Vec<Value> = state.pages_for(&wanted).iter().map(page_json).collect();
+                ResponseTemplate::new(200).set_body_json(json!({"object": "list", "results": results, "next_cursor": null, "has_more": false}))
+            }
+            ("PATCH", ["v1", "blocks", id, "children"]) => {
+                let Ok(mut pages) = state.pages.lock() else { return notion_error(500, "internal_server_error", "") };
+                let Some(page) = pages.iter_mut().find(|p| p.id == *id) else {
+                    return notion_error(404, "object_not_found", "Could not find block with that ID.");
+                };
+                page.children.extend(body["children"].as_array().cloned().unwrap_or_default());
+                ResponseTemplate::new(200).set_body_json(json!({"object": "list", "results": [], "has_more": false}))
+            }
+            ("GET", ["v1", "blocks", id, "children"]) => {
+                let start: usize = request
+                    .url
+                    .query_pairs()
+                    .find(|(k, _)| k == "start_cursor")
+                    .and_then(|(_, v)| v.parse().ok())
+                    .unwrap_or(0);
+                let pages = state.pages.lock().map(|p| p.clone()).unwrap_or_default();
+                let Some(page) = pages.iter().find(|p| p.id == *id) else {
+                    return notion_error(404, "object_not_found", "Could not find block with that ID.");
+                };
+                let slice: Vec<Value> = page.children.iter().skip(start).take(100).cloned().collect();
+                let more = start + slice.len() < page.children.len();
+                let next = more.then(|| (start + slice.len()).to_string());
+                ResponseTemplate::new(200).set_body_json(json!({"object": "list", "results": slice, "has_more": more, "next_cursor": next}))
+            }
+            _ => notion_error(400, "invalid_request_url", "Invalid request URL."),
+        }
     }
 }
 
-/// The fake `POST /v1/databases/{id}/query` (nothing is ever found: the
-/// pipeline must not need it on a first attempt).
-pub struct QueryDatabase;
-
-impl Respond for QueryDatabase {
-    fn respond(&self, request: &Request) -> ResponseTemplate {
-        if let Err(r) = notion_checks(request) {
-            return *r;
-        }
-        ResponseTemplate::new(200)
-            .set_body_json(json!({"object": "list", "results": [], "next_cursor": null, "has_more": false}))
-    }
+/// Serve the fake Notion on `server` with a rate limit (None: none).
+pub async fn mount_notion_with(server: &MockServer, per_second: Option<u32>) -> Arc<NotionState> {
+    let state = Arc::new(NotionState { per_second, ..NotionState::default() });
+    Mock::given(path_regex(r"^/v1/.*")).respond_with(NotionFake { state: state.clone() }).mount(server).await;
+    state
 }
 
 /// Serve the fake Notion routes on `server`; returns the count of pages created.
 pub async fn mount_notion(server: &MockServer) -> Arc<AtomicUsize> {
-    let creates = Arc::new(AtomicUsize::new(0));
-    Mock::given(method("POST"))
-        .and(path("/v1/pages"))
-        .respond_with(CreatePage { creates: creates.clone() })
-        .mount(server)
-        .await;
-    Mock::given(method("POST"))
-        .and(path_regex(r"^/v1/databases/[^/]+/query$"))
-        .respond_with(QueryDatabase)
-        .mount(server)
-        .await;
-    creates
+    mount_notion_with(server, None).await.creates.clone()
 }
 
 /// A fake Notion server; returns it and the count of pages created.
 pub async fn notion() -> (MockServer, Arc<AtomicUsize>) {
+    let (server, state) = notion_with(None).await;
+    (server, state.creates.clone())
+}
+
+/// A fake Notion server with its state, limited to `per_second` requests.
+pub async fn notion_with(per_second: Option<u32>) -> (MockServer, Arc<NotionState>) {
     let server = MockServer::start().await;
-    let creates = mount_notion(&server).await;
-    (server, creates)
+    let state = mount_notion_with(&server, per_second).await;
+    (server, state)
 }

@@ -265,6 +265,8 @@ pub struct Spec<'a> {
     pub ingest_vars: &'a [(&'a str, &'a str)],
     pub enrich_vars: &'a [(&'a str, &'a str)],
     pub publish_vars: &'a [(&'a str, &'a str)],
+    /// Requests per second the fake Notion allows (None: no limit).
+    pub notion_rate: Option<u32>,
 }
 
 impl Default for Spec<'_> {
@@ -276,6 +278,7 @@ impl Default for Spec<'_> {
             ingest_vars: &[],
             enrich_vars: &[],
             publish_vars: &[],
+            notion_rate: None,
         }
     }
 }
@@ -289,6 +292,7 @@ pub struct Pipeline {
     pub chaos: std::sync::Arc<fakes::ChaosCounts>,
     pub creates: std::sync::Arc<std::sync::atomic::AtomicUsize>,
     pub notion: Option<wiremock::MockServer>,
+    pub notion_state: Option<std::sync::Arc<fakes::NotionState>>,
     pub openai: wiremock::MockServer,
     stages: Vec<Running>,
 }
@@ -297,20 +301,26 @@ impl Pipeline {
     pub async fn start(spec: Spec<'_>) -> Self {
         let env = TestEnv::new().await;
         let (openai, completions, chaos) = fakes::openai_counted(spec.model).await;
-        let (notion, creates) = if spec.notion && spec.publish {
-            let (server, creates) = fakes::notion().await;
-            (Some(server), creates)
+        let (notion, notion_state, creates) = if spec.notion && spec.publish {
+            let (server, state) = fakes::notion_with(spec.notion_rate).await;
+            let creates = state.creates.clone();
+            (Some(server), Some(state), creates)
         } else {
-            (None, Default::default())
+            (None, None, Default::default())
         };
         let ingest = spawn_ingest(&env, spec.ingest_vars).await;
         let base = format!("http://{}", ingest.http_addr.unwrap());
         let mut stages = vec![ingest, spawn_enrich(&env, &openai.uri(), spec.enrich_vars).await];
         if spec.publish {
             let url = notion.as_ref().map(|n| n.uri());
-            stages.push(spawn_publish(&env, url.as_deref(), spec.publish_vars).await);
+            // The fake answers at once: no need for Notion's 3 requests/s
+            // unless the test says so (its own vars come last and win).
+            let rate = if spec.notion_rate.is_some() { "3" } else { "100" };
+            let mut vars = vec![("NOTION_REQUESTS_PER_SECOND", rate)];
+            vars.extend_from_slice(spec.publish_vars);
+            stages.push(spawn_publish(&env, url.as_deref(), &vars).await);
         }
-        Self { env, base, http: reqwest::Client::new(), completions, chaos, creates, notion, openai, stages }
+        Self { env, base, http: reqwest::Client::new(), completions, chaos, creates, notion, notion_state, openai, stages }
     }
 
     /// `POST /v1/halakhot`, expecting 202; the answer.
@@ -334,6 +344,21 @@ impl Pipeline {
 
     pub fn completions(&self) -> usize {
         self.completions.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// Start another publish replica (after a kill), Notion as before.
+    pub async fn add_publish(&mut self, vars: &[(&str, &str)]) {
+        let url = self.notion.as_ref().map(|n| n.uri());
+        let stage = spawn_publish(&self.env, url.as_deref(), vars).await;
+        self.stages.push(stage);
+    }
+
+    /// Abort the stage at `index` (0 ingest, 1 enrich, 2 publish) as a
+    /// crash would: no drain, nothing acknowledged.
+    pub async fn kill(&mut self, index: usize) {
+        let stage = self.stages.remove(index);
+        stage.task.abort();
+        let _ = stage.task.await;
     }
 
     /// Start another enrich replica on the same consumer.
