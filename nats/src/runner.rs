@@ -35,7 +35,7 @@ use serde::de::DeserializeOwned;
 use time::OffsetDateTime;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
-use tokio_util::task::TaskTracker;
+use tokio::task::JoinSet;
 use tracing::Instrument;
 
 use crate::names::{Names, Route};
@@ -174,7 +174,10 @@ impl Runner {
     pub async fn run<H: Handler>(self, handler: Arc<H>, shutdown: CancellationToken) {
         let stage = self.route.name;
         let permits = Arc::new(Semaphore::new(self.config.concurrency));
-        let tracker = TaskTracker::new();
+        // A JoinSet, not a detached spawn: if this future is dropped (the
+        // process is killed, a test aborts the stage) every in-flight
+        // handler goes with it, as it would with the process.
+        let mut in_flight: JoinSet<()> = JoinSet::new();
         let shared = Arc::new(Shared {
             route: self.route.clone(),
             publisher: self.publisher.clone(),
@@ -242,7 +245,8 @@ impl Runner {
                             Some(permit) => {
                                 let shared = shared.clone();
                                 let handler = handler.clone();
-                                tracker.spawn(async move {
+                                while in_flight.try_join_next().is_some() {}
+                                in_flight.spawn(async move {
                                     process(&shared, handler.as_ref(), msg).await;
                                     drop(permit);
                                 });
@@ -259,12 +263,15 @@ impl Runner {
         }
 
         self.consuming.set(false);
-        tracker.close();
-        tracing::info!(stage, in_flight = tracker.len(), "Draining");
-        if tokio::time::timeout(self.config.drain_timeout, tracker.wait()).await.is_err() {
+        tracing::info!(stage, in_flight = in_flight.len(), "Draining");
+        let drained = tokio::time::timeout(self.config.drain_timeout, async {
+            while in_flight.join_next().await.is_some() {}
+        })
+        .await;
+        if drained.is_err() {
             tracing::warn!(
                 stage,
-                in_flight = tracker.len(),
+                in_flight = in_flight.len(),
                 "Drain timeout reached; unfinished messages will be redelivered"
             );
         } else {

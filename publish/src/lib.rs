@@ -10,8 +10,8 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use deadpool_postgres::Pool;
-use halakha_common::envelope::{Enriched, Published, SCHEMA_VERSION};
 use halakha_common::cache::{self, Cache};
+use halakha_common::envelope::{Enriched, Published, SCHEMA_VERSION};
 use halakha_common::{StageError, db, metrics as m};
 use halakha_nats::Stage;
 use halakha_nats::runner::{Delivery, Handler};
@@ -80,7 +80,12 @@ impl PublishHandler {
     /// create, before the store); else the page is created and its id
     /// stored at once. Blocks beyond the first 100 are appended, resuming
     /// after the ones a page already has.
-    async fn page(&self, notion: &notion::Notion, input: &Enriched, state: store::NotionState) -> Result<notion::Page, StageError> {
+    async fn page(
+        &self,
+        notion: &notion::Notion,
+        input: &Enriched,
+        state: store::NotionState,
+    ) -> Result<notion::Page, StageError> {
         let blocks = notion::blocks(input);
         let (page, complete_up_to) = match state.page_id {
             Some(id) => (notion::Page { id, url: state.page_url.unwrap_or_default() }, None),
@@ -93,7 +98,9 @@ impl PublishHandler {
                     (found, None)
                 }
                 None => {
-                    store::mark_attempt(&self.pool, &input.id).await.map_err(|e| db_error("record the Notion attempt", e))?;
+                    store::mark_attempt(&self.pool, &input.id)
+                        .await
+                        .map_err(|e| db_error("record the Notion attempt", e))?;
                     let created = notion.create(input, &blocks).await?;
                     store::store_page(&self.pool, &input.id, &created.id, &created.url)
                         .await

@@ -111,7 +111,10 @@ pub fn properties(config: &NotionConfig, m: &Enriched) -> Value {
     props.insert(p.status.clone(), json!({"status": {"name": config.status}}));
     props.insert(p.halakha_id.clone(), json!({"rich_text": [{"type": "text", "text": {"content": m.id}}]}));
     if let Some(url) = &m.halakha.image_url {
-        props.insert(p.image.clone(), json!({"files": [{"name": "image", "type": "external", "external": {"url": url}}]}));
+        props.insert(
+            p.image.clone(),
+            json!({"files": [{"name": "image", "type": "external", "external": {"url": url}}]}),
+        );
     }
     Value::Object(props)
 }
@@ -178,7 +181,8 @@ pub struct Notion {
 
 impl Notion {
     pub fn new(config: NotionConfig, rate: RateLimit) -> Result<Self, reqwest::Error> {
-        let http = reqwest::Client::builder().timeout(config.timeout).connect_timeout(Duration::from_secs(10)).build()?;
+        let http =
+            reqwest::Client::builder().timeout(config.timeout).connect_timeout(Duration::from_secs(10)).build()?;
         Ok(Self { http, config, rate })
     }
 
@@ -195,7 +199,8 @@ impl Notion {
         let resp = match result {
             Ok(r) => r,
             Err(e) => {
-                metrics::counter!(m::NOTION_REQUESTS_TOTAL, "operation" => operation, "outcome" => "transient").increment(1);
+                metrics::counter!(m::NOTION_REQUESTS_TOTAL, "operation" => operation, "outcome" => "transient")
+                    .increment(1);
                 let what = if e.is_timeout() { "timed out" } else { "failed" };
                 return Err(StageError::transient(format!("the Notion {operation} request {what}")).with_source(e));
             }
@@ -203,10 +208,9 @@ impl Notion {
         let status = resp.status();
         if status.is_success() {
             metrics::counter!(m::NOTION_REQUESTS_TOTAL, "operation" => operation, "outcome" => "ok").increment(1);
-            return resp
-                .json()
-                .await
-                .map_err(|e| StageError::transient(format!("the Notion {operation} answer could not be read")).with_source(e));
+            return resp.json().await.map_err(|e| {
+                StageError::transient(format!("the Notion {operation} answer could not be read")).with_source(e)
+            });
         }
         let retry_after = resp.headers().get("retry-after").and_then(|v| v.to_str().ok()).and_then(parse_retry_after);
         let err = error_for(operation, status, retry_after, &resp.text().await.unwrap_or_default());
@@ -231,7 +235,8 @@ impl Notion {
     pub async fn append(&self, page_id: &str, children: &[Value]) -> Result<(), StageError> {
         for chunk in children.chunks(MAX_ITEMS) {
             let path = format!("/v1/blocks/{page_id}/children");
-            self.send("append_blocks", self.request(reqwest::Method::PATCH, &path).json(&json!({"children": chunk}))).await?;
+            self.send("append_blocks", self.request(reqwest::Method::PATCH, &path).json(&json!({"children": chunk})))
+                .await?;
         }
         Ok(())
     }

@@ -405,8 +405,12 @@ impl Respond for NotionFake {
             w.1 += 1;
             if w.1 > limit {
                 state.rate_limited.fetch_add(1, Ordering::SeqCst);
-                return notion_error(429, "rate_limited", "You have been rate limited. Please try again in a few minutes.")
-                    .insert_header("retry-after", "1");
+                return notion_error(
+                    429,
+                    "rate_limited",
+                    "You have been rate limited. Please try again in a few minutes.",
+                )
+                .insert_header("retry-after", "1");
             }
         }
         let path = request.url.path().to_owned();
@@ -431,7 +435,8 @@ impl Respond for NotionFake {
         let segments: Vec<&str> = path.trim_start_matches('/').split('/').collect();
         match (request.method.as_str(), segments.as_slice()) {
             ("POST", ["v1", "pages"]) => {
-                let parent_ok = body["parent"]["database_id"] == NOTION_DATABASE || body["parent"]["data_source_id"] == NOTION_DATABASE;
+                let parent_ok = body["parent"]["database_id"] == NOTION_DATABASE
+                    || body["parent"]["data_source_id"] == NOTION_DATABASE;
                 if !parent_ok {
                     return notion_error(404, "object_not_found", "Could not find database with that ID.");
                 }
@@ -461,7 +466,9 @@ impl Respond for NotionFake {
             ("POST", ["v1", "databases" | "data_sources", _, "query"]) => {
                 let wanted = body["filter"]["rich_text"]["equals"].as_str().unwrap_or_default().to_owned();
                 let results: Vec<Value> = state.pages_for(&wanted).iter().map(page_json).collect();
-                ResponseTemplate::new(200).set_body_json(json!({"object": "list", "results": results, "next_cursor": null, "has_more": false}))
+                ResponseTemplate::new(200).set_body_json(
+                    json!({"object": "list", "results": results, "next_cursor": null, "has_more": false}),
+                )
             }
             ("PATCH", ["v1", "blocks", id, "children"]) => {
                 let Ok(mut pages) = state.pages.lock() else { return notion_error(500, "internal_server_error", "") };
@@ -485,7 +492,8 @@ impl Respond for NotionFake {
                 let slice: Vec<Value> = page.children.iter().skip(start).take(100).cloned().collect();
                 let more = start + slice.len() < page.children.len();
                 let next = more.then(|| (start + slice.len()).to_string());
-                ResponseTemplate::new(200).set_body_json(json!({"object": "list", "results": slice, "has_more": more, "next_cursor": next}))
+                ResponseTemplate::new(200)
+                    .set_body_json(json!({"object": "list", "results": slice, "has_more": more, "next_cursor": next}))
             }
             _ => notion_error(400, "invalid_request_url", "Invalid request URL."),
         }

@@ -72,6 +72,15 @@ static COUNTER: AtomicU64 = AtomicU64::new(0);
 
 impl TestEnv {
     pub async fn new() -> Self {
+        // TEST_LOG=debug (a tracing filter) shows the stages' logs.
+        if let Ok(filter) = std::env::var("TEST_LOG") {
+            let c = halakha_common::config::TelemetryConfig {
+                metrics_addr: "127.0.0.1:0".parse().unwrap(),
+                log_format: halakha_common::config::LogFormat::Human,
+                log_filter: filter,
+            };
+            halakha_common::telemetry::init_tracing(&c);
+        }
         let nanos = SystemTime::now().duration_since(UNIX_EPOCH).unwrap().subsec_nanos();
         let unique = format!("t{}_{}_{}", std::process::id(), COUNTER.fetch_add(1, Ordering::Relaxed), nanos);
         let ns: Namespace = unique.parse().unwrap();
@@ -320,7 +329,18 @@ impl Pipeline {
             vars.extend_from_slice(spec.publish_vars);
             stages.push(spawn_publish(&env, url.as_deref(), &vars).await);
         }
-        Self { env, base, http: reqwest::Client::new(), completions, chaos, creates, notion, notion_state, openai, stages }
+        Self {
+            env,
+            base,
+            http: reqwest::Client::new(),
+            completions,
+            chaos,
+            creates,
+            notion,
+            notion_state,
+            openai,
+            stages,
+        }
     }
 
     /// `POST /v1/halakhot`, expecting 202; the answer.

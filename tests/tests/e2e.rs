@@ -8,6 +8,8 @@
 mod api;
 #[path = "e2e/enrich.rs"]
 mod enrich;
+#[path = "e2e/publish.rs"]
+mod publish;
 
 use std::collections::BTreeSet;
 use std::time::{Duration, Instant};

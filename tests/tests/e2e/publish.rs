@@ -1,0 +1,136 @@
+//! The sinks: one row and one whole Notion page per halakha, within
+//! Notion's limits, whatever crashes and redeliveries happen.
+
+use std::time::Duration;
+
+use halakha_common::envelope::Published;
+use halakha_tests::{API_KEY, Pipeline, S, Spec, corpus};
+use serde_json::{Value, json};
+
+/// The paragraph texts of a page's blocks after the divider (the text).
+fn text_blocks(children: &[Value]) -> Vec<String> {
+    let divider = children.iter().position(|b| b["type"] == "divider").expect("a divider");
+    children[divider + 1..]
+        .iter()
+        .map(|b| {
+            b["paragraph"]["rich_text"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|i| i["text"]["content"].as_str().unwrap())
+                .collect::<String>()
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_twenty_longest_texts_each_become_exactly_one_whole_page_within_notions_limits() {
+    let p = Pipeline::start(Spec { notion_rate: Some(3), ..Spec::default() }).await;
+    let mut items = corpus();
+    items.sort_by_key(|i| std::cmp::Reverse(i.text.chars().count()));
+    let items: Vec<_> = items.into_iter().take(20).collect();
+    assert!(items.iter().filter(|i| i.text.chars().count() > 4000).count() >= 5);
+    assert!(items.iter().any(|i| i.lang == "he" && i.text.chars().count() > 20_000));
+    let body: Vec<Value> = items.iter().map(|i| json!({"content": i.text, "idempotency_key": i.id})).collect();
+    let resp =
+        p.http.post(format!("{}/v1/halakhot/batch", p.base)).bearer_auth(API_KEY).json(&body).send().await.unwrap();
+    let results: Value = resp.json().await.unwrap();
+    let ids: Vec<String> =
+        results["results"].as_array().unwrap().iter().map(|r| r["id"].as_str().unwrap().to_owned()).collect();
+
+    let published: Vec<Published> = p.env.collect(S::Published, 20, Duration::from_secs(120)).await;
+    assert_eq!(published.len(), 20);
+    let notion = p.notion_state.as_ref().unwrap();
+    for (item, id) in items.iter().zip(&ids) {
+        let pages = notion.pages_for(id);
+        assert_eq!(pages.len(), 1, "{}: exactly one page", item.id);
+        let expected: Vec<String> = halakha_common::text::normalize(&item.text)
+            .lines()
+            .filter(|l| !l.trim().is_empty())
+            .map(String::from)
+            .collect();
+        assert_eq!(text_blocks(&pages[0].children), expected, "{}: the whole text, not a character lost", item.id);
+    }
+    let longest = notion.pages_for(&ids[0]);
+    assert!(longest[0].children.len() > 100, "the longest text needed appended blocks");
+    assert_eq!(notion.rejected_400.load(std::sync::atomic::Ordering::SeqCst), 0, "never a 400 from Notion");
+    eprintln!("rate-limited answers: {}", notion.rate_limited.load(std::sync::atomic::Ordering::SeqCst));
+    p.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killing_publish_between_the_notion_create_and_its_store_leaves_exactly_one_page() {
+    let ack = [("ACK_WAIT_SECS", "5")];
+    let mut p = Pipeline::start(Spec { publish_vars: &ack, ..Spec::default() }).await;
+    let notion = p.notion_state.clone().unwrap();
+    // The next page is made, but its answer never reaches publish in time.
+    *notion.hang_next_create.lock().unwrap() = Some(Duration::from_secs(60));
+    let item = corpus().into_iter().find(|i| i.lang == "he" && i.text.chars().count() > 500).unwrap();
+    let id = p.submit(json!({"content": item.text})).await["id"].as_str().unwrap().to_owned();
+
+    // Wait for the page to exist in Notion (the fake's own record).
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while notion.pages_for(&id).is_empty() {
+        assert!(tokio::time::Instant::now() < deadline, "no page was created");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    p.kill(2).await;
+    let db = p.env.db().await;
+    let stored: Option<String> =
+        db.query_one("SELECT notion_page_id FROM halakhot WHERE id = $1", &[&id]).await.unwrap().get(0);
+    assert_eq!(stored, None, "killed before the page id was stored");
+
+    // A new publish gets the message again after ack_wait, finds the page
+    // by its Halakha ID, and reuses it.
+    p.add_publish(&[("ACK_WAIT_SECS", "5"), ("NOTION_REQUESTS_PER_SECOND", "100")]).await;
+    let published: Vec<Published> = p.env.collect(S::Published, 1, Duration::from_secs(60)).await;
+    let pages = notion.pages_for(&id);
+    assert_eq!(pages.len(), 1, "exactly one page for the id");
+    assert_eq!(p.creates(), 1);
+    assert_eq!(published[0].notion_page_url.as_deref(), Some(pages[0].url.as_str()));
+    let row = db.query_one("SELECT notion_page_id, status FROM halakhot WHERE id = $1", &[&id]).await.unwrap();
+    assert_eq!(row.get::<_, Option<String>>(0).as_deref(), Some(pages[0].id.as_str()));
+    assert_eq!(row.get::<_, String>(1), "published");
+    p.stop().await;
+}
+
+/// What a redelivery must not change: the row, its links, the row count.
+async fn snapshot(db: &tokio_postgres::Client, id: &str) -> String {
+    db.query_one(
+        "SELECT concat_ws('|', title, question, notion_page_id, notion_page_url, published_at::text, status,
+                (SELECT count(*) FROM halakha_tags WHERE halakha_id = $1)::text,
+                (SELECT count(*) FROM halakhot)::text)
+           FROM halakhot WHERE id = $1",
+        &[&id],
+    )
+    .await
+    .unwrap()
+    .get(0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redelivered_enriched_message_changes_nothing() {
+    let p = Pipeline::start(Spec::default()).await;
+    let item = corpus().into_iter().find(|i| i.lang == "fr").unwrap();
+    let id = p.submit(json!({"content": item.text})).await["id"].as_str().unwrap().to_owned();
+    let first: Vec<Published> = p.env.collect(S::Published, 1, Duration::from_secs(30)).await;
+    let db = p.env.db().await;
+    let before = snapshot(&db, &id).await;
+
+    // The enriched message again, as a redelivery past the broker's
+    // de-duplication window would bring it.
+    let stream = p.env.js.get_stream(p.env.names.stream(S::Enriched)).await.unwrap();
+    let raw = stream.get_raw_message(1).await.unwrap();
+    let mut headers = async_nats::HeaderMap::new();
+    headers.insert("Nats-Msg-Id", "redelivered-1");
+    p.env.js.publish_with_headers(raw.subject.to_string(), headers, raw.payload).await.unwrap().await.unwrap();
+    let events: Vec<Published> = p.env.collect(S::Published, 2, Duration::from_secs(30)).await;
+
+    assert_eq!(snapshot(&db, &id).await, before, "the same row");
+    assert_eq!(p.creates(), 1, "no second page");
+    let distinct: std::collections::BTreeSet<&str> = events.iter().map(|e| e.id.as_str()).collect();
+    assert_eq!(distinct.len(), 1, "a consumer de-duplicating on id counts one publication");
+    assert_eq!(events[1].notion_page_url, first[0].notion_page_url);
+    assert_eq!(events[1].status, "published");
+    p.stop().await;
+}
