@@ -282,6 +282,10 @@ pub struct DatabaseConfig {
     pub url: SecretString,
     pub timeout: Duration,
     pub pool_size: usize,
+    /// CA certificates (PEM) to verify the server with (`DATABASE_CA_FILE`).
+    pub ca_file: Option<std::path::PathBuf>,
+    /// Apply migrations at start (`DATABASE_MIGRATE_ON_START`).
+    pub migrate_on_start: bool,
 }
 
 impl DatabaseConfig {
@@ -294,10 +298,18 @@ impl DatabaseConfig {
                 r.error("DATABASE_URL", "must be a postgres:// or postgresql:// URL");
             }
         }
+        let ca_file = r.raw("DATABASE_CA_FILE").map(std::path::PathBuf::from);
+        if let Some(f) = &ca_file
+            && !f.is_file()
+        {
+            r.error("DATABASE_CA_FILE", "must be a readable PEM file");
+        }
         Self {
             url,
             timeout: r.seconds("DATABASE_TIMEOUT_SECS", 30, 10..=60),
             pool_size: r.ranged("DATABASE_POOL_SIZE", 8, 1..=100),
+            ca_file,
+            migrate_on_start: r.parse_or("DATABASE_MIGRATE_ON_START", true),
         }
     }
 }

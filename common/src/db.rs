@@ -1,9 +1,14 @@
 //! Postgres access shared by the stages that write to the database:
 //! the connection pool and the embedded, append-only migrations.
 
+use std::sync::Arc;
+
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::pki_types::{CertificateDer, ServerName, UnixTime, pem::PemObject};
+use rustls::{DigitallySignedStruct, SignatureScheme};
 use secrecy::ExposeSecret;
-use tokio_postgres::NoTls;
+use tokio_postgres_rustls::MakeRustlsConnect;
 
 use crate::config::DatabaseConfig;
 
@@ -24,16 +29,144 @@ pub enum DbError {
     Postgres(#[from] tokio_postgres::Error),
     #[error("migration failed")]
     Migration(#[from] refinery::Error),
+    #[error("could not set up TLS to Postgres: {0}")]
+    Tls(String),
+}
+
+/// How the connection is protected, as the URL's `sslmode` asks (libpq's
+/// meaning): `disable` none; `prefer` (the default) and `require` encrypt
+/// without checking the server's certificate; `verify-ca` and
+/// `verify-full` check it, against `DATABASE_CA_FILE` when set, else the
+/// system's roots. A `DATABASE_CA_FILE` makes every TLS mode verify.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TlsMode {
+    Off,
+    Encrypt,
+    Verify,
+}
+
+/// The URL tokio-postgres understands (it knows `disable`, `prefer` and
+/// `require`) and the TLS mode asked for.
+pub fn tls_mode(url: &str) -> (String, TlsMode) {
+    let Some((base, query)) = url.split_once('?') else { return (url.to_owned(), TlsMode::Encrypt) };
+    let mut mode = TlsMode::Encrypt;
+    let params: Vec<String> = query
+        .split('&')
+        .map(|kv| match kv.split_once('=') {
+            Some(("sslmode", "verify-ca" | "verify-full")) => {
+                mode = TlsMode::Verify;
+                "sslmode=require".to_owned()
+            }
+            Some(("sslmode", "disable")) => {
+                mode = TlsMode::Off;
+                kv.to_owned()
+            }
+            _ => kv.to_owned(),
+        })
+        .collect();
+    (format!("{base}?{}", params.join("&")), mode)
+}
+
+/// Accepts any server certificate but still checks the handshake
+/// signatures: libpq's `sslmode=require` (encrypted, not authenticated).
+#[derive(Debug)]
+struct EncryptOnly(Arc<rustls::crypto::CryptoProvider>);
+
+impl ServerCertVerifier for EncryptOnly {
+    fn verify_server_cert(
+        &self,
+        _end_entity: &CertificateDer<'_>,
+        _intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        _ocsp: &[u8],
+        _now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        Ok(ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.0.signature_verification_algorithms)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.0.signature_verification_algorithms)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.0.signature_verification_algorithms.supported_schemes()
+    }
+}
+
+fn tls_connector(mode: TlsMode, ca_file: Option<&std::path::Path>) -> Result<MakeRustlsConnect, DbError> {
+    crate::install_crypto_provider();
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let builder = rustls::ClientConfig::builder_with_provider(provider.clone())
+        .with_safe_default_protocol_versions()
+        .map_err(|e| DbError::Tls(e.to_string()))?;
+    let config = match (mode, ca_file) {
+        (_, Some(path)) => {
+            let mut roots = rustls::RootCertStore::empty();
+            let certs = CertificateDer::pem_file_iter(path)
+                .map_err(|e| DbError::Tls(format!("DATABASE_CA_FILE cannot be read: {e}")))?;
+            for cert in certs {
+                let cert = cert.map_err(|e| DbError::Tls(format!("DATABASE_CA_FILE is not PEM: {e}")))?;
+                roots.add(cert).map_err(|e| DbError::Tls(format!("DATABASE_CA_FILE holds a bad certificate: {e}")))?;
+            }
+            builder.with_root_certificates(roots).with_no_client_auth()
+        }
+        (TlsMode::Verify, None) => {
+            let verifier =
+                rustls_platform_verifier::Verifier::new(provider).map_err(|e| DbError::Tls(e.to_string()))?;
+            builder.dangerous().with_custom_certificate_verifier(Arc::new(verifier)).with_no_client_auth()
+        }
+        _ => {
+            builder.dangerous().with_custom_certificate_verifier(Arc::new(EncryptOnly(provider))).with_no_client_auth()
+        }
+    };
+    Ok(MakeRustlsConnect::new(config))
+}
+
+/// True for a transaction-mode pooler: Supabase's port 6543, or a URL
+/// marked `pgbouncer=true` (the convention Supabase's URLs use). Every
+/// statement of the stages is unnamed, so they work there unchanged.
+pub fn behind_transaction_pooler(url: &str) -> bool {
+    let authority = url.split("://").nth(1).unwrap_or("").split(['/', '?']).next().unwrap_or("");
+    let port = authority.rsplit_once(':').map(|(_, p)| p).unwrap_or("");
+    port == "6543" || url.contains("pgbouncer=true")
+}
+
+fn without_param(url: &str, name: &str) -> String {
+    let Some((base, query)) = url.split_once('?') else { return url.to_owned() };
+    let kept: Vec<&str> = query.split('&').filter(|kv| kv.split('=').next() != Some(name)).collect();
+    if kept.is_empty() { base.to_owned() } else { format!("{base}?{}", kept.join("&")) }
 }
 
 /// Build a pool; connections are opened lazily, each bounded by the
 /// configured timeout (connect, wait for a slot, and every statement).
 pub fn pool(config: &DatabaseConfig) -> Result<Pool, DbError> {
-    let mut pg: tokio_postgres::Config = config.url.expose_secret().parse().map_err(DbError::InvalidUrl)?;
+    let (url, mode) = tls_mode(config.url.expose_secret());
+    let pooler = behind_transaction_pooler(&url);
+    let url = without_param(&url, "pgbouncer");
+    let mut pg: tokio_postgres::Config = url.parse().map_err(DbError::InvalidUrl)?;
+    let tls = tls_connector(mode, config.ca_file.as_deref())?;
     pg.connect_timeout(config.timeout);
-    let ms = config.timeout.as_millis();
-    pg.options(format!("-c statement_timeout={ms}"));
-    let manager = Manager::from_config(pg, NoTls, ManagerConfig { recycling_method: RecyclingMethod::Fast });
+    if !pooler {
+        // Poolers refuse startup options; there the pool's own timeouts
+        // (wait, create, recycle) bound the work instead.
+        let ms = config.timeout.as_millis();
+        pg.options(format!("-c statement_timeout={ms}"));
+    }
+    let manager = Manager::from_config(pg, tls, ManagerConfig { recycling_method: RecyclingMethod::Fast });
     Ok(Pool::builder(manager)
         .max_size(config.pool_size)
         .runtime(Runtime::Tokio1)
@@ -45,7 +178,10 @@ pub fn pool(config: &DatabaseConfig) -> Result<Pool, DbError> {
 
 /// Apply the embedded migrations. Several replicas may start at once: a
 /// session advisory lock makes them take turns, and refinery skips what is
-/// already applied.
+/// already applied. This needs one session: run it over a direct or
+/// session-mode connection, not a transaction-mode pooler (set
+/// `DATABASE_MIGRATE_ON_START=false` there and run `halakha db migrate`
+/// with the direct URL).
 pub async fn migrate(pool: &Pool) -> Result<(), DbError> {
     const LOCK: &str = "SELECT pg_advisory_lock(hashtext('halakha_migrations'))";
     const UNLOCK: &str = "SELECT pg_advisory_unlock(hashtext('halakha_migrations'))";
@@ -56,4 +192,29 @@ pub async fn migrate(pool: &Pool) -> Result<(), DbError> {
     conn.batch_execute(UNLOCK).await?;
     result?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sslmode_maps_to_what_tokio_postgres_reads_and_a_tls_mode() {
+        assert_eq!(tls_mode("postgres://h/db").1, TlsMode::Encrypt);
+        assert_eq!(tls_mode("postgres://h/db?sslmode=disable").1, TlsMode::Off);
+        assert_eq!(tls_mode("postgres://h/db?sslmode=require").1, TlsMode::Encrypt);
+        let (url, mode) = tls_mode("postgres://h/db?application_name=x&sslmode=verify-full");
+        assert_eq!((url.as_str(), mode), ("postgres://h/db?application_name=x&sslmode=require", TlsMode::Verify));
+    }
+
+    #[test]
+    fn a_transaction_pooler_is_recognised_by_port_or_marker() {
+        assert!(behind_transaction_pooler("postgres://u:p@aws-0-eu.pooler.supabase.com:6543/postgres"));
+        assert!(behind_transaction_pooler("postgres://u@h:5432/db?pgbouncer=true&sslmode=require"));
+        assert!(!behind_transaction_pooler("postgres://u:6543@h:5432/db"));
+        assert_eq!(
+            without_param("postgres://h/db?pgbouncer=true&sslmode=require", "pgbouncer"),
+            "postgres://h/db?sslmode=require"
+        );
+    }
 }

@@ -67,7 +67,9 @@ pub struct App {
 impl App {
     pub async fn build(config: Config) -> Result<Self, StartError> {
         let pool = db::pool(&config.database)?;
-        db::migrate(&pool).await?;
+        if config.database.migrate_on_start {
+            db::migrate(&pool).await?;
+        }
         let stage = Prepared::new(Stage::Ingest, &config.stage).await?;
         let status = stage.bind_extra(stage.names.status_route(), "status_consumer").await?;
         let status_handler = Arc::new(service::StatusHandler { pool: pool.clone() });

@@ -4,6 +4,11 @@ use deadpool_postgres::Pool;
 use halakha_common::db::DbError;
 use halakha_common::envelope::Ingested;
 use serde::Serialize;
+use tokio_postgres::types::Type;
+
+// Every statement here is unnamed (`query_typed`): it works through a
+// transaction-mode pooler (Supabase port 6543, PgBouncer), which cannot
+// keep named prepared statements between transactions.
 
 /// Result of recording a submission.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -21,28 +26,29 @@ pub enum Claim {
 pub async fn claim(pool: &Pool, m: &Ingested) -> Result<Claim, DbError> {
     let conn = pool.get().await?;
     let h = &m.halakha;
+    let lang = h.lang.map(|l| l.as_str());
     let inserted = conn
-        .query_opt(
+        .query_typed_opt(
             "INSERT INTO halakhot (id, status, content, source, lang, schedule_days, received_at, date_post, image_url)
              VALUES ($1, 'accepted', $2, $3, $4, $5, $6, $7, $8)
              ON CONFLICT (id) DO NOTHING
              RETURNING id",
             &[
-                &m.id,
-                &h.content,
-                &h.source,
-                &h.lang.map(|l| l.as_str()),
-                &i32::from(h.schedule_days),
-                &h.received_at,
-                &h.date_post(),
-                &h.image_url,
+                (&m.id, Type::TEXT),
+                (&h.content, Type::TEXT),
+                (&h.source, Type::TEXT),
+                (&lang, Type::TEXT),
+                (&i32::from(h.schedule_days), Type::INT4),
+                (&h.received_at, Type::TIMESTAMPTZ),
+                (&h.date_post(), Type::DATE),
+                (&h.image_url, Type::TEXT),
             ],
         )
         .await?;
     if inserted.is_some() {
         return Ok(Claim::New);
     }
-    let row = conn.query_opt("SELECT status FROM halakhot WHERE id = $1", &[&m.id]).await?;
+    let row = conn.query_typed_opt("SELECT status FROM halakhot WHERE id = $1", &[(&m.id, Type::TEXT)]).await?;
     let status: String = row.map(|r| r.get(0)).unwrap_or_else(|| "accepted".into());
     Ok(if status == "accepted" { Claim::Pending } else { Claim::Done { status } })
 }
@@ -53,10 +59,10 @@ pub async fn claim(pool: &Pool, m: &Ingested) -> Result<Claim, DbError> {
 pub async fn mark_failed(pool: &Pool, id: &str, error: &str, failed_at: time::OffsetDateTime) -> Result<u64, DbError> {
     let conn = pool.get().await?;
     Ok(conn
-        .execute(
+        .execute_typed(
             "UPDATE halakhot SET status = 'failed', error = $2, updated_at = now()
              WHERE id = $1 AND status <> 'published' AND updated_at <= $3",
-            &[&id, &error, &failed_at],
+            &[(&id, Type::TEXT), (&error, Type::TEXT), (&failed_at, Type::TIMESTAMPTZ)],
         )
         .await?)
 }
@@ -77,8 +83,12 @@ pub struct StatusView {
 
 pub async fn status(pool: &Pool, id: &str) -> Result<Option<StatusView>, DbError> {
     let conn = pool.get().await?;
-    let row =
-        conn.query_opt("SELECT id, status, title, notion_page_url, error FROM halakhot WHERE id = $1", &[&id]).await?;
+    let row = conn
+        .query_typed_opt(
+            "SELECT id, status, title, notion_page_url, error FROM halakhot WHERE id = $1",
+            &[(&id, Type::TEXT)],
+        )
+        .await?;
     Ok(row.map(|r| StatusView {
         id: r.get(0),
         status: r.get(1),

@@ -34,8 +34,8 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 use time::OffsetDateTime;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
-use tokio_util::sync::CancellationToken;
 use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
 use crate::names::{Names, Route};
@@ -264,10 +264,9 @@ impl Runner {
 
         self.consuming.set(false);
         tracing::info!(stage, in_flight = in_flight.len(), "Draining");
-        let drained = tokio::time::timeout(self.config.drain_timeout, async {
-            while in_flight.join_next().await.is_some() {}
-        })
-        .await;
+        let drained =
+            tokio::time::timeout(self.config.drain_timeout, async { while in_flight.join_next().await.is_some() {} })
+                .await;
         if drained.is_err() {
             tracing::warn!(
                 stage,

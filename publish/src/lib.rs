@@ -145,7 +145,9 @@ impl App {
             }
         };
         let pool = db::pool(&config.database)?;
-        db::migrate(&pool).await?;
+        if config.database.migrate_on_start {
+            db::migrate(&pool).await?;
+        }
         let stage = Prepared::new(Stage::Publish, &config.stage).await?;
         Ok(Self { stage, handler: Arc::new(PublishHandler { pool, notion }) })
     }

@@ -4,6 +4,11 @@
 use deadpool_postgres::Pool;
 use halakha_common::db::DbError;
 use halakha_common::envelope::Enriched;
+use tokio_postgres::types::Type;
+
+// Every statement here is unnamed (`query_typed`, `execute_typed`): it
+// works through a transaction-mode pooler (Supabase port 6543, PgBouncer),
+// which cannot keep named prepared statements between transactions.
 
 /// What the row says about the Notion page.
 #[derive(Debug, Clone, Default)]
@@ -23,8 +28,9 @@ pub async fn upsert(pool: &Pool, m: &Enriched) -> Result<NotionState, DbError> {
     let h = &m.halakha;
     let e = &m.enrichment;
     let to_i32 = |v: u32| i32::try_from(v).unwrap_or(i32::MAX);
+    let lang = h.lang.map(|l| l.as_str());
     let row = tx
-        .query_one(
+        .query_typed_one(
             "INSERT INTO halakhot (id, status, content, source, lang, schedule_days, received_at, date_post,
                  title, question, answer, difficulty_level, text_post, legend, language,
                  model, prompt_version, schema_version, prompt_tokens, completion_tokens, total_tokens, image_url)
@@ -42,27 +48,27 @@ pub async fn upsert(pool: &Pool, m: &Enriched) -> Result<NotionState, DbError> {
                  error = NULL, updated_at = now()
              RETURNING notion_page_id, notion_page_url, notion_attempted_at IS NOT NULL",
             &[
-                &m.id,
-                &h.content,
-                &h.source,
-                &h.lang.map(|l| l.as_str()),
-                &i32::from(h.schedule_days),
-                &h.received_at,
-                &h.date_post(),
-                &e.title,
-                &e.question,
-                &e.answer,
-                &i16::from(e.difficulty_level),
-                &e.text_post,
-                &e.legend,
-                &e.language.as_str(),
-                &m.model,
-                &m.prompt_version,
-                &i32::try_from(m.schema_version).unwrap_or(i32::MAX),
-                &to_i32(m.usage.prompt_tokens),
-                &to_i32(m.usage.completion_tokens),
-                &to_i32(m.usage.total_tokens),
-                &h.image_url,
+                (&m.id, Type::TEXT),
+                (&h.content, Type::TEXT),
+                (&h.source, Type::TEXT),
+                (&lang, Type::TEXT),
+                (&i32::from(h.schedule_days), Type::INT4),
+                (&h.received_at, Type::TIMESTAMPTZ),
+                (&h.date_post(), Type::DATE),
+                (&e.title, Type::TEXT),
+                (&e.question, Type::TEXT),
+                (&e.answer, Type::TEXT),
+                (&i16::from(e.difficulty_level), Type::INT2),
+                (&e.text_post, Type::TEXT),
+                (&e.legend, Type::TEXT),
+                (&e.language.as_str(), Type::TEXT),
+                (&m.model, Type::TEXT),
+                (&m.prompt_version, Type::TEXT),
+                (&i32::try_from(m.schema_version).unwrap_or(i32::MAX), Type::INT4),
+                (&to_i32(m.usage.prompt_tokens), Type::INT4),
+                (&to_i32(m.usage.completion_tokens), Type::INT4),
+                (&to_i32(m.usage.total_tokens), Type::INT4),
+                (&h.image_url, Type::TEXT),
             ],
         )
         .await?;
@@ -70,24 +76,24 @@ pub async fn upsert(pool: &Pool, m: &Enriched) -> Result<NotionState, DbError> {
     link_names(&tx, "themes", "halakha_themes", "theme_id", &m.id, &e.themes).await?;
     let names: Vec<&str> = e.sources.iter().map(|s| s.name.trim()).collect();
     let refs: Vec<&str> = e.sources.iter().map(|s| s.reference.as_deref().unwrap_or("").trim()).collect();
-    tx.execute(
+    tx.execute_typed(
         "INSERT INTO sources (name, reference)
          SELECT DISTINCT n, r FROM unnest($1::text[], $2::text[]) AS u(n, r) WHERE n <> ''
          ON CONFLICT (name, reference) DO NOTHING",
-        &[&names, &refs],
+        &[(&names, Type::TEXT_ARRAY), (&refs, Type::TEXT_ARRAY)],
     )
     .await?;
-    tx.execute(
+    tx.execute_typed(
         "DELETE FROM halakha_sources WHERE halakha_id = $3 AND source_id NOT IN (
              SELECT s.id FROM sources s JOIN unnest($1::text[], $2::text[]) AS u(n, r) ON s.name = u.n AND s.reference = u.r)",
-        &[&names, &refs, &m.id],
+        &[(&names, Type::TEXT_ARRAY), (&refs, Type::TEXT_ARRAY), (&m.id, Type::TEXT)],
     )
     .await?;
-    tx.execute(
+    tx.execute_typed(
         "INSERT INTO halakha_sources (halakha_id, source_id)
          SELECT DISTINCT $3, s.id FROM sources s JOIN unnest($1::text[], $2::text[]) AS u(n, r) ON s.name = u.n AND s.reference = u.r
          ON CONFLICT DO NOTHING",
-        &[&names, &refs, &m.id],
+        &[(&names, Type::TEXT_ARRAY), (&refs, Type::TEXT_ARRAY), (&m.id, Type::TEXT)],
     )
     .await?;
     tx.commit().await?;
@@ -104,21 +110,21 @@ async fn link_names(
     values: &[String],
 ) -> Result<(), DbError> {
     let values: Vec<&str> = values.iter().map(|v| v.trim()).filter(|v| !v.is_empty()).collect();
-    tx.execute(
+    tx.execute_typed(
         &format!("INSERT INTO {table} (name) SELECT DISTINCT unnest($1::text[]) ON CONFLICT (name) DO NOTHING"),
-        &[&values],
+        &[(&values, Type::TEXT_ARRAY)],
     )
     .await?;
-    tx.execute(
+    tx.execute_typed(
         &format!(
             "DELETE FROM {link} WHERE halakha_id = $2 AND {column} NOT IN (SELECT id FROM {table} WHERE name = ANY($1))"
         ),
-        &[&values, &id],
+        &[(&values, Type::TEXT_ARRAY), (&id, Type::TEXT)],
     )
     .await?;
-    tx.execute(
+    tx.execute_typed(
         &format!("INSERT INTO {link} (halakha_id, {column}) SELECT $2, id FROM {table} WHERE name = ANY($1) ON CONFLICT DO NOTHING"),
-        &[&values, &id],
+        &[(&values, Type::TEXT_ARRAY), (&id, Type::TEXT)],
     )
     .await?;
     Ok(())
@@ -128,9 +134,9 @@ async fn link_names(
 /// fail: a redelivery then finds it here and never creates another.
 pub async fn store_page(pool: &Pool, id: &str, page_id: &str, page_url: &str) -> Result<(), DbError> {
     let conn = pool.get().await?;
-    conn.execute(
+    conn.execute_typed(
         "UPDATE halakhot SET notion_page_id = $2, notion_page_url = $3, updated_at = now() WHERE id = $1",
-        &[&id, &page_id, &page_url],
+        &[(&id, Type::TEXT), (&page_id, Type::TEXT), (&page_url, Type::TEXT)],
     )
     .await?;
     Ok(())
@@ -139,7 +145,7 @@ pub async fn store_page(pool: &Pool, id: &str, page_id: &str, page_url: &str) ->
 /// Note that a Notion create call is about to be made.
 pub async fn mark_attempt(pool: &Pool, id: &str) -> Result<(), DbError> {
     let conn = pool.get().await?;
-    conn.execute("UPDATE halakhot SET notion_attempted_at = now() WHERE id = $1", &[&id]).await?;
+    conn.execute_typed("UPDATE halakhot SET notion_attempted_at = now() WHERE id = $1", &[(&id, Type::TEXT)]).await?;
     Ok(())
 }
 
@@ -151,12 +157,12 @@ pub async fn mark_published(
     page_url: Option<&str>,
 ) -> Result<(), DbError> {
     let conn = pool.get().await?;
-    conn.execute(
+    conn.execute_typed(
         "UPDATE halakhot SET status = 'published', notion_page_id = COALESCE($2, notion_page_id),
              notion_page_url = COALESCE($3, notion_page_url), published_at = COALESCE(published_at, now()),
              error = NULL, updated_at = now()
          WHERE id = $1",
-        &[&id, &page_id, &page_url],
+        &[(&id, Type::TEXT), (&page_id, Type::TEXT), (&page_url, Type::TEXT)],
     )
     .await?;
     Ok(())

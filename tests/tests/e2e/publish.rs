@@ -134,3 +134,111 @@ async fn a_redelivered_enriched_message_changes_nothing() {
     assert_eq!(events[1].status, "published");
     p.stop().await;
 }
+
+fn database(url: String, ca_file: Option<&str>) -> halakha_common::config::DatabaseConfig {
+    halakha_common::config::DatabaseConfig {
+        url: url.into(),
+        timeout: Duration::from_secs(10),
+        pool_size: 1,
+        ca_file: ca_file.map(std::path::PathBuf::from),
+        migrate_on_start: true,
+    }
+}
+
+async fn scalar(conn: &tokio_postgres::Client, sql: &str) -> String {
+    // The simple protocol: this check itself prepares no statement.
+    let rows = conn.simple_query(sql).await.unwrap();
+    rows.iter()
+        .find_map(|m| match m {
+            tokio_postgres::SimpleQueryMessage::Row(r) => r.get(0).map(String::from),
+            _ => None,
+        })
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_database_is_reached_over_tls_when_the_url_asks_for_it_and_verification_is_real() {
+    let env = halakha_tests::TestEnv::new().await;
+    let pool = halakha_common::db::pool(&database(format!("{}?sslmode=require", env.database_url), None)).unwrap();
+    halakha_common::db::migrate(&pool).await.unwrap();
+    let conn = pool.get().await.unwrap();
+    assert_eq!(scalar(&conn, "SELECT ssl::text FROM pg_stat_ssl WHERE pid = pg_backend_pid()").await, "true");
+    drop(conn);
+
+    let plain = halakha_common::db::pool(&database(format!("{}?sslmode=disable", env.database_url), None)).unwrap();
+    let conn = plain.get().await.unwrap();
+    assert_eq!(scalar(&conn, "SELECT ssl::text FROM pg_stat_ssl WHERE pid = pg_backend_pid()").await, "false");
+    drop(conn);
+
+    // verify-full checks the certificate: the local server's self-signed
+    // "snakeoil" certificate names the host, not 127.0.0.1, so it fails.
+    let snakeoil = "/etc/ssl/certs/ssl-cert-snakeoil.pem";
+    assert!(std::path::Path::new(snakeoil).is_file(), "Debian's postgresql ships this certificate");
+    let strict =
+        halakha_common::db::pool(&database(format!("{}?sslmode=verify-full", env.database_url), Some(snakeoil)))
+            .unwrap();
+    let err = strict.get().await.err().expect("the certificate does not name 127.0.0.1");
+    let chain = halakha_ingest::error_chain(&err);
+    assert!(chain.to_lowercase().contains("certificate"), "{chain}");
+    env.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_statement_of_the_stages_is_unnamed_so_a_transaction_pooler_works() {
+    let env = halakha_tests::TestEnv::new().await;
+    let pool = halakha_common::db::pool(&database(env.database_url.clone(), None)).unwrap();
+    halakha_common::db::migrate(&pool).await.unwrap();
+    let count = "SELECT count(*)::text FROM pg_prepared_statements";
+
+    // The check sees a named statement when there is one...
+    {
+        let conn = pool.get().await.unwrap();
+        let named = conn.prepare("SELECT 1").await.unwrap();
+        assert_eq!(scalar(&conn, count).await, "1");
+        drop(named);
+    }
+    // ...and the stages' statements leave none (one connection: pool of 1).
+    let fresh = halakha_common::db::pool(&database(env.database_url.clone(), None)).unwrap();
+    let item = corpus().into_iter().find(|i| i.lang == "he").unwrap();
+    let submission = halakha_common::Submission {
+        schema_version: 1,
+        content: item.text.clone(),
+        schedule_days: Some(1),
+        lang: None,
+        source: Some(item.source.clone()),
+        idempotency_key: None,
+        image_url: None,
+    };
+    let ingested = halakha_ingest::validate::validate(submission, 100_000, 0, time::OffsetDateTime::now_utc()).unwrap();
+    assert_eq!(halakha_ingest::store::claim(&fresh, &ingested).await.unwrap(), halakha_ingest::store::Claim::New);
+    let enriched = halakha_common::Enriched {
+        schema_version: 1,
+        id: ingested.id.clone(),
+        halakha: ingested.halakha.clone(),
+        enrichment: halakha_common::Enrichment {
+            title: "t".into(),
+            question: "q".into(),
+            answer: "a".into(),
+            tags: vec!["שבת".into()],
+            themes: vec!["prayer".into()],
+            sources: vec![halakha_common::SourceRef { name: "Shulchan Arukh".into(), reference: None }],
+            difficulty_level: 2,
+            text_post: "p".into(),
+            legend: "l".into(),
+            language: halakha_common::Lang::He,
+        },
+        model: "m".into(),
+        prompt_version: "v".into(),
+        usage: halakha_common::Usage::default(),
+    };
+    halakha_publish::store::upsert(&fresh, &enriched).await.unwrap();
+    halakha_publish::store::store_page(&fresh, &enriched.id, "page", "https://www.notion.so/page").await.unwrap();
+    halakha_publish::store::mark_published(&fresh, &enriched.id, Some("page"), None).await.unwrap();
+    halakha_ingest::store::mark_failed(&fresh, &enriched.id, "x", time::OffsetDateTime::now_utc()).await.unwrap();
+    let view = halakha_ingest::store::status(&fresh, &enriched.id).await.unwrap().unwrap();
+    assert_eq!(view.status, "published");
+    let conn = fresh.get().await.unwrap();
+    assert_eq!(scalar(&conn, count).await, "0", "no named prepared statement was left on the connection");
+    drop(conn);
+    env.cleanup().await;
+}
