@@ -177,7 +177,7 @@ async fn the_database_is_reached_over_tls_when_the_url_asks_for_it_and_verificat
     let strict =
         halakha_common::db::pool(&database(format!("{}?sslmode=verify-full", env.database_url), Some(snakeoil)))
             .unwrap();
-    let err = strict.get().await.err().expect("the certificate does not name 127.0.0.1");
+    let Err(err) = strict.get().await else { panic!("the certificate does not name 127.0.0.1") };
     let chain = halakha_ingest::error_chain(&err);
     assert!(chain.to_lowercase().contains("certificate"), "{chain}");
     env.cleanup().await;
