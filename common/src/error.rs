@@ -98,6 +98,18 @@ impl StageError {
     }
 }
 
+/// An error and its causes on one line: `outer: cause: root cause`.
+pub fn chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cause = c.source();
+    }
+    s
+}
+
 /// Map an HTTP status code of an outside API to an error kind, following
 /// the delivery rules: 408, 409, 429 and 5xx (529 included) are transient,
 /// every other 4xx is permanent. Returns `None` for success codes.

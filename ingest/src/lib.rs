@@ -41,17 +41,7 @@ pub enum StartError {
     Subscribe(#[from] async_nats::SubscribeError),
 }
 
-/// An error and its causes on one line.
-pub fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut cause = e.source();
-    while let Some(c) = cause {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
-        cause = c.source();
-    }
-    s
-}
+pub use halakha_common::error::chain as error_chain;
 
 /// A started stage: bound, connected, not yet serving.
 pub struct App {

@@ -167,6 +167,17 @@ impl TestEnv {
         }
     }
 
+    /// Publish the stored message `seq` of `s`'s stream again under a fresh
+    /// `Nats-Msg-Id` (what an operator's replay does), so the broker's
+    /// de-duplication window does not drop it.
+    pub async fn republish(&self, s: Subject, seq: u64) {
+        let stream = self.js.get_stream(self.names.stream(s)).await.unwrap();
+        let raw = stream.get_raw_message(seq).await.unwrap();
+        let mut headers = async_nats::HeaderMap::new();
+        headers.insert("Nats-Msg-Id", format!("replay-{}-{seq}", self.names.stream(s)).as_str());
+        self.js.publish_with_headers(raw.subject.to_string(), headers, raw.payload).await.unwrap().await.unwrap();
+    }
+
     /// Wait until a durable consumer has nothing pending and nothing
     /// unacknowledged (the broker announces no such event: its state is
     /// read until it holds), or fail.

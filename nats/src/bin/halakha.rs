@@ -10,6 +10,7 @@ use std::time::Duration;
 use clap::{Parser, Subcommand};
 use halakha_common::config::{self, DatabaseConfig};
 use halakha_common::db;
+use halakha_common::error::chain;
 
 #[derive(Parser)]
 #[command(name = "halakha", version, about = "Operate the halakha pipeline")]
@@ -101,15 +102,4 @@ async fn health(url: &str, timeout: Duration) -> ExitCode {
             ExitCode::FAILURE
         }
     }
-}
-
-fn chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut cause = e.source();
-    while let Some(c) = cause {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
-        cause = c.source();
-    }
-    s
 }

@@ -67,28 +67,14 @@ async fn injected_instructions_stay_inside_the_data_block_and_their_output_is_no
 async fn replaying_a_hundred_enriched_messages_makes_no_api_call() {
     let concurrency = [("CONCURRENCY", "16")];
     let p = Pipeline::start(Spec { publish: false, enrich_vars: &concurrency, ..Spec::default() }).await;
-    let items: Vec<_> = corpus().into_iter().filter(|i| i.lang != "ru").take(100).collect();
-    let body: Vec<Value> = items.iter().map(|i| json!({"content": i.text, "idempotency_key": i.id})).collect();
-    let resp = p
-        .http
-        .post(format!("{}/v1/halakhot/batch", p.base))
-        .bearer_auth(halakha_tests::API_KEY)
-        .json(&body)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(resp.status(), 207);
+    submit_batch(&p, &corpus_texts(100)).await;
     let first: Vec<Enriched> = p.env.collect(S::Enriched, 100, Duration::from_secs(60)).await;
     assert_eq!(p.completions(), 100);
 
     // Replay: the stored ingested messages again, under fresh message ids
     // (what `halakha replay` does), so the broker does not drop them.
-    let stream = p.env.js.get_stream(p.env.names.stream(S::Ingested)).await.unwrap();
     for seq in 1..=100 {
-        let raw = stream.get_raw_message(seq).await.unwrap();
-        let mut headers = async_nats::HeaderMap::new();
-        headers.insert("Nats-Msg-Id", format!("replay-{seq}").as_str());
-        p.env.js.publish_with_headers(raw.subject.to_string(), headers, raw.payload).await.unwrap().await.unwrap();
+        p.env.republish(S::Ingested, seq).await;
     }
     let all: Vec<Enriched> = p.env.collect(S::Enriched, 200, Duration::from_secs(60)).await;
     assert_eq!(p.completions(), 100, "every replayed text came from the cache");

@@ -119,11 +119,7 @@ async fn a_redelivered_enriched_message_changes_nothing() {
 
     // The enriched message again, as a redelivery past the broker's
     // de-duplication window would bring it.
-    let stream = p.env.js.get_stream(p.env.names.stream(S::Enriched)).await.unwrap();
-    let raw = stream.get_raw_message(1).await.unwrap();
-    let mut headers = async_nats::HeaderMap::new();
-    headers.insert("Nats-Msg-Id", "redelivered-1");
-    p.env.js.publish_with_headers(raw.subject.to_string(), headers, raw.payload).await.unwrap().await.unwrap();
+    p.env.republish(S::Enriched, 1).await;
     let events: Vec<Published> = p.env.collect(S::Published, 2, Duration::from_secs(30)).await;
 
     assert_eq!(snapshot(&db, &id).await, before, "the same row");
