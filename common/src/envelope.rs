@@ -286,6 +286,11 @@ pub struct DeadLetter {
     pub payload: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub payload_base64: Option<String>,
+    /// Set when the payload was too large to keep whole in the entry (the
+    /// broker limits message size): its size in bytes. Only the start is
+    /// kept; the whole message stays at `stream`/`stream_seq`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub payload_truncated_from: Option<u64>,
 }
 
 impl Envelope for DeadLetter {
@@ -423,6 +428,7 @@ mod tests {
             headers: BTreeMap::from([("Nats-Msg-Id".into(), vec!["abc".into()])]),
             payload: Some("{}".into()),
             payload_base64: None,
+            payload_truncated_from: None,
         };
         snapshot(
             &m,

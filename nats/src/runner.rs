@@ -42,6 +42,10 @@ use crate::names::{Names, Route};
 use crate::publisher::Publisher;
 use crate::topology::{self, ConsumerOverrides, TopologyError};
 
+/// The most of an original payload a dead letter keeps: the entry (base64
+/// may grow it by a third) must stay under the broker's 1 MiB default.
+pub const MAX_KEPT_PAYLOAD: usize = 256 * 1024;
+
 /// Tuning of a stage's consumer loop, from the environment.
 #[derive(Debug, Clone)]
 pub struct RunnerConfig {
@@ -489,9 +493,21 @@ async fn dead_letter(
         .flat_map(|h| h.iter())
         .map(|(k, vs)| (k.to_string(), vs.iter().map(|v| v.as_str().to_owned()).collect()))
         .collect();
-    let (payload, payload_base64) = match std::str::from_utf8(&msg.payload) {
+    // The entry must fit in one broker message: a payload over the limit
+    // keeps only its start (the whole message stays in its stream).
+    let original = &msg.payload[..];
+    let (kept, truncated_from) = if original.len() > MAX_KEPT_PAYLOAD {
+        (&original[..MAX_KEPT_PAYLOAD], Some(original.len() as u64))
+    } else {
+        (original, None)
+    };
+    let (payload, payload_base64) = match std::str::from_utf8(kept) {
         Ok(s) => (Some(s.to_owned()), None),
-        Err(_) => (None, Some(base64::engine::general_purpose::STANDARD.encode(&msg.payload))),
+        Err(e) if truncated_from.is_some() && e.error_len().is_none() => {
+            // Cut inside a character: keep the text up to it.
+            (Some(String::from_utf8_lossy(&kept[..e.valid_up_to()]).into_owned()), None)
+        }
+        Err(_) => (None, Some(base64::engine::general_purpose::STANDARD.encode(kept))),
     };
     let entry = DeadLetter {
         schema_version: SCHEMA_VERSION,
@@ -507,6 +523,7 @@ async fn dead_letter(
         headers,
         payload,
         payload_base64,
+        payload_truncated_from: truncated_from,
     };
     let msg_id = format!("dlq:{}:{}", delivery.stream, delivery.stream_seq);
     shared.publisher.publish_json(&shared.route.dlq_subject, &msg_id, &entry).await?;

@@ -122,10 +122,26 @@ impl TestEnv {
     /// Wait until `n` messages are in the stream of `s` and return their
     /// payloads, or fail after `limit`.
     pub async fn collect<T: serde::de::DeserializeOwned>(&self, s: Subject, n: usize, limit: Duration) -> Vec<T> {
+        self.collect_filtered(s, self.names.subject(s), n, limit).await
+    }
+
+    /// Every stage's dead letters (`<ns>.dlq.>`), `n` of them.
+    pub async fn dead_letters(&self, n: usize, limit: Duration) -> Vec<halakha_common::DeadLetter> {
+        let dlq = Subject::DeadLetter(halakha_nats::Stage::Ingest);
+        self.collect_filtered(dlq, self.names.dlq_wildcard(), n, limit).await
+    }
+
+    async fn collect_filtered<T: serde::de::DeserializeOwned>(
+        &self,
+        s: Subject,
+        filter: String,
+        n: usize,
+        limit: Duration,
+    ) -> Vec<T> {
         let stream = self.js.get_stream(self.names.stream(s)).await.unwrap();
         let consumer = stream
             .create_consumer(jetstream::consumer::pull::OrderedConfig {
-                filter_subject: self.names.subject(s),
+                filter_subject: filter.clone(),
                 ..Default::default()
             })
             .await
@@ -139,7 +155,7 @@ impl TestEnv {
                 Ok(Some(Ok(m))) => out.push(serde_json::from_slice(&m.payload).unwrap()),
                 Ok(Some(Err(e))) => panic!("ordered consumer failed: {e}"),
                 Ok(None) => panic!("ordered consumer ended"),
-                Err(_) => panic!("only {} of {n} messages on {} after {limit:?}", out.len(), self.names.subject(s)),
+                Err(_) => panic!("only {} of {n} messages on {filter} after {limit:?}", out.len()),
             }
         }
         out

@@ -238,3 +238,45 @@ async fn every_statement_of_the_stages_is_unnamed_so_a_transaction_pooler_works(
     drop(conn);
     env.cleanup().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn poison_on_every_subject_is_dead_lettered_with_a_reason_and_nothing_goes_downstream() {
+    let p = Pipeline::start(Spec::default()).await;
+    let env = &p.env;
+    // Not UTF-8: a dead letter would keep it in base64, a third larger than
+    // the broker's 1 MiB limit, unless it keeps only the start.
+    let big = vec![0xff; 1_000_000];
+    let poison: Vec<(&str, Vec<u8>)> = vec![
+        ("not JSON", b"not json at all".to_vec()),
+        ("unknown schema_version", br#"{"schema_version": 7, "id": "x", "content": "x"}"#.to_vec()),
+        ("missing fields", br#"{"schema_version": 1}"#.to_vec()),
+        ("invalid UTF-8", vec![0x7b, 0x22, 0xff, 0xfe, 0x22, 0x7d]),
+        ("almost 1 MiB", big.clone()),
+    ];
+    for subject in [S::Submitted, S::Ingested, S::Enriched] {
+        for (_, payload) in &poison {
+            env.js.publish(env.names.subject(subject), payload.clone().into()).await.unwrap().await.unwrap();
+        }
+    }
+    // A message over the broker's limit never enters: refused with a reason.
+    let over = env.js.publish(env.names.subject(S::Submitted), vec![b'x'; 1_048_577].into()).await;
+    let refused = match over {
+        Err(e) => e.to_string(),
+        Ok(ack) => ack.await.err().map(|e| e.to_string()).unwrap_or_default(),
+    };
+    assert!(!refused.is_empty(), "a payload over max_payload is refused");
+
+    let dead = env.dead_letters(15, Duration::from_secs(60)).await;
+    for stage in ["ingest", "enrich", "publish"] {
+        let mine: Vec<_> = dead.iter().filter(|d| d.stage == stage).collect();
+        assert_eq!(mine.len(), 5, "{stage}: {mine:?}");
+        assert!(mine.iter().all(|d| !d.reason.is_empty() && d.error_kind == halakha_common::ErrorKind::Permanent));
+        let big_one = mine.iter().find(|d| d.payload_truncated_from.is_some()).expect("the big payload");
+        assert_eq!(big_one.payload_truncated_from, Some(1_000_000));
+        let kept = big_one.payload_base64.as_deref().unwrap().len();
+        assert!(kept <= halakha_nats::runner::MAX_KEPT_PAYLOAD * 4 / 3 + 4, "{kept}");
+    }
+    assert_eq!(env.stream_len(S::Published).await, 0);
+    assert_eq!(p.creates(), 0);
+    p.stop().await;
+}
