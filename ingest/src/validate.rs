@@ -208,3 +208,66 @@ mod tests {
         assert_eq!(validate(s, 100, 0, now()).expect_err("lang").field, "lang");
     }
 }
+
+#[cfg(test)]
+mod fuzz {
+    use super::*;
+    use crate::errors::parse_json;
+    use proptest::prelude::*;
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 512, ..ProptestConfig::default() })]
+
+        /// Any bytes: a submission, or a JSON error with a status and a code.
+        #[test]
+        fn any_body_is_accepted_or_rejected_with_a_reason(body in prop::collection::vec(any::<u8>(), 0..512)) {
+            match parse_json::<Submission>(&body) {
+                Ok(s) => {
+                    // ...and then validation decides, again without panicking.
+                    match validate(s, 1000, 3, OffsetDateTime::UNIX_EPOCH) {
+                        Ok(i) => prop_assert_eq!(i.id.len(), 32),
+                        Err(e) => prop_assert!(!e.message.is_empty() && !e.code.is_empty()),
+                    }
+                }
+                Err(e) => {
+                    prop_assert!(e.status.is_client_error());
+                    prop_assert!(!e.detail.code.is_empty() && !e.detail.message.is_empty());
+                }
+            }
+        }
+
+        /// Structured but hostile fields: never a panic, and an accepted
+        /// text is always within the limits.
+        #[test]
+        fn hostile_fields_are_validated_without_panic(
+            content in ".{0,300}",
+            days in any::<i64>(),
+            lang in prop::option::of(".{0,4}"),
+            key in prop::option::of(".{0,300}"),
+        ) {
+            let s = Submission {
+                schema_version: 1,
+                content,
+                schedule_days: Some(days),
+                lang,
+                source: None,
+                idempotency_key: key,
+                image_url: None,
+            };
+            if let Ok(i) = validate(s, 200, 0, OffsetDateTime::UNIX_EPOCH) {
+                prop_assert!(!i.halakha.content.is_empty() && i.halakha.content.chars().count() <= 200);
+                prop_assert!(i.halakha.schedule_days <= 365);
+                prop_assert!(!i.halakha.content.contains('\0'));
+            }
+        }
+
+        /// Every envelope decoder meets arbitrary bytes without panicking.
+        #[test]
+        fn envelope_decoding_never_panics(body in prop::collection::vec(any::<u8>(), 0..512)) {
+            let _ = serde_json::from_slice::<halakha_common::Ingested>(&body);
+            let _ = serde_json::from_slice::<halakha_common::Enriched>(&body);
+            let _ = serde_json::from_slice::<halakha_common::Published>(&body);
+            let _ = serde_json::from_slice::<halakha_common::DeadLetter>(&body);
+        }
+    }
+}
