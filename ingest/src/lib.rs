@@ -50,6 +50,8 @@ pub struct App {
     handler: Arc<service::SubmittedHandler>,
     status: Runner,
     status_handler: Arc<service::StatusHandler>,
+    advisories: Runner,
+    advisory_handler: Arc<halakha_nats::advisory::AdvisoryHandler>,
     events: (async_nats::Subscriber, async_nats::Subscriber),
     waiters: Arc<form::Waiters>,
 }
@@ -63,6 +65,12 @@ impl App {
         let stage = Prepared::new(Stage::Ingest, &config.stage).await?;
         let status = stage.bind_extra(stage.names.status_route(), "status_consumer").await?;
         let status_handler = Arc::new(service::StatusHandler { pool: pool.clone() });
+        let advisories = stage.bind_extra(stage.names.advisory_route(), "advisory_consumer").await?;
+        let advisory_handler = Arc::new(halakha_nats::advisory::AdvisoryHandler {
+            js: stage.js.clone(),
+            names: stage.names.clone(),
+            publisher: Publisher::new(stage.js.clone()),
+        });
 
         // The form route waits for these events: subscribe before serving.
         let client = stage.client();
@@ -108,6 +116,8 @@ impl App {
             handler: Arc::new(service::SubmittedHandler { ingestor }),
             status,
             status_handler,
+            advisories,
+            advisory_handler,
             events,
             waiters,
         })
@@ -129,10 +139,11 @@ impl App {
     /// fetching and finish what they hold, the API finishes open requests.
     pub async fn run(self, shutdown: CancellationToken) -> Result<(), StartError> {
         let status = Box::pin(self.status.run(self.status_handler, shutdown.clone()));
+        let advisories = Box::pin(self.advisories.run(self.advisory_handler, shutdown.clone()));
         let (published, dead) = self.events;
         let stop_listening = CancellationToken::new();
         let listener = tokio::spawn(form::listen(published, dead, self.waiters, stop_listening.clone()));
-        let result = self.stage.serve(self.handler, Some(self.api), vec![status], shutdown).await;
+        let result = self.stage.serve(self.handler, Some(self.api), vec![status, advisories], shutdown).await;
         stop_listening.cancel();
         let _ = listener.await;
         Ok(result?)

@@ -4,6 +4,7 @@
 //! Stage crates hold business logic only: they implement a [`runner::Handler`]
 //! and hand it to [`runner::Runner`].
 
+pub mod advisory;
 pub mod connect;
 pub mod names;
 pub mod publisher;

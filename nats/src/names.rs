@@ -120,6 +120,9 @@ pub struct Route {
 
 /// The consumer of `halakha-ingest` that marks dead-lettered items `failed`.
 pub const STATUS_CONSUMER: &str = "ingest-status";
+/// The consumer of `halakha-ingest` that turns max-deliveries advisories
+/// into dead letters.
+pub const ADVISORY_CONSUMER: &str = "ingest-advisories";
 
 /// Names derived from one namespace.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -156,7 +159,7 @@ impl Names {
 
     /// Every stream of the namespace.
     pub fn streams(&self) -> Vec<String> {
-        [
+        let mut all: Vec<String> = [
             Subject::Submitted,
             Subject::Ingested,
             Subject::Enriched,
@@ -165,7 +168,35 @@ impl Names {
         ]
         .into_iter()
         .map(|s| self.stream(s))
-        .collect()
+        .collect();
+        all.push(self.advisories_stream());
+        all
+    }
+
+    /// The stream keeping the max-deliveries advisories of the stages.
+    pub fn advisories_stream(&self) -> String {
+        format!("{}_ADVISORIES", self.stream_prefix())
+    }
+
+    /// The stage whose consumer is `consumer` on `stream`, if any.
+    pub fn stage_of(&self, stream: &str, consumer: &str) -> Option<Stage> {
+        Stage::ALL.into_iter().find(|s| {
+            let r = self.route(*s);
+            r.input_stream == stream && r.consumer == consumer
+        })
+    }
+
+    /// The loop of ingest that turns advisories into dead letters.
+    pub fn advisory_route(&self) -> Route {
+        Route {
+            name: ADVISORY_CONSUMER,
+            stage: Stage::Ingest,
+            input_subject: "$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES.>".into(),
+            input_stream: self.advisories_stream(),
+            consumer: ADVISORY_CONSUMER.to_owned(),
+            output_subject: None,
+            dlq_subject: self.subject(Subject::DeadLetter(Stage::Ingest)),
+        }
     }
 
     fn stream_prefix(&self) -> String {

@@ -479,23 +479,34 @@ async fn with_progress<F: Future>(work: F, msg: &jetstream::Message, period: Dur
     }
 }
 
-async fn dead_letter(
-    shared: &Shared,
-    msg: &jetstream::Message,
-    delivery: &Delivery,
-    id: Option<String>,
+/// Where the original message of a dead letter was.
+pub struct Origin<'a> {
+    pub subject: &'a str,
+    pub stream: &'a str,
+    pub stream_seq: u64,
+    pub headers: Option<&'a HeaderMap>,
+    pub payload: &'a [u8],
+}
+
+/// A dead-letter entry for `origin`: its headers, and its payload as text
+/// (base64 when not UTF-8). The entry must fit in one broker message, so a
+/// payload over [`MAX_KEPT_PAYLOAD`] keeps only its start (the whole
+/// message stays in its stream).
+pub fn dead_letter_entry(
+    stage: &str,
     kind: ErrorKind,
     reason: String,
-) -> Result<(), crate::PublishError> {
-    let headers: BTreeMap<String, Vec<String>> = msg
+    attempts: u64,
+    id: Option<String>,
+    origin: &Origin<'_>,
+) -> DeadLetter {
+    let headers: BTreeMap<String, Vec<String>> = origin
         .headers
         .iter()
         .flat_map(|h| h.iter())
         .map(|(k, vs)| (k.to_string(), vs.iter().map(|v| v.as_str().to_owned()).collect()))
         .collect();
-    // The entry must fit in one broker message: a payload over the limit
-    // keeps only its start (the whole message stays in its stream).
-    let original = &msg.payload[..];
+    let original = origin.payload;
     let (kept, truncated_from) = if original.len() > MAX_KEPT_PAYLOAD {
         (&original[..MAX_KEPT_PAYLOAD], Some(original.len() as u64))
     } else {
@@ -509,23 +520,48 @@ async fn dead_letter(
         }
         Err(_) => (None, Some(base64::engine::general_purpose::STANDARD.encode(kept))),
     };
-    let entry = DeadLetter {
+    DeadLetter {
         schema_version: SCHEMA_VERSION,
         id,
-        stage: shared.route.name.to_owned(),
+        stage: stage.to_owned(),
         error_kind: kind,
         reason,
-        attempts: u64::try_from(delivery.delivered).unwrap_or(0),
+        attempts,
         failed_at: OffsetDateTime::now_utc(),
-        subject: delivery.subject.clone(),
-        stream: delivery.stream.clone(),
-        stream_seq: delivery.stream_seq,
+        subject: origin.subject.to_owned(),
+        stream: origin.stream.to_owned(),
+        stream_seq: origin.stream_seq,
         headers,
         payload,
         payload_base64,
         payload_truncated_from: truncated_from,
+    }
+}
+
+/// The `Nats-Msg-Id` of a dead letter: one entry per stored message, whoever
+/// writes it (the runner at `max_deliver`, or the advisory loop).
+pub fn dead_letter_id(stream: &str, stream_seq: u64) -> String {
+    format!("dlq:{stream}:{stream_seq}")
+}
+
+async fn dead_letter(
+    shared: &Shared,
+    msg: &jetstream::Message,
+    delivery: &Delivery,
+    id: Option<String>,
+    kind: ErrorKind,
+    reason: String,
+) -> Result<(), crate::PublishError> {
+    let origin = Origin {
+        subject: &delivery.subject,
+        stream: &delivery.stream,
+        stream_seq: delivery.stream_seq,
+        headers: msg.headers.as_ref(),
+        payload: &msg.payload,
     };
-    let msg_id = format!("dlq:{}:{}", delivery.stream, delivery.stream_seq);
+    let attempts = u64::try_from(delivery.delivered).unwrap_or(0);
+    let entry = dead_letter_entry(shared.route.name, kind, reason, attempts, id, &origin);
+    let msg_id = dead_letter_id(&delivery.stream, delivery.stream_seq);
     shared.publisher.publish_json(&shared.route.dlq_subject, &msg_id, &entry).await?;
     Ok(())
 }

@@ -11,21 +11,23 @@ use std::time::Duration;
 use async_nats::jetstream::{self, consumer, stream};
 use serde_json::Value;
 
-use crate::names::{DEFAULT_NAMESPACE, Names, Route, STATUS_CONSUMER};
+use crate::names::{ADVISORY_CONSUMER, DEFAULT_NAMESPACE, Names, Route, STATUS_CONSUMER};
 
-const STREAM_FILES: [(&str, &str); 5] = [
+const STREAM_FILES: [(&str, &str); 6] = [
     ("HALAKHA_SUBMITTED", include_str!("../topology/streams/HALAKHA_SUBMITTED.json")),
     ("HALAKHA_INGESTED", include_str!("../topology/streams/HALAKHA_INGESTED.json")),
     ("HALAKHA_ENRICHED", include_str!("../topology/streams/HALAKHA_ENRICHED.json")),
     ("HALAKHA_PUBLISHED", include_str!("../topology/streams/HALAKHA_PUBLISHED.json")),
     ("HALAKHA_DLQ", include_str!("../topology/streams/HALAKHA_DLQ.json")),
+    ("HALAKHA_ADVISORIES", include_str!("../topology/streams/HALAKHA_ADVISORIES.json")),
 ];
 
-const CONSUMER_FILES: [(&str, &str); 4] = [
+const CONSUMER_FILES: [(&str, &str); 5] = [
     ("ingest", include_str!("../topology/consumers/HALAKHA_SUBMITTED.ingest.json")),
     ("enrich", include_str!("../topology/consumers/HALAKHA_INGESTED.enrich.json")),
     ("publish", include_str!("../topology/consumers/HALAKHA_ENRICHED.publish.json")),
     (STATUS_CONSUMER, include_str!("../topology/consumers/HALAKHA_DLQ.ingest-status.json")),
+    (ADVISORY_CONSUMER, include_str!("../topology/consumers/HALAKHA_ADVISORIES.ingest-advisories.json")),
 ];
 
 /// Why the topology could not be read or applied.
@@ -66,8 +68,12 @@ pub enum TopologyError {
     },
 }
 
-/// Rewrite a subject of the default namespace into `names`' namespace.
+/// Rewrite a subject of the default namespace into `names`' namespace
+/// (`halakha.x` and the stream-name tokens of advisory subjects).
 fn rewrite_subject(names: &Names, subject: &str) -> String {
+    if subject.starts_with("$JS.") {
+        return subject.split('.').map(|t| rewrite_stream(names, t)).collect::<Vec<_>>().join(".");
+    }
     match subject.strip_prefix(DEFAULT_NAMESPACE).filter(|r| r.starts_with('.')) {
         Some(rest) => format!("{}{rest}", names.namespace()),
         None => subject.to_owned(),
@@ -205,7 +211,7 @@ mod tests {
         assert_eq!(got, n.streams());
         assert_eq!(s[4].subjects, vec!["halakha.dlq.>"]);
         assert_eq!(s[0].duplicate_window, Duration::from_secs(120));
-        let routes = Stage::ALL.iter().map(|s| n.route(*s)).chain([n.status_route()]);
+        let routes = Stage::ALL.iter().map(|s| n.route(*s)).chain([n.status_route(), n.advisory_route()]);
         for route in routes {
             let c = consumer(&n, &route, &ConsumerOverrides::default()).expect("valid");
             assert_eq!(c.durable_name.as_deref(), Some(route.consumer.as_str()));
@@ -221,6 +227,8 @@ mod tests {
         assert_eq!(s[1].name, "T_42_INGESTED");
         assert_eq!(s[1].subjects, vec!["t_42.ingested"]);
         assert_eq!(s[4].subjects, vec!["t_42.dlq.>"]);
+        assert_eq!(s[5].name, "T_42_ADVISORIES");
+        assert_eq!(s[5].subjects[1], "$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES.T_42_INGESTED.enrich");
         let o = ConsumerOverrides { max_deliver: Some(2), ..Default::default() };
         let c = consumer(&n, &n.route(Stage::Publish), &o).expect("valid");
         assert_eq!(c.filter_subject, "t_42.enriched");

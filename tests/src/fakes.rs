@@ -33,6 +33,8 @@ pub enum Model {
     Chaos,
     /// The first call answers 429 `insufficient_quota`; later calls succeed.
     QuotaOnce,
+    /// Never answers in time: every call hangs for a minute.
+    Hang,
 }
 
 /// What the chaos fake did, by kind.
@@ -152,6 +154,9 @@ impl Respond for ChatCompletions {
             pwned["language"] = if language(&text) == "he" { "en".into() } else { "he".into() };
             return completion(&body, pwned.to_string());
         }
+        if matches!(self.model, Model::Hang) {
+            return completion(&body, enrichment(&text).to_string()).set_delay(std::time::Duration::from_secs(60));
+        }
         let call = self.calls.load(Ordering::SeqCst);
         if matches!(self.model, Model::QuotaOnce) && call == 1 {
             return openai_error(
@@ -198,7 +203,7 @@ impl Respond for ChatCompletions {
             }
         }
         let content = match self.model {
-            Model::Faithful | Model::Chaos | Model::QuotaOnce => enrichment(&text).to_string(),
+            Model::Faithful | Model::Chaos | Model::QuotaOnce | Model::Hang => enrichment(&text).to_string(),
             Model::MissingFieldOnce if is_repair(&body) => enrichment(&text).to_string(),
             Model::MissingFieldOnce => {
                 let mut v = enrichment(&text);

@@ -201,3 +201,33 @@ async fn with_redis_unreachable_enrichment_goes_on_without_the_cache_and_counts_
     assert!(errors >= 5, "cache failures are counted: {metrics}");
     p.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_message_the_broker_gives_up_on_after_a_crash_becomes_a_dead_letter_with_its_reason() {
+    // One delivery allowed; the worker takes it and dies mid-call.
+    let vars = [("MAX_DELIVER", "1"), ("ACK_WAIT_SECS", "5")];
+    let mut p =
+        Pipeline::start(Spec { model: Model::Hang, publish: false, enrich_vars: &vars, ..Spec::default() }).await;
+    let item = corpus().into_iter().find(|i| i.lang == "he").unwrap();
+    let id = p.submit(json!({"content": item.text})).await["id"].as_str().unwrap().to_owned();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while p.completions() == 0 {
+        assert!(tokio::time::Instant::now() < deadline, "enrich never called the model");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    p.kill(1).await;
+    // The worker comes back (a restarted pod). Its pulls make the broker
+    // look at the unacknowledged message after ack_wait: max_deliver is
+    // spent, so it stops and says so in an advisory, which ingest turns
+    // into a dead letter of the enrich stage.
+    p.add_enrich(&vars).await;
+    let dead = p.env.dead_letters(1, Duration::from_secs(60)).await;
+    let d = &dead[0];
+    assert_eq!((d.stage.as_str(), d.error_kind, d.attempts), ("enrich", ErrorKind::MaxDeliveries, 1));
+    assert_eq!(d.id.as_deref(), Some(id.as_str()));
+    assert!(d.reason.contains("broker stopped redelivering"), "{}", d.reason);
+    assert!(d.payload.as_deref().unwrap().contains(&id), "the original message is kept");
+    let v = p.env.wait_for_status(&p.base, &id, Duration::from_secs(30), |v| v["status"] == "failed").await;
+    assert!(v["error"].as_str().unwrap().contains("broker stopped redelivering"), "{v}");
+    p.stop().await;
+}
