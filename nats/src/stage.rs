@@ -129,7 +129,16 @@ impl Prepared {
         extra: Vec<BoxFuture<'static, ()>>,
         shutdown: CancellationToken,
     ) -> Result<(), StageStartError> {
-        let Self { runner, admin, client, .. } = self;
+        let Self { runner, admin, client, readiness, .. } = self;
+        // Not ready from the first moment of shutdown: load balancers and
+        // orchestrators stop sending work while the stage drains.
+        let running = readiness.register("running");
+        running.set(true);
+        let watch = shutdown.clone();
+        tokio::spawn(async move {
+            watch.cancelled().await;
+            running.set(false);
+        });
         let stage = runner.route().stage;
         tracing::info!(
             stage = %stage,
@@ -157,13 +166,20 @@ impl Prepared {
     }
 }
 
-/// A token cancelled on the first SIGINT or SIGTERM.
+/// A token cancelled on the first SIGINT or SIGTERM: the stage drains. A
+/// second signal exits at once (status 130), for an operator who will not
+/// wait for the drain.
 pub fn shutdown_on_signal() -> CancellationToken {
     let token = CancellationToken::new();
     let trigger = token.clone();
+    let mut signals = halakha_common::shutdown::Signals::new();
     tokio::spawn(async move {
-        halakha_common::shutdown::signal().await;
+        let first = signals.next().await;
+        tracing::info!(signal = first, "Shutdown requested; draining (a second signal exits at once)");
         trigger.cancel();
+        let second = signals.next().await;
+        tracing::warn!(signal = second, "Second signal: exiting now without finishing the drain");
+        std::process::exit(130);
     });
     token
 }
