@@ -35,6 +35,9 @@ pub enum Model {
     QuotaOnce,
     /// Never answers in time: every call hangs for a minute.
     Hang,
+    /// Faithful, but each answer takes 150 ms (work is in flight long
+    /// enough for a crash to land in the middle of it).
+    Slow,
 }
 
 /// What the chaos fake did, by kind.
@@ -154,6 +157,9 @@ impl Respond for ChatCompletions {
             pwned["language"] = if language(&text) == "he" { "en".into() } else { "he".into() };
             return completion(&body, pwned.to_string());
         }
+        if matches!(self.model, Model::Slow) {
+            return completion(&body, enrichment(&text).to_string()).set_delay(std::time::Duration::from_millis(150));
+        }
         if matches!(self.model, Model::Hang) {
             return completion(&body, enrichment(&text).to_string()).set_delay(std::time::Duration::from_secs(60));
         }
@@ -203,7 +209,9 @@ impl Respond for ChatCompletions {
             }
         }
         let content = match self.model {
-            Model::Faithful | Model::Chaos | Model::QuotaOnce | Model::Hang => enrichment(&text).to_string(),
+            Model::Faithful | Model::Chaos | Model::QuotaOnce | Model::Hang | Model::Slow => {
+                enrichment(&text).to_string()
+            }
             Model::MissingFieldOnce if is_repair(&body) => enrichment(&text).to_string(),
             Model::MissingFieldOnce => {
                 let mut v = enrichment(&text);

@@ -61,6 +61,7 @@ pub fn corpus() -> Vec<CorpusItem> {
 
 /// An isolated environment: its own namespace and database.
 pub struct TestEnv {
+    pub nats_url: String,
     pub names: Names,
     pub db_name: String,
     pub database_url: String,
@@ -72,6 +73,11 @@ static COUNTER: AtomicU64 = AtomicU64::new(0);
 
 impl TestEnv {
     pub async fn new() -> Self {
+        Self::with_nats(&nats_url()).await
+    }
+
+    /// An environment on another NATS server (one a test can kill).
+    pub async fn with_nats(url: &str) -> Self {
         // TEST_LOG=debug (a tracing filter) shows the stages' logs.
         if let Ok(filter) = std::env::var("TEST_LOG") {
             let c = halakha_common::config::TelemetryConfig {
@@ -89,15 +95,15 @@ impl TestEnv {
         admin.batch_execute(&format!("CREATE DATABASE {db_name}")).await.unwrap();
         let base = admin_db_url();
         let database_url = format!("{}/{db_name}", base.rsplit_once('/').unwrap().0);
-        let nats = async_nats::connect(nats_url()).await.unwrap();
+        let nats = async_nats::ConnectOptions::new().retry_on_initial_connect().connect(url).await.unwrap();
         let js = jetstream::new(nats.clone());
-        Self { names: Names::new(ns), db_name, database_url, nats, js }
+        Self { nats_url: url.to_owned(), names: Names::new(ns), db_name, database_url, nats, js }
     }
 
     /// Variables every stage needs, pointing at this environment.
     pub fn base_vars(&self) -> Map {
         Map::new([
-            ("NATS_URL", nats_url()),
+            ("NATS_URL", self.nats_url.clone()),
             ("PIPELINE_NAMESPACE", self.names.namespace().to_string()),
             ("METRICS_ADDR", "127.0.0.1:0".into()),
             ("DATABASE_URL", self.database_url.clone()),
@@ -303,6 +309,8 @@ pub struct Spec<'a> {
     pub publish_vars: &'a [(&'a str, &'a str)],
     /// Requests per second the fake Notion allows (None: no limit).
     pub notion_rate: Option<u32>,
+    /// Another NATS server than the machine's (one the test can kill).
+    pub nats_url: Option<String>,
 }
 
 impl Default for Spec<'_> {
@@ -315,6 +323,7 @@ impl Default for Spec<'_> {
             enrich_vars: &[],
             publish_vars: &[],
             notion_rate: None,
+            nats_url: None,
         }
     }
 }
@@ -330,12 +339,15 @@ pub struct Pipeline {
     pub notion: Option<wiremock::MockServer>,
     pub notion_state: Option<std::sync::Arc<fakes::NotionState>>,
     pub openai: wiremock::MockServer,
-    stages: Vec<Running>,
+    stages: Vec<(&'static str, Running)>,
 }
 
 impl Pipeline {
     pub async fn start(spec: Spec<'_>) -> Self {
-        let env = TestEnv::new().await;
+        let env = match &spec.nats_url {
+            Some(url) => TestEnv::with_nats(url).await,
+            None => TestEnv::new().await,
+        };
         let (openai, completions, chaos) = fakes::openai_counted(spec.model).await;
         let (notion, notion_state, creates) = if spec.notion && spec.publish {
             let (server, state) = fakes::notion_with(spec.notion_rate).await;
@@ -346,7 +358,8 @@ impl Pipeline {
         };
         let ingest = spawn_ingest(&env, spec.ingest_vars).await;
         let base = format!("http://{}", ingest.http_addr.unwrap());
-        let mut stages = vec![ingest, spawn_enrich(&env, &openai.uri(), spec.enrich_vars).await];
+        let mut stages =
+            vec![("ingest", ingest), ("enrich", spawn_enrich(&env, &openai.uri(), spec.enrich_vars).await)];
         if spec.publish {
             let url = notion.as_ref().map(|n| n.uri());
             // The fake answers at once: no need for Notion's 3 requests/s
@@ -354,7 +367,7 @@ impl Pipeline {
             let rate = if spec.notion_rate.is_some() { "3" } else { "100" };
             let mut vars = vec![("NOTION_REQUESTS_PER_SECOND", rate)];
             vars.extend_from_slice(spec.publish_vars);
-            stages.push(spawn_publish(&env, url.as_deref(), &vars).await);
+            stages.push(("publish", spawn_publish(&env, url.as_deref(), &vars).await));
         }
         Self {
             env,
@@ -397,21 +410,31 @@ impl Pipeline {
     pub async fn add_publish(&mut self, vars: &[(&str, &str)]) {
         let url = self.notion.as_ref().map(|n| n.uri());
         let stage = spawn_publish(&self.env, url.as_deref(), vars).await;
-        self.stages.push(stage);
+        self.stages.push(("publish", stage));
     }
 
-    /// Abort the stage at `index` (0 ingest, 1 enrich, 2 publish) as a
-    /// crash would: no drain, nothing acknowledged.
-    pub async fn kill(&mut self, index: usize) {
-        let stage = self.stages.remove(index);
-        stage.task.abort();
-        let _ = stage.task.await;
+    /// Start another ingest replica; the API base moves to it.
+    pub async fn add_ingest(&mut self, vars: &[(&str, &str)]) {
+        let stage = spawn_ingest(&self.env, vars).await;
+        self.base = format!("http://{}", stage.http_addr.unwrap());
+        self.stages.push(("ingest", stage));
+    }
+
+    /// Abort every replica of a stage (`ingest`, `enrich`, `publish`) as a
+    /// crash would: no drain, nothing acknowledged, in-flight work gone.
+    pub async fn kill(&mut self, name: &str) {
+        let (dead, alive): (Vec<_>, Vec<_>) = self.stages.drain(..).partition(|(n, _)| *n == name);
+        self.stages = alive;
+        for (_, stage) in dead {
+            stage.task.abort();
+            let _ = stage.task.await;
+        }
     }
 
     /// Start another enrich replica on the same consumer.
     pub async fn add_enrich(&mut self, vars: &[(&str, &str)]) {
         let stage = spawn_enrich(&self.env, &self.openai.uri(), vars).await;
-        self.stages.push(stage);
+        self.stages.push(("enrich", stage));
     }
 
     pub fn creates(&self) -> usize {
@@ -420,9 +443,82 @@ impl Pipeline {
 
     /// Stop every stage (draining) and remove the environment.
     pub async fn stop(self) {
-        for stage in self.stages {
+        for (_, stage) in self.stages {
             stage.stop().await;
         }
         self.env.cleanup().await;
+    }
+}
+
+/// A `nats-server` of the test's own, on a free port with a temporary
+/// store, which the test can kill (SIGKILL) and start again on the same
+/// port and store. `NATS_SERVER_BIN` names the binary (default: the one
+/// on `PATH`).
+pub struct NatsServer {
+    port: u16,
+    dir: std::path::PathBuf,
+    child: Option<std::process::Child>,
+}
+
+impl NatsServer {
+    pub async fn start() -> Self {
+        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let dir = std::env::temp_dir().join(format!("halakha-nats-{}-{port}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let mut server = Self { port, dir, child: None };
+        server.spawn().await;
+        server
+    }
+
+    pub fn url(&self) -> String {
+        format!("nats://127.0.0.1:{}", self.port)
+    }
+
+    async fn spawn(&mut self) {
+        let bin = std::env::var("NATS_SERVER_BIN").unwrap_or_else(|_| "nats-server".into());
+        let child = std::process::Command::new(bin)
+            .args(["-a", "127.0.0.1", "-p", &self.port.to_string(), "-js", "-sd"])
+            .arg(&self.dir)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("nats-server runs (set NATS_SERVER_BIN if it is not on PATH)");
+        self.child = Some(child);
+        // Ready when it answers with JetStream on.
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            if let Ok(mut s) = tokio::net::TcpStream::connect(("127.0.0.1", self.port)).await {
+                use tokio::io::AsyncReadExt;
+                let mut buf = vec![0u8; 2048];
+                if let Ok(Ok(n)) = tokio::time::timeout(Duration::from_secs(1), s.read(&mut buf)).await
+                    && String::from_utf8_lossy(&buf[..n]).contains("\"jetstream\":true")
+                {
+                    return;
+                }
+            }
+            assert!(tokio::time::Instant::now() < deadline, "nats-server did not start");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// SIGKILL: no goodbye to the clients, no flush.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Start again on the same port and store.
+    pub async fn restart(&mut self) {
+        self.kill();
+        self.spawn().await;
+    }
+}
+
+impl Drop for NatsServer {
+    fn drop(&mut self) {
+        self.kill();
+        let _ = std::fs::remove_dir_all(&self.dir);
     }
 }

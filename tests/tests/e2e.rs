@@ -8,6 +8,8 @@
 mod api;
 #[path = "e2e/enrich.rs"]
 mod enrich;
+#[path = "e2e/faults.rs"]
+mod faults;
 #[path = "e2e/publish.rs"]
 mod publish;
 

@@ -215,7 +215,7 @@ async fn a_message_the_broker_gives_up_on_after_a_crash_becomes_a_dead_letter_wi
         assert!(tokio::time::Instant::now() < deadline, "enrich never called the model");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    p.kill(1).await;
+    p.kill("enrich").await;
     // The worker comes back (a restarted pod). Its pulls make the broker
     // look at the unacknowledged message after ack_wait: max_deliver is
     // spent, so it stops and says so in an advisory, which ingest turns

@@ -74,7 +74,7 @@ async fn killing_publish_between_the_notion_create_and_its_store_leaves_exactly_
         assert!(tokio::time::Instant::now() < deadline, "no page was created");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    p.kill(2).await;
+    p.kill("publish").await;
     let db = p.env.db().await;
     let stored: Option<String> =
         db.query_one("SELECT notion_page_id FROM halakhot WHERE id = $1", &[&id]).await.unwrap().get(0);

@@ -1,0 +1,159 @@
+//! Faults we can make here, each ending with the invariant: every accepted
+//! submission ended exactly once, as one published row and one Notion page,
+//! or as one dead letter with a reason.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::Duration;
+
+use halakha_common::envelope::Published;
+use halakha_tests::{API_KEY, NatsServer, Pipeline, S, Spec, corpus};
+use serde_json::{Value, json};
+
+/// Submit through the batch route, retrying while the pipeline answers
+/// 503 (a broker or database outage); the accepted ids.
+async fn submit_retrying(p: &Pipeline, texts: &[(String, String)]) -> Vec<String> {
+    let mut ids = Vec::new();
+    for (key, text) in texts {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+        loop {
+            let resp = p
+                .http
+                .post(format!("{}/v1/halakhot", p.base))
+                .bearer_auth(API_KEY)
+                .json(&json!({"content": text, "idempotency_key": key}))
+                .send()
+                .await;
+            if let Ok(r) = resp
+                && r.status() == 202
+            {
+                ids.push(r.json::<Value>().await.unwrap()["id"].as_str().unwrap().to_owned());
+                break;
+            }
+            assert!(tokio::time::Instant::now() < deadline, "never accepted: {key}");
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+    ids
+}
+
+/// The invariant: each id published (one row, one page) or dead-lettered,
+/// exactly once; the counts for the reliability table.
+async fn assert_each_ended_once(p: &Pipeline, ids: &[String]) {
+    let db = p.env.db().await;
+    let notion = p.notion_state.as_ref().unwrap();
+    let mut published = 0;
+    for id in ids {
+        let row = db.query_one("SELECT status FROM halakhot WHERE id = $1", &[id]).await.unwrap();
+        let status: String = row.get(0);
+        assert_eq!(status, "published", "{id}");
+        assert_eq!(notion.pages_for(id).len(), 1, "{id}: exactly one page");
+        published += 1;
+    }
+    let rows: i64 = db.query_one("SELECT count(*) FROM halakhot", &[]).await.unwrap().get(0);
+    assert_eq!(rows as usize, ids.len(), "no stray row");
+    eprintln!("submitted {}, published {published}, dead-lettered 0, lost 0, duplicated 0", ids.len());
+}
+
+fn texts(n: usize, skip: usize) -> Vec<(String, String)> {
+    corpus().into_iter().filter(|i| i.lang != "ru").skip(skip).take(n).map(|i| (i.id, i.text)).collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_nats_server_killed_and_restarted_mid_stream_loses_nothing_and_duplicates_nothing() {
+    let mut server = NatsServer::start().await;
+    let vars = [("ACK_WAIT_SECS", "5")];
+    let p = Pipeline::start(Spec {
+        nats_url: Some(server.url()),
+        ingest_vars: &vars,
+        enrich_vars: &vars,
+        publish_vars: &vars,
+        ..Spec::default()
+    })
+    .await;
+    let mut ids = submit_retrying(&p, &texts(20, 0)).await;
+    let _: Vec<Published> = p.env.collect(S::Published, 5, Duration::from_secs(60)).await;
+
+    server.kill();
+    // Disconnected stages say so.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let ready = p.http.get(format!("{}/health/ready", p.base)).send().await.unwrap();
+        if ready.status() == 503 {
+            let v: Value = ready.json().await.unwrap();
+            assert!(v["failing"].as_array().unwrap().iter().any(|f| f == "nats"), "{v}");
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "ingest still says ready without NATS");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    server.restart().await;
+    ids.extend(submit_retrying(&p, &texts(20, 20)).await);
+    assert_eq!(ids.iter().collect::<BTreeSet<_>>().len(), 40);
+
+    // Every id published; events may repeat (at-least-once), ids may not be lost.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(90);
+    let mut seen: BTreeMap<String, usize> = BTreeMap::new();
+    let mut n = 40;
+    while seen.len() < 40 {
+        assert!(tokio::time::Instant::now() < deadline, "only {} of 40 published", seen.len());
+        let events: Vec<Published> = p.env.collect(S::Published, n, Duration::from_secs(90)).await;
+        seen.clear();
+        for e in events {
+            *seen.entry(e.id).or_default() += 1;
+        }
+        n += 40 - seen.len().min(40);
+    }
+    assert_eq!(seen.keys().cloned().collect::<BTreeSet<_>>(), ids.iter().cloned().collect::<BTreeSet<_>>());
+    assert_each_ended_once(&p, &ids).await;
+    assert_eq!(p.creates(), 40, "one page each");
+    p.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_stage_killed_mid_batch_and_restarted_loses_nothing_and_duplicates_nothing() {
+    let vars = [("ACK_WAIT_SECS", "5")];
+    let mut p = Pipeline::start(Spec {
+        model: halakha_tests::fakes::Model::Slow,
+        ingest_vars: &vars,
+        enrich_vars: &vars,
+        publish_vars: &vars,
+        ..Spec::default()
+    })
+    .await;
+    // Half over NATS, half over HTTP.
+    let over_nats = texts(15, 0);
+    for (key, text) in &over_nats {
+        let body = serde_json::to_vec(&json!({"content": text, "idempotency_key": key})).unwrap();
+        p.env.js.publish(p.env.names.subject(S::Submitted), body.into()).await.unwrap().await.unwrap();
+    }
+    let mut ids: Vec<String> = over_nats.iter().map(|(k, _)| halakha_common::text::derive_id(Some(k), "")).collect();
+    ids.extend(submit_retrying(&p, &texts(15, 15)).await);
+
+    let mut killed_in_flight = 0;
+    for (stage, after) in [("ingest", 3usize), ("enrich", 8), ("publish", 14)] {
+        let _: Vec<Published> = p.env.collect(S::Published, after, Duration::from_secs(60)).await;
+        let (stream, consumer) = match stage {
+            "ingest" => (S::Submitted, "ingest"),
+            "enrich" => (S::Ingested, "enrich"),
+            _ => (S::Enriched, "publish"),
+        };
+        let info =
+            p.env.js.get_stream(p.env.names.stream(stream)).await.unwrap().consumer_info(consumer).await.unwrap();
+        killed_in_flight += info.num_ack_pending;
+        p.kill(stage).await;
+        match stage {
+            "ingest" => p.add_ingest(&vars).await,
+            "enrich" => p.add_enrich(&vars).await,
+            _ => p.add_publish(&[("ACK_WAIT_SECS", "5"), ("NOTION_REQUESTS_PER_SECOND", "100")]).await,
+        }
+    }
+    let _: Vec<Published> = p.env.collect(S::Published, 30, Duration::from_secs(90)).await;
+    for consumer in [(S::Submitted, "ingest"), (S::Ingested, "enrich"), (S::Enriched, "publish")] {
+        p.env.wait_idle(consumer.0, consumer.1, Duration::from_secs(60)).await;
+    }
+    assert_eq!(p.env.stream_len(S::DeadLetter(halakha_nats::Stage::Ingest)).await, 0);
+    eprintln!("messages in flight when their stage was killed: {killed_in_flight}");
+    assert!(killed_in_flight > 0, "at least one kill landed mid-batch");
+    assert_each_ended_once(&p, &ids).await;
+    p.stop().await;
+}
