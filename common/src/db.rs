@@ -33,6 +33,32 @@ pub enum DbError {
     Tls(String),
 }
 
+impl DbError {
+    /// True when the database could not be reached at all (connection
+    /// refused or lost, pool timeout), as opposed to a statement it refused.
+    pub fn is_unreachable(&self) -> bool {
+        match self {
+            DbError::Pool(_) => true,
+            DbError::Postgres(e) => e.is_closed() || e.code().is_none(),
+            _ => false,
+        }
+    }
+
+    /// The stage error for a failed database step: an unreachable database
+    /// pauses the stage (nothing is dead-lettered because Postgres is down,
+    /// no delivery is spent); anything else is a transient error.
+    pub fn into_stage_error(self, what: &str) -> crate::StageError {
+        if self.is_unreachable() {
+            crate::StageError::paused(
+                format!("the database is unreachable ({what}): {}", crate::error::chain(&self)),
+                std::time::Duration::from_secs(2),
+            )
+        } else {
+            crate::StageError::transient(format!("could not {what}")).with_source(self)
+        }
+    }
+}
+
 /// How the connection is protected, as the URL's `sslmode` asks (libpq's
 /// meaning): `disable` none; `prefer` (the default) and `require` encrypt
 /// without checking the server's certificate; `verify-ca` and

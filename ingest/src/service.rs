@@ -143,9 +143,7 @@ impl Handler for SubmittedHandler {
                 Ok(None)
             }
             Err(AcceptError::Invalid(e)) => Err(StageError::permanent(format!("invalid submission: {e}"))),
-            Err(e @ AcceptError::Database(_)) => {
-                Err(StageError::transient("could not record the submission").with_source(e))
-            }
+            Err(AcceptError::Database(e)) => Err(e.into_stage_error("record the submission")),
         }
     }
 
@@ -171,7 +169,7 @@ impl Handler for StatusHandler {
         let error = format!("{}: {}", entry.stage, entry.reason);
         let changed = store::mark_failed(&self.pool, id, &error, entry.failed_at)
             .await
-            .map_err(|e| StageError::transient("could not record the failure").with_source(e))?;
+            .map_err(|e| e.into_stage_error("record the failure"))?;
         if changed > 0 {
             tracing::info!(%id, stage = %entry.stage, "Marked failed");
         }

@@ -188,6 +188,7 @@ impl Runner {
             config: self.config.clone(),
             pause: PauseGate::default(),
             shutdown: shutdown.clone(),
+            consuming: self.consuming.clone(),
         });
         tracing::info!(stage, consumer = %self.route.consumer, stream = %self.route.input_stream, concurrency = self.config.concurrency, "Consuming");
         self.consuming.set(true);
@@ -200,6 +201,7 @@ impl Runner {
                     break;
                 }
                 metrics::gauge!(m::STAGE_PAUSED, "stage" => stage).set(0.0);
+                self.consuming.set(true);
                 tracing::info!(stage, "Pause over; fetching again");
             }
             // Take a permit before fetching: never hold work we cannot start.
@@ -289,6 +291,8 @@ struct Shared {
     config: RunnerConfig,
     pause: PauseGate,
     shutdown: CancellationToken,
+    /// Readiness of the loop: false while it cannot fetch or is paused.
+    consuming: ReadyFlag,
 }
 
 /// When the stage may fetch again, after a handler asked for a pause.
@@ -434,6 +438,7 @@ async fn handle<H: Handler>(
                 // stop the stage fetching, and try again after the pause.
                 let stage = shared.route.name;
                 if shared.pause.pause(resume_after) {
+                    shared.consuming.set(false);
                     metrics::counter!(m::STAGE_PAUSES_TOTAL, "stage" => stage).increment(1);
                     metrics::gauge!(m::STAGE_PAUSED, "stage" => stage).set(1.0);
                     tracing::error!(stage, %reason, resume_in_secs = resume_after.as_secs(), "Stage paused");

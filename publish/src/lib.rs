@@ -34,7 +34,7 @@ pub enum StartError {
 }
 
 fn db_error(what: &str, e: db::DbError) -> StageError {
-    StageError::transient(format!("could not {what}")).with_source(e)
+    e.into_stage_error(what)
 }
 
 /// Row first, then the page, then the row marked `published`.

@@ -235,6 +235,7 @@ pub async fn connect_db(url: &str) -> tokio_postgres::Client {
 /// A stage running in this process.
 pub struct Running {
     pub http_addr: Option<SocketAddr>,
+    pub metrics_addr: SocketAddr,
     pub shutdown: CancellationToken,
     pub task: JoinHandle<()>,
 }
@@ -260,10 +261,11 @@ pub async fn spawn_ingest(env: &TestEnv, extra: &[(&str, &str)]) -> Running {
     }
     let app = halakha_ingest::App::build(read(&vars, halakha_ingest::Config::read)).await.unwrap();
     let http_addr = Some(app.http_addr());
+    let metrics_addr = app.metrics_addr();
     let shutdown = CancellationToken::new();
     let s = shutdown.clone();
     let task = tokio::spawn(async move { app.run(s).await.unwrap() });
-    Running { http_addr, shutdown, task }
+    Running { http_addr, metrics_addr, shutdown, task }
 }
 
 pub async fn spawn_enrich(env: &TestEnv, openai_url: &str, extra: &[(&str, &str)]) -> Running {
@@ -273,10 +275,11 @@ pub async fn spawn_enrich(env: &TestEnv, openai_url: &str, extra: &[(&str, &str)
         vars.set(*k, *v);
     }
     let app = halakha_enrich::App::build(read(&vars, halakha_enrich::Config::read)).await.unwrap();
+    let metrics_addr = app.metrics_addr();
     let shutdown = CancellationToken::new();
     let s = shutdown.clone();
     let task = tokio::spawn(async move { app.run(s).await.unwrap() });
-    Running { http_addr: None, shutdown, task }
+    Running { http_addr: None, metrics_addr, shutdown, task }
 }
 
 pub async fn spawn_publish(env: &TestEnv, notion_url: Option<&str>, extra: &[(&str, &str)]) -> Running {
@@ -288,10 +291,11 @@ pub async fn spawn_publish(env: &TestEnv, notion_url: Option<&str>, extra: &[(&s
         vars.set(*k, *v);
     }
     let app = halakha_publish::App::build(read(&vars, halakha_publish::Config::read)).await.unwrap();
+    let metrics_addr = app.metrics_addr();
     let shutdown = CancellationToken::new();
     let s = shutdown.clone();
     let task = tokio::spawn(async move { app.run(s).await.unwrap() });
-    Running { http_addr: None, shutdown, task }
+    Running { http_addr: None, metrics_addr, shutdown, task }
 }
 
 /// Subjects used by tests.
@@ -406,8 +410,15 @@ impl Pipeline {
         self.completions.load(std::sync::atomic::Ordering::SeqCst)
     }
 
-    /// Start another publish replica (after a kill), Notion as before.
+    /// Start another publish replica (after a kill), Notion as before (a
+    /// fake Notion is started if the pipeline had none).
     pub async fn add_publish(&mut self, vars: &[(&str, &str)]) {
+        if self.notion.is_none() {
+            let (server, state) = fakes::notion_with(None).await;
+            self.creates = state.creates.clone();
+            self.notion = Some(server);
+            self.notion_state = Some(state);
+        }
         let url = self.notion.as_ref().map(|n| n.uri());
         let stage = spawn_publish(&self.env, url.as_deref(), vars).await;
         self.stages.push(("publish", stage));
@@ -439,6 +450,11 @@ impl Pipeline {
 
     pub fn creates(&self) -> usize {
         self.creates.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// The metrics address of the first running replica of a stage.
+    pub fn metrics_addr(&self, name: &str) -> SocketAddr {
+        self.stages.iter().find(|(n, _)| *n == name).map(|(_, r)| r.metrics_addr).unwrap()
     }
 
     /// Stop every stage (draining) and remove the environment.
@@ -520,5 +536,60 @@ impl Drop for NatsServer {
     fn drop(&mut self) {
         self.kill();
         let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// A TCP proxy in front of a service, which a test can cut (every
+/// connection dropped, new ones refused) and restore: a database or a
+/// cache "unreachable" without stopping the machine's shared server.
+pub struct TcpProxy {
+    pub addr: SocketAddr,
+    up: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    epoch: std::sync::Arc<tokio::sync::watch::Sender<u64>>,
+    task: JoinHandle<()>,
+}
+
+impl TcpProxy {
+    pub async fn start(target: &str) -> Self {
+        use std::sync::atomic::Ordering;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let up = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
+        let (tx, _) = tokio::sync::watch::channel(0u64);
+        let epoch = std::sync::Arc::new(tx);
+        let (up2, epoch2, target) = (up.clone(), epoch.clone(), target.to_owned());
+        let task = tokio::spawn(async move {
+            while let Ok((mut inbound, _)) = listener.accept().await {
+                if !up2.load(Ordering::SeqCst) {
+                    continue; // dropped: connection refused, in effect
+                }
+                let mut cut = epoch2.subscribe();
+                let target = target.clone();
+                tokio::spawn(async move {
+                    let Ok(mut outbound) = tokio::net::TcpStream::connect(&target).await else { return };
+                    tokio::select! {
+                        _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound) => {}
+                        _ = cut.changed() => {}
+                    }
+                });
+            }
+        });
+        Self { addr, up, epoch, task }
+    }
+
+    /// Drop every connection and refuse new ones.
+    pub fn cut(&self) {
+        self.up.store(false, std::sync::atomic::Ordering::SeqCst);
+        self.epoch.send_modify(|e| *e += 1);
+    }
+
+    pub fn restore(&self) {
+        self.up.store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+impl Drop for TcpProxy {
+    fn drop(&mut self) {
+        self.task.abort();
     }
 }

@@ -157,3 +157,46 @@ async fn each_stage_killed_mid_batch_and_restarted_loses_nothing_and_duplicates_
     assert_each_ended_once(&p, &ids).await;
     p.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_unreachable_for_twenty_seconds_pauses_publish_and_loses_nothing() {
+    // publish reaches Postgres only through a proxy the test can cut; with
+    // two deliveries allowed, an outage that spent deliveries would
+    // dead-letter messages.
+    let proxy = halakha_tests::TcpProxy::start("127.0.0.1:5432").await;
+    let mut p =
+        Pipeline::start(Spec { model: halakha_tests::fakes::Model::Slow, publish: false, ..Spec::default() }).await;
+    let proxied = p.env.database_url.replace("127.0.0.1:5432", &proxy.addr.to_string());
+    p.add_publish(&[("DATABASE_URL", proxied.as_str()), ("NOTION_REQUESTS_PER_SECOND", "100"), ("MAX_DELIVER", "2")])
+        .await;
+
+    let ids = submit_retrying(&p, &texts(20, 40)).await;
+    let _: Vec<Published> = p.env.collect(S::Published, 3, Duration::from_secs(60)).await;
+    proxy.cut();
+    let outage = std::time::Instant::now();
+    // publish says it is not ready while it cannot write.
+    let ready_url = format!("http://{}/health/ready", p.metrics_addr("publish"));
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+    loop {
+        let r = p.http.get(&ready_url).send().await.unwrap();
+        if r.status() == 503 {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "publish still says ready without its database");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    tokio::time::sleep(Duration::from_secs(20).saturating_sub(outage.elapsed())).await;
+    proxy.restore();
+
+    let _: Vec<Published> = p.env.collect(S::Published, 20, Duration::from_secs(90)).await;
+    p.env.wait_idle(S::Enriched, "publish", Duration::from_secs(60)).await;
+    assert_eq!(
+        p.env.stream_len(S::DeadLetter(halakha_nats::Stage::Ingest)).await,
+        0,
+        "nothing dead-lettered for an outage"
+    );
+    let r = p.http.get(&ready_url).send().await.unwrap();
+    assert_eq!(r.status(), 200, "ready again");
+    assert_each_ended_once(&p, &ids).await;
+    p.stop().await;
+}
