@@ -373,6 +373,10 @@ pub struct NotionState {
     /// Hold the answer of the next create this long (the page is made
     /// first): lets a test kill publish between the create and its store.
     pub hang_next_create: std::sync::Mutex<Option<std::time::Duration>>,
+    /// Statuses to answer, in order, before serving requests again (429
+    /// and 529 with `Retry-After: 1`): bursts of refusals.
+    pub burst: std::sync::Mutex<std::collections::VecDeque<u16>>,
+    pub burst_answers: AtomicUsize,
 }
 
 impl NotionState {
@@ -425,6 +429,14 @@ impl Respond for NotionFake {
                 )
                 .insert_header("retry-after", "1");
             }
+        }
+        if let Some(status) = state.burst.lock().ok().and_then(|mut b| b.pop_front()) {
+            state.burst_answers.fetch_add(1, Ordering::SeqCst);
+            let (code, message) = match status {
+                429 => ("rate_limited", "You have been rate limited. Please try again in a few minutes."),
+                _ => ("service_unavailable", "Notion is unavailable, please try again later."),
+            };
+            return notion_error(status, code, message).insert_header("retry-after", "1");
         }
         let path = request.url.path().to_owned();
         let is_get = request.method.as_str() == "GET";

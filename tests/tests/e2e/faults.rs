@@ -200,3 +200,39 @@ async fn postgres_unreachable_for_twenty_seconds_pauses_publish_and_loses_nothin
     assert_each_ended_once(&p, &ids).await;
     p.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_stopped_mid_stream_leaves_enrichment_going_without_its_cache() {
+    let proxy = halakha_tests::TcpProxy::start("127.0.0.1:6379").await;
+    let redis = format!("redis://{}", proxy.addr);
+    let vars = [("REDIS_URL", redis.as_str())];
+    let p =
+        Pipeline::start(Spec { model: halakha_tests::fakes::Model::Slow, enrich_vars: &vars, ..Spec::default() }).await;
+    let ids = submit_retrying(&p, &texts(20, 60)).await;
+    let _: Vec<Published> = p.env.collect(S::Published, 4, Duration::from_secs(60)).await;
+    proxy.cut();
+    let _: Vec<Published> = p.env.collect(S::Published, 20, Duration::from_secs(90)).await;
+    for (stream, consumer) in [(S::Ingested, "enrich"), (S::Enriched, "publish")] {
+        p.env.wait_idle(stream, consumer, Duration::from_secs(60)).await;
+    }
+    assert_eq!(p.env.stream_len(S::DeadLetter(halakha_nats::Stage::Ingest)).await, 0);
+    let metrics = halakha_common::metrics::install_recorder().render();
+    assert!(metrics.contains("halakha_cache_requests_total{outcome=\"error\"}"), "the lost cache is counted");
+    assert_each_ended_once(&p, &ids).await;
+    p.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bursts_of_429_and_529_from_notion_are_waited_out_and_each_page_is_made_once() {
+    let p = Pipeline::start(Spec::default()).await;
+    let notion = p.notion_state.clone().unwrap();
+    *notion.burst.lock().unwrap() = [429, 429, 529, 429, 529, 529, 429, 529].into_iter().collect();
+    let ids = submit_retrying(&p, &texts(12, 80)).await;
+    let _: Vec<Published> = p.env.collect(S::Published, 12, Duration::from_secs(90)).await;
+    p.env.wait_idle(S::Enriched, "publish", Duration::from_secs(60)).await;
+    assert_eq!(notion.burst_answers.load(std::sync::atomic::Ordering::SeqCst), 8, "every refusal was served");
+    assert_eq!(p.env.stream_len(S::DeadLetter(halakha_nats::Stage::Ingest)).await, 0);
+    assert_each_ended_once(&p, &ids).await;
+    assert_eq!(p.creates(), 12);
+    p.stop().await;
+}
