@@ -236,3 +236,28 @@ async fn bursts_of_429_and_529_from_notion_are_waited_out_and_each_page_is_made_
     assert_eq!(p.creates(), 12);
     p.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_replicas_of_every_stage_share_the_work_and_nothing_is_done_twice() {
+    let mut p = Pipeline::start(Spec { model: halakha_tests::fakes::Model::Slow, ..Spec::default() }).await;
+    p.add_ingest(&[]).await;
+    p.add_enrich(&[]).await;
+    p.add_publish(&[("NOTION_REQUESTS_PER_SECOND", "100")]).await;
+    // Through the second ingest replica's API (add_ingest moved the base
+    // there), and over NATS, where both ingest replicas pull.
+    let mut ids = submit_retrying(&p, &texts(20, 100)).await;
+    for (key, text) in &texts(20, 120) {
+        let body = serde_json::to_vec(&json!({"content": text, "idempotency_key": key})).unwrap();
+        p.env.js.publish(p.env.names.subject(S::Submitted), body.into()).await.unwrap().await.unwrap();
+        ids.push(halakha_common::text::derive_id(Some(key), ""));
+    }
+    let _: Vec<Published> = p.env.collect(S::Published, 40, Duration::from_secs(90)).await;
+    for (stream, consumer) in [(S::Submitted, "ingest"), (S::Ingested, "enrich"), (S::Enriched, "publish")] {
+        p.env.wait_idle(stream, consumer, Duration::from_secs(60)).await;
+    }
+    assert_eq!(p.env.stream_len(S::Enriched).await, 40, "each text enriched once");
+    assert_eq!(p.env.stream_len(S::Published).await, 40, "each text published once");
+    assert_eq!(p.creates(), 40);
+    assert_each_ended_once(&p, &ids).await;
+    p.stop().await;
+}
