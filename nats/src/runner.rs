@@ -65,6 +65,9 @@ pub struct RunnerConfig {
     pub drain_timeout: Duration,
     /// How long one pull request waits for messages.
     pub fetch_expires: Duration,
+    /// No message finished for this long while some are pending: the
+    /// stage reports not-ready and says why (`WATCHDOG_SECS`, 0 = off).
+    pub watchdog: Duration,
 }
 
 impl RunnerConfig {
@@ -78,6 +81,7 @@ impl RunnerConfig {
             backoff_max: r.seconds("BACKOFF_MAX_SECS", 60, 1..=3600),
             drain_timeout: r.seconds("DRAIN_TIMEOUT_SECS", 30, 1..=600),
             fetch_expires: Duration::from_secs(1),
+            watchdog: r.seconds("WATCHDOG_SECS", 300, 0..=86_400),
         }
     }
 
@@ -153,6 +157,7 @@ pub struct Runner {
     publisher: Publisher,
     config: RunnerConfig,
     consuming: ReadyFlag,
+    progress: ReadyFlag,
 }
 
 impl Runner {
@@ -164,10 +169,12 @@ impl Runner {
         route: Route,
         config: RunnerConfig,
         consuming: ReadyFlag,
+        progress: ReadyFlag,
     ) -> Result<Self, RunnerError> {
         let consumer_config = topology::consumer(names, &route, &config.overrides())?;
         let consumer = topology::apply_consumer(js, &route, consumer_config).await?;
-        Ok(Self { route, consumer, publisher: Publisher::new(js.clone()), config, consuming })
+        progress.set(true);
+        Ok(Self { route, consumer, publisher: Publisher::new(js.clone()), config, consuming, progress })
     }
 
     pub fn route(&self) -> &Route {
@@ -189,7 +196,14 @@ impl Runner {
             pause: PauseGate::default(),
             shutdown: shutdown.clone(),
             consuming: self.consuming.clone(),
+            last_progress: std::sync::atomic::AtomicU64::new(now_ms()),
         });
+        let watchdog = tokio::spawn(watch_progress(
+            shared.clone(),
+            self.consumer.clone(),
+            self.progress.clone(),
+            self.config.watchdog,
+        ));
         tracing::info!(stage, consumer = %self.route.consumer, stream = %self.route.input_stream, concurrency = self.config.concurrency, "Consuming");
         self.consuming.set(true);
         let mut draining = false;
@@ -269,6 +283,7 @@ impl Runner {
         }
 
         self.consuming.set(false);
+        watchdog.abort();
         tracing::info!(stage, in_flight = in_flight.len(), "Draining");
         let drained =
             tokio::time::timeout(self.config.drain_timeout, async { while in_flight.join_next().await.is_some() {} })
@@ -293,6 +308,42 @@ struct Shared {
     shutdown: CancellationToken,
     /// Readiness of the loop: false while it cannot fetch or is paused.
     consuming: ReadyFlag,
+    /// When a message last finished (ms since the epoch), for the watchdog.
+    last_progress: std::sync::atomic::AtomicU64,
+}
+
+fn now_ms() -> u64 {
+    u64::try_from(std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_millis())
+        .unwrap_or(u64::MAX)
+}
+
+/// The stuck-consumer watchdog: messages wait (pending or unacknowledged)
+/// but none has finished for `limit`: not ready, and a log line says why.
+async fn watch_progress(shared: Arc<Shared>, mut consumer: PullConsumer, flag: ReadyFlag, limit: Duration) {
+    if limit.is_zero() {
+        return;
+    }
+    let every = (limit / 4).clamp(Duration::from_millis(200), Duration::from_secs(15));
+    let mut stuck = false;
+    loop {
+        tokio::time::sleep(every).await;
+        let Ok(info) = consumer.info().await else { continue };
+        let waiting = info.num_pending + info.num_ack_pending as u64;
+        let idle_ms = now_ms().saturating_sub(shared.last_progress.load(std::sync::atomic::Ordering::Relaxed));
+        let now_stuck = waiting > 0 && idle_ms > u64::try_from(limit.as_millis()).unwrap_or(u64::MAX);
+        if now_stuck && !stuck {
+            tracing::error!(
+                stage = shared.route.name,
+                waiting,
+                idle_secs = idle_ms / 1000,
+                "No message finished for longer than WATCHDOG_SECS while messages wait: reporting not ready"
+            );
+        } else if stuck && !now_stuck {
+            tracing::info!(stage = shared.route.name, "Progress again: ready");
+        }
+        stuck = now_stuck;
+        flag.set(!stuck);
+    }
 }
 
 /// When the stage may fetch again, after a handler asked for a pause.
@@ -401,6 +452,7 @@ async fn process<H: Handler>(shared: &Shared, handler: &H, msg: jetstream::Messa
             tracing::warn!(%error, outcome = label, "Acknowledgement not confirmed");
         }
         metrics::counter!(m::STAGE_MESSAGES_TOTAL, "stage" => stage, "outcome" => label).increment(1);
+        shared.last_progress.store(now_ms(), std::sync::atomic::Ordering::Relaxed);
         metrics::gauge!(m::STAGE_IN_FLIGHT, "stage" => stage).decrement(1.0);
     }
     .instrument(span)

@@ -90,8 +90,15 @@ impl Prepared {
         let (client, js) =
             crate::connect::connect(c.nats_url.expose_secret(), &client_name, readiness.register("nats")).await?;
         topology::apply_streams(&js, &names).await?;
-        let runner =
-            Runner::bind(&js, &names, names.route(stage), c.runner.clone(), readiness.register("consumer")).await?;
+        let runner = Runner::bind(
+            &js,
+            &names,
+            names.route(stage),
+            c.runner.clone(),
+            readiness.register("consumer"),
+            readiness.register("progress"),
+        )
+        .await?;
         let admin =
             bind("METRICS_ADDR", c.telemetry.metrics_addr, health::routes(metrics.clone(), readiness.clone())).await?;
         Ok(Self { names, js, readiness, metrics, client, runner, runner_config: c.runner.clone(), admin })
@@ -105,7 +112,8 @@ impl Prepared {
     /// [`Runner::run`] and hand the future to [`Prepared::serve`]).
     pub async fn bind_extra(&self, route: Route, ready_name: &'static str) -> Result<Runner, StageStartError> {
         let flag = self.readiness.register(ready_name);
-        Ok(Runner::bind(&self.js, &self.names, route, self.runner_config.clone(), flag).await?)
+        let progress = self.readiness.register(route.name);
+        Ok(Runner::bind(&self.js, &self.names, route, self.runner_config.clone(), flag, progress).await?)
     }
 
     /// The NATS connection, for subscriptions of the stage's own.

@@ -261,3 +261,32 @@ async fn two_replicas_of_every_stage_share_the_work_and_nothing_is_done_twice() 
     assert_each_ended_once(&p, &ids).await;
     p.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stage_that_makes_no_progress_with_work_waiting_reports_not_ready() {
+    // The model never answers in time: enrich holds its messages (in-progress
+    // acks) and finishes none.
+    let vars = [("WATCHDOG_SECS", "2"), ("OPENAI_TIMEOUT_MS", "600000")];
+    let p = Pipeline::start(Spec {
+        model: halakha_tests::fakes::Model::Hang,
+        publish: false,
+        enrich_vars: &vars,
+        ..Spec::default()
+    })
+    .await;
+    let ready = format!("http://{}/health/ready", p.metrics_addr("enrich"));
+    assert_eq!(p.http.get(&ready).send().await.unwrap().status(), 200, "ready while idle");
+    submit_retrying(&p, &texts(2, 140)).await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let r = p.http.get(&ready).send().await.unwrap();
+        if r.status() == 503 {
+            let v: Value = r.json().await.unwrap();
+            assert!(v["failing"].as_array().unwrap().iter().any(|f| f == "progress"), "{v}");
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "the watchdog never fired");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    p.stop().await;
+}
