@@ -18,6 +18,10 @@ pub const STAGE_IN_FLIGHT: &str = "halakha_stage_in_flight";
 pub const STAGE_PAUSED: &str = "halakha_stage_paused";
 /// Pauses, by `stage`.
 pub const STAGE_PAUSES_TOTAL: &str = "halakha_stage_pauses_total";
+/// The pipeline's books, by `namespace`: halakhot accepted but neither
+/// published nor failed, minus the messages pending at enrich and publish.
+/// 0 when the pipeline is idle; above 0 for long, something was lost.
+pub const PIPELINE_UNACCOUNTED: &str = "halakha_pipeline_unaccounted";
 /// Dead-letter entries written, by `stage` and `kind`.
 pub const DEAD_LETTERS_TOTAL: &str = "halakha_dead_letters_total";
 /// Publishes to JetStream that failed (no PubAck), by `stage`.

@@ -33,6 +33,8 @@ pub struct Config {
     pub form_wait: Duration,
     /// Shared rate limits across replicas (`REDIS_URL`; unset = per replica).
     pub redis: RedisConfig,
+    /// How often the invariant gauge is computed (`BOOKS_INTERVAL_SECS`).
+    pub books_interval: Duration,
 }
 
 /// Shortest accepted API key.
@@ -69,6 +71,7 @@ impl Config {
             request_timeout: r.seconds("REQUEST_TIMEOUT_SECS", 30, 1..=600),
             form_wait: r.seconds("FORM_WAIT_SECS", 120, 1..=600),
             redis: RedisConfig::read(r),
+            books_interval: r.seconds("BOOKS_INTERVAL_SECS", 15, 1..=3600),
         }
     }
 }

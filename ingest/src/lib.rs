@@ -43,6 +43,49 @@ pub enum StartError {
 
 pub use halakha_common::error::chain as error_chain;
 
+/// Keep the invariant gauge: halakhot still open in Postgres minus the
+/// messages waiting at enrich and publish (pending or unacknowledged).
+async fn keep_the_books(
+    pool: deadpool_postgres::Pool,
+    js: async_nats::jetstream::Context,
+    names: halakha_nats::Names,
+    every: std::time::Duration,
+    shutdown: CancellationToken,
+) {
+    let namespace = names.namespace().to_string();
+    loop {
+        tokio::select! {
+            () = shutdown.cancelled() => return,
+            () = tokio::time::sleep(every) => {}
+        }
+        let Ok(open) = store::open_count(&pool).await else { continue };
+        let mut waiting: i64 = 0;
+        let mut complete = true;
+        for s in [Stage::Enrich, Stage::Publish] {
+            let route = names.route(s);
+            match js
+                .get_consumer_from_stream::<async_nats::jetstream::consumer::pull::Config, _, _>(
+                    &route.consumer,
+                    &route.input_stream,
+                )
+                .await
+            {
+                Ok(mut c) => match c.info().await {
+                    Ok(info) => {
+                        waiting += i64::try_from(info.num_pending).unwrap_or(i64::MAX) + info.num_ack_pending as i64;
+                    }
+                    Err(_) => complete = false,
+                },
+                Err(_) => complete = false,
+            }
+        }
+        if complete {
+            metrics::gauge!(halakha_common::metrics::PIPELINE_UNACCOUNTED, "namespace" => namespace.clone())
+                .set((open - waiting) as f64);
+        }
+    }
+}
+
 /// A started stage: bound, connected, not yet serving.
 pub struct App {
     stage: Prepared,
@@ -54,6 +97,8 @@ pub struct App {
     advisory_handler: Arc<halakha_nats::advisory::AdvisoryHandler>,
     events: (async_nats::Subscriber, async_nats::Subscriber),
     waiters: Arc<form::Waiters>,
+    pool: deadpool_postgres::Pool,
+    books_every: std::time::Duration,
 }
 
 impl App {
@@ -80,6 +125,7 @@ impl App {
         );
         let waiters = Arc::new(form::Waiters::default());
 
+        let books_pool = pool.clone();
         let ingestor = service::Ingestor {
             pool,
             publisher: Publisher::new(stage.js.clone()),
@@ -120,6 +166,8 @@ impl App {
             advisory_handler,
             events,
             waiters,
+            pool: books_pool,
+            books_every: config.books_interval,
         })
     }
 
@@ -143,9 +191,17 @@ impl App {
         let (published, dead) = self.events;
         let stop_listening = CancellationToken::new();
         let listener = tokio::spawn(form::listen(published, dead, self.waiters, stop_listening.clone()));
+        let books = tokio::spawn(keep_the_books(
+            self.pool,
+            self.stage.js.clone(),
+            self.stage.names.clone(),
+            self.books_every,
+            stop_listening.clone(),
+        ));
         let result = self.stage.serve(self.handler, Some(self.api), vec![status, advisories], shutdown).await;
         stop_listening.cancel();
         let _ = listener.await;
+        let _ = books.await;
         Ok(result?)
     }
 }

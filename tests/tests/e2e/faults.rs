@@ -290,3 +290,47 @@ async fn a_stage_that_makes_no_progress_with_work_waiting_reports_not_ready() {
     }
     p.stop().await;
 }
+
+/// The invariant gauge of this namespace, once it is computed.
+async fn unaccounted(p: &Pipeline) -> Option<f64> {
+    let text = p.http.get(format!("{}/metrics", p.base)).send().await.unwrap().text().await.unwrap();
+    let ns = p.env.names.namespace().to_string();
+    text.lines()
+        .find(|l| l.starts_with("halakha_pipeline_unaccounted{") && l.contains(&format!("namespace=\"{ns}\"")))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+}
+
+async fn wait_for_books(p: &Pipeline, expected: f64) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let v = unaccounted(p).await;
+        if v == Some(expected) {
+            return;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "the books say {v:?}, expected {expected}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_invariant_gauge_returns_to_zero_when_idle_and_shows_a_lost_message() {
+    let every = [("BOOKS_INTERVAL_SECS", "1")];
+    let p = Pipeline::start(Spec { ingest_vars: &every, ..Spec::default() }).await;
+    let ids = submit_retrying(&p, &texts(10, 150)).await;
+    let _: Vec<Published> = p.env.collect(S::Published, 10, Duration::from_secs(60)).await;
+    p.env.wait_idle(S::Enriched, "publish", Duration::from_secs(30)).await;
+    wait_for_books(&p, 0.0).await;
+    assert_each_ended_once(&p, &ids).await;
+
+    // A halakha accepted in Postgres whose message went nowhere: lost.
+    let db = p.env.db().await;
+    db.execute(
+        "INSERT INTO halakhot (id, status, content, received_at) VALUES ('lost-on-purpose', 'accepted', 'x', now())",
+        &[],
+    )
+    .await
+    .unwrap();
+    wait_for_books(&p, 1.0).await;
+    p.stop().await;
+}
