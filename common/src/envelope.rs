@@ -261,6 +261,19 @@ impl ErrorKind {
     }
 }
 
+/// One failed delivery of a message, as the dead letter recounts it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Attempt {
+    /// The delivery number (1 for the first).
+    pub attempt: u64,
+    #[serde(with = "time::serde::rfc3339")]
+    pub at: OffsetDateTime,
+    pub reason: String,
+}
+
+/// The header carrying a submission's trace id through every stage.
+pub const TRACE_HEADER: &str = "Halakha-Trace-Id";
+
 /// A message a stage gave up on, published on `<ns>.dlq.<stage>`.
 ///
 /// Keeps the original payload and headers so it can be put back where it
@@ -291,6 +304,12 @@ pub struct DeadLetter {
     /// kept; the whole message stays at `stream`/`stream_seq`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub payload_truncated_from: Option<u64>,
+    /// Every failed delivery before this one, oldest first, with the last.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub history: Vec<Attempt>,
+    /// The submission's trace id (`Halakha-Trace-Id`), when it had one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub trace_id: Option<String>,
 }
 
 impl Envelope for DeadLetter {
@@ -429,6 +448,8 @@ mod tests {
             payload: Some("{}".into()),
             payload_base64: None,
             payload_truncated_from: None,
+            history: Vec::new(),
+            trace_id: None,
         };
         snapshot(
             &m,

@@ -115,6 +115,7 @@ impl App {
             js: stage.js.clone(),
             names: stage.names.clone(),
             publisher: Publisher::new(stage.js.clone()),
+            attempts: halakha_nats::topology::attempts_bucket(&stage.js, &stage.names).await,
         });
 
         // The form route waits for these events: subscribe before serving.

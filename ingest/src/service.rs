@@ -80,7 +80,10 @@ impl Ingestor {
     /// Publish `<ns>.ingested` under the halakha id (the broker's half of
     /// idempotency). True when the broker had it already.
     pub async fn publish(&self, message: &Ingested) -> Result<bool, PublishError> {
-        Ok(self.publisher.publish_json(&self.ingested_subject, &message.id, message).await?.duplicate)
+        let mut headers = async_nats::HeaderMap::new();
+        let trace = halakha_nats::runner::new_trace_id(&message.id);
+        headers.insert(halakha_common::envelope::TRACE_HEADER, trace.as_str());
+        Ok(self.publisher.publish_json_with(&self.ingested_subject, &message.id, message, headers).await?.duplicate)
     }
 
     /// Validate, record and publish: the whole acceptance of one HTTP item.

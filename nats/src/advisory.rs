@@ -14,7 +14,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::names::{Names, Subject};
 use crate::publisher::Publisher;
-use crate::runner::{Delivery, Handler, Origin, dead_letter_entry, dead_letter_id};
+use crate::runner::{Delivery, Handler, Origin, attempt_history, dead_letter_entry, dead_letter_id};
 
 /// `io.nats.jetstream.advisory.v1.max_deliver`, as the server sends it.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -42,6 +42,8 @@ pub struct AdvisoryHandler {
     pub js: jetstream::Context,
     pub names: Names,
     pub publisher: Publisher,
+    /// Failed attempts recorded by the stages, for the history.
+    pub attempts: Option<jetstream::kv::Store>,
 }
 
 impl Handler for AdvisoryHandler {
@@ -85,6 +87,8 @@ impl Handler for AdvisoryHandler {
                 dead_letter_entry(stage.as_str(), ErrorKind::MaxDeliveries, reason, a.deliveries, None, &origin)
             }
         };
+        let mut entry = entry;
+        entry.history = attempt_history(self.attempts.as_ref(), &a.stream, a.stream_seq).await;
         let subject = self.names.subject(Subject::DeadLetter(stage));
         self.publisher
             .publish_json(&subject, &dead_letter_id(&a.stream, a.stream_seq), &entry)

@@ -173,6 +173,12 @@ impl Names {
         all
     }
 
+    /// The key-value bucket keeping the failed attempts of each message
+    /// (for the dead letters' history).
+    pub fn attempts_bucket(&self) -> String {
+        format!("{}_ATTEMPTS", self.stream_prefix())
+    }
+
     /// The stream keeping the max-deliveries advisories of the stages.
     pub fn advisories_stream(&self) -> String {
         format!("{}_ADVISORIES", self.stream_prefix())

@@ -62,4 +62,16 @@ impl Publisher {
         let payload = Bytes::from(serde_json::to_vec(value)?);
         self.publish(subject, msg_id, payload, None).await
     }
+
+    /// Publish a value as JSON with extra headers (a trace id).
+    pub async fn publish_json_with<T: Serialize>(
+        &self,
+        subject: &str,
+        msg_id: &str,
+        value: &T,
+        headers: HeaderMap,
+    ) -> Result<PublishAck, PublishError> {
+        let payload = Bytes::from(serde_json::to_vec(value)?);
+        self.publish(subject, msg_id, payload, Some(headers)).await
+    }
 }

@@ -22,12 +22,12 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use async_nats::HeaderMap;
-use async_nats::jetstream::{self, AckKind, consumer::PullConsumer};
+use async_nats::jetstream::{self, AckKind, consumer::PullConsumer, kv};
 use base64::Engine as _;
 use futures::StreamExt;
 use halakha_common::StageError;
 use halakha_common::config::Reader;
-use halakha_common::envelope::{DeadLetter, Envelope, ErrorKind, SCHEMA_VERSION};
+use halakha_common::envelope::{Attempt, DeadLetter, Envelope, ErrorKind, SCHEMA_VERSION, TRACE_HEADER};
 use halakha_common::health::ReadyFlag;
 use halakha_common::metrics as m;
 use serde::Serialize;
@@ -158,6 +158,7 @@ pub struct Runner {
     config: RunnerConfig,
     consuming: ReadyFlag,
     progress: ReadyFlag,
+    attempts: Option<kv::Store>,
 }
 
 impl Runner {
@@ -174,7 +175,8 @@ impl Runner {
         let consumer_config = topology::consumer(names, &route, &config.overrides())?;
         let consumer = topology::apply_consumer(js, &route, consumer_config).await?;
         progress.set(true);
-        Ok(Self { route, consumer, publisher: Publisher::new(js.clone()), config, consuming, progress })
+        let attempts = topology::attempts_bucket(js, names).await;
+        Ok(Self { route, consumer, publisher: Publisher::new(js.clone()), config, consuming, progress, attempts })
     }
 
     pub fn route(&self) -> &Route {
@@ -197,6 +199,7 @@ impl Runner {
             shutdown: shutdown.clone(),
             consuming: self.consuming.clone(),
             last_progress: std::sync::atomic::AtomicU64::new(now_ms()),
+            attempts: self.attempts.clone(),
         });
         let watchdog = tokio::spawn(watch_progress(
             shared.clone(),
@@ -310,6 +313,8 @@ struct Shared {
     consuming: ReadyFlag,
     /// When a message last finished (ms since the epoch), for the watchdog.
     last_progress: std::sync::atomic::AtomicU64,
+    /// Failed deliveries by message, for the dead letters' history.
+    attempts: Option<kv::Store>,
 }
 
 fn now_ms() -> u64 {
@@ -419,6 +424,12 @@ async fn process<H: Handler>(shared: &Shared, handler: &H, msg: jetstream::Messa
             // Shut down while paused: hand the message back at once.
             Err(e) if e.is_paused() => Outcome::Nak(Duration::ZERO),
             Err(e) if e.is_transient() && delivery.delivered < shared.config.max_deliver => {
+                let attempt = Attempt {
+                    attempt: u64::try_from(delivery.delivered).unwrap_or(0),
+                    at: OffsetDateTime::now_utc(),
+                    reason: e.full_reason(),
+                };
+                record_attempt(shared.attempts.as_ref(), &delivery.stream, delivery.stream_seq, attempt).await;
                 // Never sooner than the remote side asked, never sooner than
                 // our own back-off: both protect the provider.
                 let backoff = shared.config.backoff(delivery.delivered);
@@ -508,7 +519,16 @@ async fn handle<H: Handler>(
         return (Some(id), Ok(()));
     };
     let msg_id = handler.output_message_id(&output, delivery);
-    let published = shared.publisher.publish_json(subject, &msg_id, &output).await;
+    // The trace id follows the submission through every stage.
+    let trace = delivery
+        .headers
+        .as_ref()
+        .and_then(|h| h.get(TRACE_HEADER))
+        .map(|v| v.as_str().to_owned())
+        .unwrap_or_else(|| new_trace_id(&output.id()));
+    let mut headers = HeaderMap::new();
+    headers.insert(TRACE_HEADER, trace.as_str());
+    let published = shared.publisher.publish_json_with(subject, &msg_id, &output, headers).await;
     let result = match published {
         Ok(_) => Ok(()),
         Err(e) => {
@@ -592,6 +612,44 @@ pub fn dead_letter_entry(
         payload,
         payload_base64,
         payload_truncated_from: truncated_from,
+        history: Vec::new(),
+        trace_id: origin.headers.and_then(|h| h.get(TRACE_HEADER)).map(|v| v.as_str().to_owned()),
+    }
+}
+
+/// A new trace id: the halakha id and the time, unique per submission.
+pub fn new_trace_id(id: &str) -> String {
+    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_nanos();
+    format!("{id}-{nanos:x}")
+}
+
+fn attempt_key(stream: &str, seq: u64) -> String {
+    format!("{stream}.{seq}")
+}
+
+/// Note a failed delivery, for the history of a later dead letter.
+/// Best effort: a lost record only shortens the history.
+async fn record_attempt(attempts: Option<&kv::Store>, stream: &str, seq: u64, attempt: Attempt) {
+    let Some(store) = attempts else { return };
+    let key = attempt_key(stream, seq);
+    let mut history: Vec<Attempt> = match store.get(&key).await {
+        Ok(Some(bytes)) => serde_json::from_slice(&bytes).unwrap_or_default(),
+        _ => Vec::new(),
+    };
+    history.push(attempt);
+    if let Ok(bytes) = serde_json::to_vec(&history)
+        && let Err(error) = store.put(&key, bytes.into()).await
+    {
+        tracing::debug!(%error, "Could not record a failed attempt");
+    }
+}
+
+/// The failed deliveries recorded for a message, oldest first.
+pub async fn attempt_history(attempts: Option<&kv::Store>, stream: &str, seq: u64) -> Vec<Attempt> {
+    let Some(store) = attempts else { return Vec::new() };
+    match store.get(attempt_key(stream, seq)).await {
+        Ok(Some(bytes)) => serde_json::from_slice(&bytes).unwrap_or_default(),
+        _ => Vec::new(),
     }
 }
 
@@ -617,7 +675,10 @@ async fn dead_letter(
         payload: &msg.payload,
     };
     let attempts = u64::try_from(delivery.delivered).unwrap_or(0);
-    let entry = dead_letter_entry(shared.route.name, kind, reason, attempts, id, &origin);
+    let mut history = attempt_history(shared.attempts.as_ref(), &delivery.stream, delivery.stream_seq).await;
+    history.push(Attempt { attempt: attempts, at: OffsetDateTime::now_utc(), reason: reason.clone() });
+    let mut entry = dead_letter_entry(shared.route.name, kind, reason, attempts, id, &origin);
+    entry.history = history;
     let msg_id = dead_letter_id(&delivery.stream, delivery.stream_seq);
     shared.publisher.publish_json(&shared.route.dlq_subject, &msg_id, &entry).await?;
     Ok(())

@@ -221,6 +221,7 @@ impl TestEnv {
         for s in self.names.streams() {
             let _ = self.js.delete_stream(&s).await;
         }
+        let _ = self.js.delete_stream(format!("KV_{}", self.names.attempts_bucket())).await;
         let admin = connect_db(&admin_db_url()).await;
         let _ = admin.batch_execute(&format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", self.db_name)).await;
     }

@@ -142,6 +142,13 @@ async fn an_overloaded_model_is_retried_with_backoff_then_dead_lettered_after_ma
     assert_eq!((entry.error_kind, entry.attempts), (ErrorKind::MaxDeliveries, 3));
     assert!(entry.reason.contains("503") && entry.reason.contains("overloaded"), "reason: {}", entry.reason);
     assert_eq!(p.completions(), 3, "one call per delivery, no hidden retries");
+    // The whole story: every delivery, when, and why; and the trace id the
+    // submission got at ingest.
+    let attempts: Vec<u64> = entry.history.iter().map(|a| a.attempt).collect();
+    assert_eq!(attempts, vec![1, 2, 3]);
+    assert!(entry.history.iter().all(|a| a.reason.contains("503")), "{:?}", entry.history);
+    assert!(entry.history.windows(2).all(|w| w[0].at <= w[1].at));
+    assert!(entry.trace_id.as_deref().is_some_and(|t| t.starts_with(&id)), "{:?}", entry.trace_id);
     let v = p.env.wait_for_status(&p.base, &id, Duration::from_secs(30), |v| v["status"] == "failed").await;
     assert!(v["error"].as_str().unwrap().starts_with("enrich: "), "{v}");
     p.stop().await;
