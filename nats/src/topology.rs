@@ -194,6 +194,40 @@ pub async fn apply_consumer(
     js.create_consumer_on_stream(config, &route.input_stream).await.map_err(err)
 }
 
+/// The bucket of failed attempts (created if missing; kept 7 days). Best
+/// effort: without it, dead letters carry only their last attempt.
+pub async fn attempts_bucket(js: &jetstream::Context, names: &Names) -> Option<jetstream::kv::Store> {
+    let bucket = names.attempts_bucket();
+    if let Ok(store) = js.get_key_value(&bucket).await {
+        return Some(store);
+    }
+    // The bucket's stream, made directly (the client's own bucket creation
+    // reads account details that NATS 2.9 answers differently).
+    let config = stream::Config {
+        name: format!("KV_{bucket}"),
+        description: Some("Failed deliveries of pipeline messages, by stream and sequence".into()),
+        subjects: vec![format!("$KV.{bucket}.>")],
+        max_messages_per_subject: 1,
+        max_age: Duration::from_secs(7 * 24 * 3600),
+        storage: stream::StorageType::File,
+        allow_rollup: true,
+        deny_delete: true,
+        allow_direct: true,
+        discard: stream::DiscardPolicy::New,
+        ..Default::default()
+    };
+    match js.create_stream(config).await.map(|_| ()) {
+        Ok(()) => js.get_key_value(&bucket).await.ok(),
+        Err(error) => match js.get_key_value(&bucket).await {
+            Ok(store) => Some(store),
+            Err(_) => {
+                tracing::warn!(%error, %bucket, "No attempts bucket: dead letters will carry only their last attempt");
+                None
+            }
+        },
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -233,39 +267,5 @@ mod tests {
         let c = consumer(&n, &n.route(Stage::Publish), &o).expect("valid");
         assert_eq!(c.filter_subject, "t_42.enriched");
         assert_eq!(c.max_deliver, 2);
-    }
-}
-
-/// The bucket of failed attempts (created if missing; kept 7 days). Best
-/// effort: without it, dead letters carry only their last attempt.
-pub async fn attempts_bucket(js: &jetstream::Context, names: &Names) -> Option<jetstream::kv::Store> {
-    let bucket = names.attempts_bucket();
-    if let Ok(store) = js.get_key_value(&bucket).await {
-        return Some(store);
-    }
-    // The bucket's stream, made directly (the client's own bucket creation
-    // reads account details that NATS 2.9 answers differently).
-    let config = stream::Config {
-        name: format!("KV_{bucket}"),
-        description: Some("Failed deliveries of pipeline messages, by stream and sequence".into()),
-        subjects: vec![format!("$KV.{bucket}.>")],
-        max_messages_per_subject: 1,
-        max_age: Duration::from_secs(7 * 24 * 3600),
-        storage: stream::StorageType::File,
-        allow_rollup: true,
-        deny_delete: true,
-        allow_direct: true,
-        discard: stream::DiscardPolicy::New,
-        ..Default::default()
-    };
-    match js.create_stream(config).await.map(|_| ()) {
-        Ok(()) => js.get_key_value(&bucket).await.ok(),
-        Err(error) => match js.get_key_value(&bucket).await {
-            Ok(store) => Some(store),
-            Err(_) => {
-                tracing::warn!(%error, %bucket, "No attempts bucket: dead letters will carry only their last attempt");
-                None
-            }
-        },
     }
 }
