@@ -191,6 +191,7 @@ impl Runner {
         // process is killed, a test aborts the stage) every in-flight
         // handler goes with it, as it would with the process.
         let mut in_flight: JoinSet<()> = JoinSet::new();
+        let holding: Arc<std::sync::Mutex<std::collections::HashMap<u64, jetstream::Message>>> = Arc::default();
         let shared = Arc::new(Shared {
             route: self.route.clone(),
             publisher: self.publisher.clone(),
@@ -269,8 +270,18 @@ impl Runner {
                                 let shared = shared.clone();
                                 let handler = handler.clone();
                                 while in_flight.try_join_next().is_some() {}
+                                // Remember what is held, to hand it back if
+                                // the drain runs out of time.
+                                let key = held_key(&msg);
+                                if let (Ok(mut h), Some(k)) = (holding.lock(), key) {
+                                    h.insert(k, msg.clone());
+                                }
+                                let holding = holding.clone();
                                 in_flight.spawn(async move {
                                     process(&shared, handler.as_ref(), msg).await;
+                                    if let (Ok(mut h), Some(k)) = (holding.lock(), key) {
+                                        h.remove(&k);
+                                    }
                                     drop(permit);
                                 });
                             }
@@ -292,10 +303,18 @@ impl Runner {
             tokio::time::timeout(self.config.drain_timeout, async { while in_flight.join_next().await.is_some() {} })
                 .await;
         if drained.is_err() {
+            // Out of time: stop the handlers and hand their messages back
+            // at once (no delay), for another replica to take.
+            in_flight.abort_all();
+            let left: Vec<jetstream::Message> =
+                holding.lock().map(|mut h| h.drain().map(|(_, m)| m).collect()).unwrap_or_default();
+            for msg in &left {
+                let _ = msg.ack_with(AckKind::Nak(None)).await;
+            }
             tracing::warn!(
                 stage,
-                in_flight = in_flight.len(),
-                "Drain timeout reached; unfinished messages will be redelivered"
+                handed_back = left.len(),
+                "Drain timeout reached; unfinished messages nak'ed for redelivery"
             );
         } else {
             tracing::info!(stage, "Drained");
@@ -315,6 +334,11 @@ struct Shared {
     last_progress: std::sync::atomic::AtomicU64,
     /// Failed deliveries by message, for the dead letters' history.
     attempts: Option<kv::Store>,
+}
+
+/// A held message's stream sequence (its key while in flight).
+fn held_key(msg: &jetstream::Message) -> Option<u64> {
+    msg.info().ok().map(|i| i.stream_sequence)
 }
 
 fn now_ms() -> u64 {

@@ -443,6 +443,15 @@ impl Pipeline {
         }
     }
 
+    /// Stop every replica of a stage the graceful way (SIGTERM's path).
+    pub async fn stop_stage(&mut self, name: &str) {
+        let (stopping, alive): (Vec<_>, Vec<_>) = self.stages.drain(..).partition(|(n, _)| *n == name);
+        self.stages = alive;
+        for (_, stage) in stopping {
+            stage.stop().await;
+        }
+    }
+
     /// Start another enrich replica on the same consumer.
     pub async fn add_enrich(&mut self, vars: &[(&str, &str)]) {
         let stage = spawn_enrich(&self.env, &self.openai.uri(), vars).await;

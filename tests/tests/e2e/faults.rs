@@ -334,3 +334,33 @@ async fn the_invariant_gauge_returns_to_zero_when_idle_and_shows_a_lost_message(
     wait_for_books(&p, 1.0).await;
     p.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn when_the_drain_runs_out_of_time_held_messages_are_handed_back_at_once() {
+    // A long ack_wait: without the hand-back, the message would wait 60 s.
+    let vars = [("DRAIN_TIMEOUT_SECS", "1"), ("ACK_WAIT_SECS", "60"), ("OPENAI_TIMEOUT_MS", "600000")];
+    let mut p = Pipeline::start(Spec {
+        model: halakha_tests::fakes::Model::Hang,
+        publish: false,
+        enrich_vars: &vars,
+        ..Spec::default()
+    })
+    .await;
+    submit_retrying(&p, &texts(1, 160)).await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    while p.completions() == 0 {
+        assert!(tokio::time::Instant::now() < deadline, "enrich never called the model");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let stopped = std::time::Instant::now();
+    p.stop_stage("enrich").await;
+    assert!(stopped.elapsed() < Duration::from_secs(10), "the drain is bounded");
+    // Another replica gets it at once, long before the 60 s ack_wait.
+    p.add_enrich(&vars).await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+    while p.completions() < 2 {
+        assert!(tokio::time::Instant::now() < deadline, "the message was not handed back");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    p.stop().await;
+}
