@@ -310,6 +310,10 @@ pub struct DeadLetter {
     /// The submission's trace id (`Halakha-Trace-Id`), when it had one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub trace_id: Option<String>,
+    /// What the stage worked with, where relevant (enrich: `model`,
+    /// `prompt_version`, `schema_version`).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub context: BTreeMap<String, String>,
 }
 
 impl Envelope for DeadLetter {
@@ -450,6 +454,7 @@ mod tests {
             payload_truncated_from: None,
             history: Vec::new(),
             trace_id: None,
+            context: BTreeMap::new(),
         };
         snapshot(
             &m,

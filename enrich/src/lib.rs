@@ -55,6 +55,15 @@ impl Handler for EnrichHandler {
     type Input = Ingested;
     type Output = Enriched;
 
+    fn dead_letter_context(&self) -> std::collections::BTreeMap<String, String> {
+        [
+            ("model".to_owned(), self.llm.model().to_owned()),
+            ("prompt_version".to_owned(), self.prompt.version.clone()),
+            ("schema_version".to_owned(), SCHEMA_VERSION.to_string()),
+        ]
+        .into()
+    }
+
     async fn handle(&self, input: Ingested, _delivery: &Delivery) -> Result<Option<Enriched>, StageError> {
         let key = self.cache_key(&input);
         let cached = self.cache.get(&key).await.and_then(|bytes| serde_json::from_slice::<Enrichment>(&bytes).ok());

@@ -141,6 +141,12 @@ pub trait Handler: Send + Sync + 'static {
     fn output_message_id(&self, output: &Self::Output, delivery: &Delivery) -> String {
         format!("{}:{}:{}", output.id(), delivery.stream, delivery.stream_seq)
     }
+
+    /// What the stage worked with, for its dead letters (for example the
+    /// model and prompt version). Empty by default.
+    fn dead_letter_context(&self) -> BTreeMap<String, String> {
+        BTreeMap::new()
+    }
 }
 
 /// Why the runner could not start or keep running.
@@ -465,7 +471,7 @@ async fn process<H: Handler>(shared: &Shared, handler: &H, msg: jetstream::Messa
                 let kind = if e.is_transient() { ErrorKind::MaxDeliveries } else { ErrorKind::Permanent };
                 let reason = e.full_reason();
                 tracing::error!(error = %reason, kind = kind.as_str(), "Giving up on message; dead-lettering");
-                match dead_letter(shared, &msg, &delivery, id, kind, reason).await {
+                match dead_letter(shared, &msg, &delivery, id, kind, reason, handler.dead_letter_context()).await {
                     Ok(()) => Outcome::DeadLetter(kind),
                     Err(error) => {
                         tracing::error!(%error, "Dead-letter publish failed; will retry the message");
@@ -638,6 +644,7 @@ pub fn dead_letter_entry(
         payload_truncated_from: truncated_from,
         history: Vec::new(),
         trace_id: origin.headers.and_then(|h| h.get(TRACE_HEADER)).map(|v| v.as_str().to_owned()),
+        context: BTreeMap::new(),
     }
 }
 
@@ -690,6 +697,7 @@ async fn dead_letter(
     id: Option<String>,
     kind: ErrorKind,
     reason: String,
+    context: BTreeMap<String, String>,
 ) -> Result<(), crate::PublishError> {
     let origin = Origin {
         subject: &delivery.subject,
@@ -703,6 +711,7 @@ async fn dead_letter(
     history.push(Attempt { attempt: attempts, at: OffsetDateTime::now_utc(), reason: reason.clone() });
     let mut entry = dead_letter_entry(shared.route.name, kind, reason, attempts, id, &origin);
     entry.history = history;
+    entry.context = context;
     let msg_id = dead_letter_id(&delivery.stream, delivery.stream_seq);
     shared.publisher.publish_json(&shared.route.dlq_subject, &msg_id, &entry).await?;
     Ok(())

@@ -467,6 +467,21 @@ impl Pipeline {
         self.stages.iter().find(|(n, _)| *n == name).map(|(_, r)| r.metrics_addr).unwrap()
     }
 
+    /// The invariant: each id published (one row, one Notion page) exactly
+    /// once, no stray row; prints the counts for the reliability table.
+    pub async fn assert_each_ended_once(&self, ids: &[String]) {
+        let db = self.env.db().await;
+        let notion = self.notion_state.as_ref().unwrap();
+        for id in ids {
+            let row = db.query_one("SELECT status FROM halakhot WHERE id = $1", &[id]).await.unwrap();
+            assert_eq!(row.get::<_, String>(0), "published", "{id}");
+            assert_eq!(notion.pages_for(id).len(), 1, "{id}: exactly one page");
+        }
+        let rows: i64 = db.query_one("SELECT count(*) FROM halakhot", &[]).await.unwrap().get(0);
+        assert_eq!(rows as usize, ids.len(), "no stray row");
+        eprintln!("submitted {0}, published {0}, dead-lettered 0, lost 0, duplicated 0", ids.len());
+    }
+
     /// Stop every stage (draining) and remove the environment.
     pub async fn stop(self) {
         for (_, stage) in self.stages {

@@ -149,6 +149,8 @@ async fn an_overloaded_model_is_retried_with_backoff_then_dead_lettered_after_ma
     assert!(entry.history.iter().all(|a| a.reason.contains("503")), "{:?}", entry.history);
     assert!(entry.history.windows(2).all(|w| w[0].at <= w[1].at));
     assert!(entry.trace_id.as_deref().is_some_and(|t| t.starts_with(&id)), "{:?}", entry.trace_id);
+    assert_eq!(entry.context["model"], "gpt-4o-mini");
+    assert!(entry.context["prompt_version"].starts_with("sha256:"));
     let v = p.env.wait_for_status(&p.base, &id, Duration::from_secs(30), |v| v["status"] == "failed").await;
     assert!(v["error"].as_str().unwrap().starts_with("enrich: "), "{v}");
     p.stop().await;

@@ -112,7 +112,7 @@ fn corpus_texts(n: usize) -> Vec<(String, String)> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn under_rate_limits_errors_and_hung_calls_two_hundred_texts_are_each_enriched_exactly_once() {
     let vars = [("CONCURRENCY", "16"), ("OPENAI_TIMEOUT_MS", "500"), ("MAX_DELIVER", "5")];
-    let p = Pipeline::start(Spec { model: Model::Chaos, publish: false, enrich_vars: &vars, ..Spec::default() }).await;
+    let p = Pipeline::start(Spec { model: Model::Chaos, enrich_vars: &vars, ..Spec::default() }).await;
     let texts = corpus_texts(424);
     let texts: Vec<_> = texts.into_iter().take(200).collect();
     let mut ids = submit_batch(&p, &texts[..100]).await;
@@ -138,6 +138,10 @@ async fn under_rate_limits_errors_and_hung_calls_two_hundred_texts_are_each_enri
     eprintln!("chaos: {limited} rate-limited, {errors} server errors, {hung} hung, {} calls", p.completions());
     assert!(limited > 20 && errors > 10 && hung > 10, "the fake did fail: {limited}/{errors}/{hung}");
     assert!(p.completions() as f64 >= 200.0 * 1.3, "about 30% of calls failed and were retried");
+    // And to the end: one row and one page each.
+    let _: Vec<halakha_common::Published> = p.env.collect(S::Published, 200, Duration::from_secs(120)).await;
+    p.env.wait_idle(S::Enriched, "publish", Duration::from_secs(60)).await;
+    p.assert_each_ended_once(&ids).await;
     p.stop().await;
 }
 

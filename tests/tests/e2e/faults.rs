@@ -36,22 +36,9 @@ async fn submit_retrying(p: &Pipeline, texts: &[(String, String)]) -> Vec<String
     ids
 }
 
-/// The invariant: each id published (one row, one page) or dead-lettered,
-/// exactly once; the counts for the reliability table.
+/// The invariant (see [`Pipeline::assert_each_ended_once`]).
 async fn assert_each_ended_once(p: &Pipeline, ids: &[String]) {
-    let db = p.env.db().await;
-    let notion = p.notion_state.as_ref().unwrap();
-    let mut published = 0;
-    for id in ids {
-        let row = db.query_one("SELECT status FROM halakhot WHERE id = $1", &[id]).await.unwrap();
-        let status: String = row.get(0);
-        assert_eq!(status, "published", "{id}");
-        assert_eq!(notion.pages_for(id).len(), 1, "{id}: exactly one page");
-        published += 1;
-    }
-    let rows: i64 = db.query_one("SELECT count(*) FROM halakhot", &[]).await.unwrap().get(0);
-    assert_eq!(rows as usize, ids.len(), "no stray row");
-    eprintln!("submitted {}, published {published}, dead-lettered 0, lost 0, duplicated 0", ids.len());
+    p.assert_each_ended_once(ids).await;
 }
 
 fn texts(n: usize, skip: usize) -> Vec<(String, String)> {
