@@ -7,6 +7,7 @@
 pub mod advisory;
 pub mod connect;
 pub mod names;
+pub mod ops;
 pub mod publisher;
 pub mod runner;
 pub mod stage;

@@ -21,6 +21,30 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Re-publish stored messages of a stage's input stream back to it,
+    /// under fresh message ids (the business ids stay the same).
+    Replay {
+        /// ingest, enrich or publish: whose input to replay.
+        #[arg(long)]
+        stage: halakha_nats::Stage,
+        /// First stream sequence.
+        #[arg(long)]
+        from_seq: u64,
+        /// Last stream sequence (default: the last stored).
+        #[arg(long)]
+        to_seq: Option<u64>,
+        /// Messages per second at most.
+        #[arg(long)]
+        rate: Option<u32>,
+        /// Count what would be sent; send nothing.
+        #[arg(long)]
+        dry_run: bool,
+    },
+    /// Dead letters: list them, put them back where they failed.
+    Dlq {
+        #[command(subcommand)]
+        command: DlqCommand,
+    },
     /// The pipeline's Postgres database.
     Db {
         #[command(subcommand)]
@@ -34,6 +58,34 @@ enum Command {
         /// Seconds to wait for an answer.
         #[arg(long, default_value_t = 3)]
         timeout: u64,
+    },
+}
+
+#[derive(Subcommand)]
+enum DlqCommand {
+    /// The dead letters, oldest first.
+    List {
+        /// Only this stage's.
+        #[arg(long)]
+        stage: Option<halakha_nats::Stage>,
+        /// One JSON object per line, for scripts.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Put entries back on the subject where they failed; each entry is
+    /// removed once its message is stored again.
+    Redrive {
+        /// The entries' sequences in the dead-letter stream.
+        #[arg(long = "seq", required_unless_present = "all")]
+        seqs: Vec<u64>,
+        /// Every entry (of `--stage` when given).
+        #[arg(long, conflicts_with = "seqs")]
+        all: bool,
+        #[arg(long)]
+        stage: Option<halakha_nats::Stage>,
+        /// Count what would be sent; send nothing.
+        #[arg(long)]
+        dry_run: bool,
     },
 }
 
@@ -63,6 +115,117 @@ async fn main() -> ExitCode {
             }
         }
         Command::Health { url, timeout } => health(&url, Duration::from_secs(timeout)).await,
+        Command::Replay { stage, from_seq, to_seq, rate, dry_run } => {
+            let Some((js, names)) = nats().await else { return ExitCode::FAILURE };
+            let pace = rate.filter(|r| *r > 0).map(|r| Duration::from_secs_f64(1.0 / f64::from(r)));
+            let total = to_seq.map(|t| t.saturating_sub(from_seq) + 1);
+            let progress = |seq: u64| {
+                let done = seq.saturating_sub(from_seq) + 1;
+                if done % 100 == 0 || Some(done) == total {
+                    eprint!("\r{done}{} messages", total.map(|t| format!("/{t}")).unwrap_or_default());
+                }
+            };
+            match halakha_nats::ops::replay(&js, &names, stage, from_seq, to_seq, dry_run, pace, progress).await {
+                Ok(r) => {
+                    eprintln!();
+                    println!(
+                        "found {}, sent {}, skipped {}{}",
+                        r.found,
+                        r.sent,
+                        r.skipped,
+                        if dry_run { " (dry run)" } else { "" }
+                    );
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("halakha replay failed: {}", chain(&e));
+                    ExitCode::FAILURE
+                }
+            }
+        }
+        Command::Dlq { command } => {
+            let Some((js, names)) = nats().await else { return ExitCode::FAILURE };
+            match command {
+                DlqCommand::List { stage, json } => match halakha_nats::ops::dlq_list(&js, &names, stage).await {
+                    Ok(entries) => {
+                        for e in &entries {
+                            if json {
+                                println!("{}", serde_json::to_string(e).unwrap_or_default());
+                            } else {
+                                println!(
+                                    "{:>6}  {}  {:<8} {:<15} {}  {}",
+                                    e.seq,
+                                    e.entry.failed_at.date(),
+                                    e.entry.stage,
+                                    e.entry.error_kind.as_str(),
+                                    e.entry.id.as_deref().unwrap_or("-"),
+                                    e.entry.reason.chars().take(100).collect::<String>()
+                                );
+                            }
+                        }
+                        if !json {
+                            eprintln!("{} dead letter(s)", entries.len());
+                        }
+                        ExitCode::SUCCESS
+                    }
+                    Err(e) => {
+                        eprintln!("halakha dlq list failed: {}", chain(&e));
+                        ExitCode::FAILURE
+                    }
+                },
+                DlqCommand::Redrive { seqs, all, stage, dry_run } => {
+                    let seqs = if all {
+                        match halakha_nats::ops::dlq_list(&js, &names, stage).await {
+                            Ok(entries) => entries.iter().map(|e| e.seq).collect(),
+                            Err(e) => {
+                                eprintln!("halakha dlq redrive failed: {}", chain(&e));
+                                return ExitCode::FAILURE;
+                            }
+                        }
+                    } else {
+                        seqs
+                    };
+                    match halakha_nats::ops::dlq_redrive(&js, &names, &seqs, dry_run).await {
+                        Ok(r) => {
+                            println!(
+                                "found {}, sent {}, skipped {}{}",
+                                r.found,
+                                r.sent,
+                                r.skipped,
+                                if dry_run { " (dry run)" } else { "" }
+                            );
+                            ExitCode::SUCCESS
+                        }
+                        Err(e) => {
+                            eprintln!("halakha dlq redrive failed: {}", chain(&e));
+                            ExitCode::FAILURE
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// NATS and the namespace, from `NATS_URL` and `PIPELINE_NAMESPACE` (and
+/// `.env`), as the stages read them.
+async fn nats() -> Option<(async_nats::jetstream::Context, halakha_nats::Names)> {
+    use secrecy::ExposeSecret;
+    let (url, namespace) = config::load_or_exit(|r| {
+        let url = secrecy::SecretString::from(r.string_or("NATS_URL", "nats://127.0.0.1:4222"));
+        let ns: halakha_nats::Namespace = r.parse_or("PIPELINE_NAMESPACE", halakha_nats::Namespace::default());
+        (url, ns)
+    });
+    match async_nats::ConnectOptions::new()
+        .connection_timeout(Duration::from_secs(5))
+        .connect(url.expose_secret())
+        .await
+    {
+        Ok(client) => Some((async_nats::jetstream::new(client), halakha_nats::Names::new(namespace))),
+        Err(e) => {
+            eprintln!("could not connect to NATS: {e}");
+            None
+        }
     }
 }
 
