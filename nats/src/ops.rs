@@ -68,25 +68,36 @@ fn fresh_headers(original: &HeaderMap) -> HeaderMap {
     headers
 }
 
+/// What to replay.
+#[derive(Debug, Clone)]
+pub struct Replay {
+    /// Whose input stream.
+    pub stage: Stage,
+    /// First stream sequence.
+    pub from: u64,
+    /// Last stream sequence (default: the last stored).
+    pub to: Option<u64>,
+    /// Count only; send nothing.
+    pub dry_run: bool,
+    /// Time between two sends (a rate limit).
+    pub pace: Option<Duration>,
+}
+
 /// Re-publish the stored messages `from..=to` of a stage's input stream
-/// back to it. `pace` spaces the sends (a rate limit); `progress` is told
-/// each sequence handled.
+/// back to it; `progress` is told each sequence handled.
 pub async fn replay(
     js: &jetstream::Context,
     names: &Names,
-    stage: Stage,
-    from: u64,
-    to: Option<u64>,
-    dry_run: bool,
-    pace: Option<Duration>,
+    spec: &Replay,
     mut progress: impl FnMut(u64),
 ) -> Result<Report, OpsError> {
+    let Replay { stage, from, to, dry_run, pace } = spec.clone();
     let route = names.route(stage);
     let mut s = stream(js, route.input_stream.clone()).await?;
     let last = s
         .info()
         .await
-        .map_err(|e| OpsError::Info { stream: route.input_stream.clone(), source: e.into() })?
+        .map_err(|e| OpsError::Info { stream: route.input_stream.clone(), source: e })?
         .state
         .last_sequence;
     let to = to.unwrap_or(last).min(last);
@@ -126,7 +137,7 @@ pub struct Entry {
 pub async fn dlq_list(js: &jetstream::Context, names: &Names, stage: Option<Stage>) -> Result<Vec<Entry>, OpsError> {
     let name = names.stream(Subject::DeadLetter(Stage::Ingest));
     let mut s = stream(js, name.clone()).await?;
-    let state = s.info().await.map_err(|e| OpsError::Info { stream: name, source: e.into() })?.state.clone();
+    let state = s.info().await.map_err(|e| OpsError::Info { stream: name, source: e })?.state.clone();
     let mut out = Vec::new();
     if state.messages == 0 {
         return Ok(out);

@@ -125,7 +125,8 @@ async fn main() -> ExitCode {
                     eprint!("\r{done}{} messages", total.map(|t| format!("/{t}")).unwrap_or_default());
                 }
             };
-            match halakha_nats::ops::replay(&js, &names, stage, from_seq, to_seq, dry_run, pace, progress).await {
+            let spec = halakha_nats::ops::Replay { stage, from: from_seq, to: to_seq, dry_run, pace };
+            match halakha_nats::ops::replay(&js, &names, &spec, progress).await {
                 Ok(r) => {
                     eprintln!();
                     println!(

@@ -38,14 +38,14 @@ async fn replaying_a_sequence_range_reprocesses_exactly_those_messages_and_a_dry
     let _: Vec<Enriched> = p.env.collect(S::Enriched, 10, Duration::from_secs(60)).await;
     let stored: Vec<Ingested> = p.env.collect(S::Ingested, 10, Duration::from_secs(10)).await;
 
-    let dry = ops::replay(&p.env.js, &p.env.names, Stage::Enrich, 3, Some(6), true, None, |_| {}).await.unwrap();
+    let mut spec = ops::Replay { stage: Stage::Enrich, from: 3, to: Some(6), dry_run: true, pace: None };
+    let dry = ops::replay(&p.env.js, &p.env.names, &spec, |_| {}).await.unwrap();
     assert_eq!(dry, Report { found: 4, sent: 0, skipped: 0 });
     assert_eq!(p.env.stream_len(S::Ingested).await, 10, "a dry run sends nothing");
 
     let mut seen = Vec::new();
-    let report = ops::replay(&p.env.js, &p.env.names, Stage::Enrich, 3, Some(6), false, None, |seq| seen.push(seq))
-        .await
-        .unwrap();
+    spec.dry_run = false;
+    let report = ops::replay(&p.env.js, &p.env.names, &spec, |seq| seen.push(seq)).await.unwrap();
     assert_eq!(report, Report { found: 4, sent: 4, skipped: 0 });
     assert_eq!(seen, vec![3, 4, 5, 6]);
     let all: Vec<Enriched> = p.env.collect(S::Enriched, 14, Duration::from_secs(60)).await;
