@@ -27,10 +27,12 @@ pub enum OpsError {
     Info {
         stream: String,
         #[source]
-        source: jetstream::context::RequestError,
+        source: async_nats::Error,
     },
     #[error(transparent)]
     Publish(#[from] PublishError),
+    #[error("{0}")]
+    Purge(String),
     #[error("could not remove dead letter {seq}")]
     Delete {
         seq: u64,
@@ -97,7 +99,7 @@ pub async fn replay(
     let last = s
         .info()
         .await
-        .map_err(|e| OpsError::Info { stream: route.input_stream.clone(), source: e })?
+        .map_err(|e| OpsError::Info { stream: route.input_stream.clone(), source: e.into() })?
         .state
         .last_sequence;
     let to = to.unwrap_or(last).min(last);
@@ -137,7 +139,7 @@ pub struct Entry {
 pub async fn dlq_list(js: &jetstream::Context, names: &Names, stage: Option<Stage>) -> Result<Vec<Entry>, OpsError> {
     let name = names.stream(Subject::DeadLetter(Stage::Ingest));
     let mut s = stream(js, name.clone()).await?;
-    let state = s.info().await.map_err(|e| OpsError::Info { stream: name, source: e })?.state.clone();
+    let state = s.info().await.map_err(|e| OpsError::Info { stream: name, source: e.into() })?.state.clone();
     let mut out = Vec::new();
     if state.messages == 0 {
         return Ok(out);
@@ -210,4 +212,161 @@ pub async fn dlq_redrive(
         report.sent += 1;
     }
     Ok(report)
+}
+
+/// One stage's consumer, as the server reports it.
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct StageStatus {
+    pub stage: String,
+    pub stream: String,
+    pub consumer: String,
+    /// False when the consumer does not exist (the stage never ran).
+    pub present: bool,
+    /// Stored, not yet delivered.
+    pub pending: u64,
+    /// Delivered, not yet acknowledged.
+    pub ack_pending: u64,
+    /// Delivered more than once, not yet acknowledged.
+    pub redelivered: u64,
+    /// Pull requests waiting.
+    pub waiting: u64,
+    /// Last delivery (RFC 3339), if any.
+    pub last_active: Option<String>,
+    /// Entries on `<ns>.dlq.<stage>`.
+    pub dead_letters: u64,
+}
+
+/// The pipeline, stage by stage.
+#[derive(Debug, Clone, Serialize)]
+pub struct Status {
+    pub namespace: String,
+    pub stages: Vec<StageStatus>,
+}
+
+/// The consumers of the stages and their dead-letter depth.
+pub async fn status(js: &jetstream::Context, names: &Names) -> Result<Status, OpsError> {
+    use futures::TryStreamExt;
+    let dlq_name = names.stream(Subject::DeadLetter(Stage::Ingest));
+    let dlq = stream(js, dlq_name.clone()).await?;
+    let mut depth = std::collections::HashMap::new();
+    if let Ok(mut subjects) = dlq.info_with_subjects(names.dlq_wildcard()).await {
+        while let Ok(Some((subject, count))) = subjects.try_next().await {
+            depth.insert(subject, count as u64);
+        }
+    }
+    let mut stages = Vec::new();
+    for stage in Stage::ALL {
+        let route = names.route(stage);
+        let s = stream(js, route.input_stream.clone()).await?;
+        let dead_letters = depth.get(&route.dlq_subject).copied().unwrap_or(0);
+        let info = match s.consumer_info(&route.consumer).await {
+            Ok(info) => info,
+            Err(e) if matches!(e.kind(), jetstream::context::ConsumerInfoErrorKind::NotFound) => {
+                stages.push(StageStatus {
+                    stage: stage.as_str().to_owned(),
+                    stream: route.input_stream.clone(),
+                    consumer: route.consumer.clone(),
+                    present: false,
+                    pending: 0,
+                    ack_pending: 0,
+                    redelivered: 0,
+                    waiting: 0,
+                    last_active: None,
+                    dead_letters,
+                });
+                continue;
+            }
+            Err(e) => return Err(OpsError::Info { stream: route.input_stream.clone(), source: e.into() }),
+        };
+        stages.push(StageStatus {
+            stage: stage.as_str().to_owned(),
+            stream: route.input_stream.clone(),
+            consumer: route.consumer.clone(),
+            present: true,
+            pending: info.num_pending,
+            ack_pending: info.num_ack_pending as u64,
+            redelivered: info.num_redelivered as u64,
+            waiting: info.num_waiting as u64,
+            last_active: info
+                .delivered
+                .last_active
+                .and_then(|t| t.format(&time::format_description::well_known::Rfc3339).ok()),
+            dead_letters,
+        });
+    }
+    Ok(Status { namespace: names.namespace().to_string(), stages })
+}
+
+/// Remove dead letters (of one stage, or all). Returns how many.
+pub async fn dlq_purge(js: &jetstream::Context, names: &Names, stage: Option<Stage>) -> Result<u64, OpsError> {
+    let dlq = stream(js, names.stream(Subject::DeadLetter(Stage::Ingest))).await?;
+    let filter = match stage {
+        Some(s) => names.subject(Subject::DeadLetter(s)),
+        None => names.dlq_wildcard(),
+    };
+    let purged = dlq.purge().filter(filter).await.map_err(|e| OpsError::Purge(e.to_string()))?;
+    Ok(purged.purged)
+}
+
+/// One difference between the topology files and the server.
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct Difference {
+    pub object: String,
+    pub field: String,
+    pub file: String,
+    pub server: String,
+}
+
+/// Compare the stream and consumer definitions with what the server has.
+pub async fn topology_diff(js: &jetstream::Context, names: &Names) -> Result<Vec<Difference>, OpsError> {
+    let mut out = Vec::new();
+    let mut push = |object: &str, field: &str, file: String, server: String| {
+        if file != server {
+            out.push(Difference { object: object.to_owned(), field: field.to_owned(), file, server });
+        }
+    };
+    for want in crate::topology::streams(names).map_err(|e| OpsError::Purge(e.to_string()))? {
+        match js.get_stream(&want.name).await {
+            Ok(mut s) => {
+                let have = s
+                    .info()
+                    .await
+                    .map_err(|e| OpsError::Info { stream: want.name.clone(), source: e.into() })?
+                    .config
+                    .clone();
+                push(&want.name, "subjects", format!("{:?}", want.subjects), format!("{:?}", have.subjects));
+                push(&want.name, "max_age", format!("{:?}", want.max_age), format!("{:?}", have.max_age));
+                push(
+                    &want.name,
+                    "duplicate_window",
+                    format!("{:?}", want.duplicate_window),
+                    format!("{:?}", have.duplicate_window),
+                );
+                push(&want.name, "storage", format!("{:?}", want.storage), format!("{:?}", have.storage));
+                push(&want.name, "retention", format!("{:?}", want.retention), format!("{:?}", have.retention));
+            }
+            Err(_) => push(&want.name, "stream", "present".into(), "missing".into()),
+        }
+    }
+    for route in Stage::ALL.iter().map(|s| names.route(*s)).chain([names.status_route(), names.advisory_route()]) {
+        let want = crate::topology::consumer(names, &route, &Default::default())
+            .map_err(|e| OpsError::Purge(e.to_string()))?;
+        let object = format!("{}/{}", route.input_stream, route.consumer);
+        match js.get_stream(&route.input_stream).await {
+            Ok(s) => match s.consumer_info(&route.consumer).await {
+                Ok(info) => {
+                    push(&object, "filter_subject", want.filter_subject.clone(), info.config.filter_subject.clone());
+                    push(
+                        &object,
+                        "ack_policy",
+                        format!("{:?}", want.ack_policy),
+                        format!("{:?}", info.config.ack_policy),
+                    );
+                }
+                Err(_) => push(&object, "consumer", "present".into(), "missing".into()),
+            },
+            Err(_) => push(&object, "consumer", "present".into(), "missing".into()),
+        }
+    }
+    Ok(out)
 }

@@ -40,6 +40,18 @@ enum Command {
         #[arg(long)]
         dry_run: bool,
     },
+    /// The stream and consumer definitions of `nats/topology/`.
+    Topology {
+        #[command(subcommand)]
+        command: TopologyCommand,
+    },
+    /// Each stage's consumer: pending, unacknowledged, redelivered, last
+    /// activity, dead letters.
+    Status {
+        /// JSON, for scripts.
+        #[arg(long)]
+        json: bool,
+    },
     /// Dead letters: list them, put them back where they failed.
     Dlq {
         #[command(subcommand)]
@@ -62,7 +74,24 @@ enum Command {
 }
 
 #[derive(Subcommand)]
+enum TopologyCommand {
+    /// Create or update every stream and the stages' consumers (idempotent).
+    Apply,
+    /// What the server has, against the definitions; exit 1 when they differ.
+    Diff,
+}
+
+#[derive(Subcommand)]
 enum DlqCommand {
+    /// One entry, whole (JSON).
+    Show { seq: u64 },
+    /// Remove entries (of one stage, or all). Asks first unless `--yes`.
+    Purge {
+        #[arg(long)]
+        stage: Option<halakha_nats::Stage>,
+        #[arg(long)]
+        yes: bool,
+    },
     /// The dead letters, oldest first.
     List {
         /// Only this stage's.
@@ -144,9 +173,132 @@ async fn main() -> ExitCode {
                 }
             }
         }
+        Command::Topology { command } => {
+            let Some((js, names)) = nats().await else { return ExitCode::FAILURE };
+            match command {
+                TopologyCommand::Apply => {
+                    let result = async {
+                        halakha_nats::topology::apply_streams(&js, &names).await?;
+                        let routes = halakha_nats::Stage::ALL
+                            .iter()
+                            .map(|s| names.route(*s))
+                            .chain([names.status_route(), names.advisory_route()]);
+                        for route in routes {
+                            let c = halakha_nats::topology::consumer(&names, &route, &Default::default())?;
+                            halakha_nats::topology::apply_consumer(&js, &route, c).await?;
+                            println!("consumer {}/{} applied", route.input_stream, route.consumer);
+                        }
+                        Ok::<_, halakha_nats::topology::TopologyError>(())
+                    }
+                    .await;
+                    match result {
+                        Ok(()) => {
+                            println!("streams {} applied", names.streams().join(", "));
+                            ExitCode::SUCCESS
+                        }
+                        Err(e) => {
+                            eprintln!("halakha topology apply failed: {}", chain(&e));
+                            ExitCode::FAILURE
+                        }
+                    }
+                }
+                TopologyCommand::Diff => match halakha_nats::ops::topology_diff(&js, &names).await {
+                    Ok(diffs) if diffs.is_empty() => {
+                        println!("the server matches the definitions");
+                        ExitCode::SUCCESS
+                    }
+                    Ok(diffs) => {
+                        for d in diffs {
+                            println!("{} {}: file {} / server {}", d.object, d.field, d.file, d.server);
+                        }
+                        ExitCode::FAILURE
+                    }
+                    Err(e) => {
+                        eprintln!("halakha topology diff failed: {}", chain(&e));
+                        ExitCode::FAILURE
+                    }
+                },
+            }
+        }
+        Command::Status { json } => {
+            let Some((js, names)) = nats().await else { return ExitCode::FAILURE };
+            match halakha_nats::ops::status(&js, &names).await {
+                Ok(status) if json => {
+                    println!("{}", serde_json::to_string_pretty(&status).unwrap_or_default());
+                    ExitCode::SUCCESS
+                }
+                Ok(status) => {
+                    println!("namespace {}", status.namespace);
+                    println!(
+                        "{:<8} {:>8} {:>12} {:>12} {:>13}  last active",
+                        "stage", "pending", "unacked", "redelivered", "dead letters"
+                    );
+                    for s in status.stages {
+                        println!(
+                            "{:<8} {:>8} {:>12} {:>12} {:>13}  {}",
+                            s.stage,
+                            s.pending,
+                            s.ack_pending,
+                            s.redelivered,
+                            s.dead_letters,
+                            s.last_active.unwrap_or_else(|| "-".into())
+                        );
+                    }
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("halakha status failed: {}", chain(&e));
+                    ExitCode::FAILURE
+                }
+            }
+        }
         Command::Dlq { command } => {
             let Some((js, names)) = nats().await else { return ExitCode::FAILURE };
             match command {
+                DlqCommand::Show { seq } => match halakha_nats::ops::dlq_list(&js, &names, None).await {
+                    Ok(entries) => match entries.iter().find(|e| e.seq == seq) {
+                        Some(e) => {
+                            println!("{}", serde_json::to_string_pretty(&e.entry).unwrap_or_default());
+                            ExitCode::SUCCESS
+                        }
+                        None => {
+                            eprintln!("no dead letter at sequence {seq}");
+                            ExitCode::FAILURE
+                        }
+                    },
+                    Err(e) => {
+                        eprintln!("halakha dlq show failed: {}", chain(&e));
+                        ExitCode::FAILURE
+                    }
+                },
+                DlqCommand::Purge { stage, yes } => {
+                    if !yes {
+                        use std::io::{BufRead, IsTerminal, Write};
+                        if !std::io::stdin().is_terminal() {
+                            eprintln!("refusing to purge without --yes (no terminal to ask)");
+                            return ExitCode::from(2);
+                        }
+                        let which = stage.map(|s| s.to_string()).unwrap_or_else(|| "every stage".into());
+                        eprint!("Remove the dead letters of {which} in {}? Type yes: ", names.namespace());
+                        let _ = std::io::stderr().flush();
+                        let mut answer = String::new();
+                        let _ = std::io::stdin().lock().read_line(&mut answer);
+                        if answer.trim() != "yes" {
+                            eprintln!("nothing removed");
+                            return ExitCode::FAILURE;
+                        }
+                    }
+                    match halakha_nats::ops::dlq_purge(&js, &names, stage).await {
+                        Ok(n) => {
+                            println!("{n} dead letter(s) removed");
+                            ExitCode::SUCCESS
+                        }
+                        Err(e) => {
+                            eprintln!("halakha dlq purge failed: {}", chain(&e));
+                            ExitCode::FAILURE
+                        }
+                    }
+                }
                 DlqCommand::List { stage, json } => match halakha_nats::ops::dlq_list(&js, &names, stage).await {
                     Ok(entries) => {
                         for e in &entries {

@@ -88,3 +88,52 @@ async fn redriving_a_dead_letter_ends_with_the_item_published_and_the_entry_gone
     p.env.wait_for_status(&p.base, &ids[0], Duration::from_secs(10), |v| v["status"] == "published").await;
     p.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn status_matches_the_servers_consumer_info_and_the_topology_has_no_drift() {
+    let p = Pipeline::start(Spec { model: Model::Hang, publish: false, ..Spec::default() }).await;
+    submit_batch(&p, 3).await;
+    // enrich holds what it took (the model hangs): unacknowledged work.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    while p.completions() == 0 {
+        assert!(tokio::time::Instant::now() < deadline);
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let status = ops::status(&p.env.js, &p.env.names).await.unwrap();
+    for s in status.stages.iter().filter(|s| s.present) {
+        let info = p.env.js.get_stream(&s.stream).await.unwrap().consumer_info(&s.consumer).await.unwrap();
+        assert_eq!(
+            (s.pending, s.ack_pending, s.redelivered),
+            (info.num_pending, info.num_ack_pending as u64, info.num_redelivered as u64),
+            "{}",
+            s.stage
+        );
+    }
+    assert!(!status.stages.iter().find(|s| s.stage == "publish").unwrap().present, "publish never ran here");
+    let enrich = status.stages.iter().find(|s| s.stage == "enrich").unwrap();
+    assert!(enrich.ack_pending >= 1 && enrich.last_active.is_some(), "{enrich:?}");
+    let json = serde_json::to_value(&status).unwrap();
+    assert_eq!(json["stages"].as_array().unwrap().len(), 3);
+
+    // Every consumer is running: only the publish stage's is missing here.
+    let diffs = ops::topology_diff(&p.env.js, &p.env.names).await.unwrap();
+    assert_eq!(diffs.len(), 1, "{diffs:?}");
+    assert!(diffs[0].object.ends_with("/publish") && diffs[0].server == "missing");
+    p.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn purging_dead_letters_of_one_stage_leaves_the_others() {
+    let p = Pipeline::start(Spec { model: Model::InvalidJson, publish: false, ..Spec::default() }).await;
+    submit_batch(&p, 2).await;
+    p.env.js.publish(p.env.names.subject(S::Submitted), "not json".into()).await.unwrap().await.unwrap();
+    let _ = p.env.dead_letters(3, Duration::from_secs(30)).await;
+    let status = ops::status(&p.env.js, &p.env.names).await.unwrap();
+    let depth: Vec<(String, u64)> = status.stages.iter().map(|s| (s.stage.clone(), s.dead_letters)).collect();
+    assert_eq!(depth, vec![("ingest".into(), 1), ("enrich".into(), 2), ("publish".into(), 0)]);
+    assert_eq!(ops::dlq_purge(&p.env.js, &p.env.names, Some(Stage::Enrich)).await.unwrap(), 2);
+    let left = ops::dlq_list(&p.env.js, &p.env.names, None).await.unwrap();
+    assert_eq!(left.len(), 1);
+    assert_eq!(left[0].entry.stage, "ingest");
+    p.stop().await;
+}
