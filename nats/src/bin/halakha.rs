@@ -40,6 +40,22 @@ enum Command {
         #[arg(long)]
         dry_run: bool,
     },
+    /// Submit a file of JSON lines (`{"content", "schedule_days"?, "lang"?,
+    /// "source"?, "idempotency_key"?}`) for demos and bulk loads.
+    Submit {
+        /// The file; `-` for standard input.
+        file: std::path::PathBuf,
+        /// `nats` (JetStream, `<ns>.submitted`) or `http` (needs `--url` and
+        /// `HALAKHA_API_KEY`).
+        #[arg(long, default_value = "nats")]
+        via: Via,
+        /// The ingest API, for `--via http` (e.g. http://127.0.0.1:8000).
+        #[arg(long)]
+        url: Option<String>,
+        /// Submissions per second at most.
+        #[arg(long)]
+        rate: Option<u32>,
+    },
     /// The stream and consumer definitions of `nats/topology/`.
     Topology {
         #[command(subcommand)]
@@ -71,6 +87,12 @@ enum Command {
         #[arg(long, default_value_t = 3)]
         timeout: u64,
     },
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum Via {
+    Nats,
+    Http,
 }
 
 #[derive(Subcommand)]
@@ -173,6 +195,7 @@ async fn main() -> ExitCode {
                 }
             }
         }
+        Command::Submit { file, via, url, rate } => submit(&file, via, url.as_deref(), rate).await,
         Command::Topology { command } => {
             let Some((js, names)) = nats().await else { return ExitCode::FAILURE };
             match command {
@@ -418,4 +441,94 @@ async fn health(url: &str, timeout: Duration) -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// Bulk submission: a count of accepted, duplicates and rejected (with reasons).
+async fn submit(file: &std::path::Path, via: Via, url: Option<&str>, rate: Option<u32>) -> ExitCode {
+    let text = if file.as_os_str() == "-" {
+        let mut s = String::new();
+        let _ = std::io::Read::read_to_string(&mut std::io::stdin(), &mut s);
+        s
+    } else {
+        match std::fs::read_to_string(file) {
+            Ok(s) => s,
+            Err(e) => {
+                eprintln!("cannot read {}: {e}", file.display());
+                return ExitCode::FAILURE;
+            }
+        }
+    };
+    let lines: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
+    let pace = rate.filter(|r| *r > 0).map(|r| Duration::from_secs_f64(1.0 / f64::from(r)));
+    let (mut accepted, mut duplicates, mut rejected) = (0u64, 0u64, Vec::<String>::new());
+    halakha_common::install_crypto_provider();
+    let http = match reqwest::Client::builder().timeout(Duration::from_secs(30)).build() {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("cannot build an HTTP client: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let nats = match via {
+        Via::Nats => match nats().await {
+            Some(n) => Some(n),
+            None => return ExitCode::FAILURE,
+        },
+        Via::Http => None,
+    };
+    let key = std::env::var("HALAKHA_API_KEY").unwrap_or_default();
+    if matches!(via, Via::Http) && (url.is_none() || key.is_empty()) {
+        eprintln!("--via http needs --url and HALAKHA_API_KEY");
+        return ExitCode::from(2);
+    }
+    for (n, line) in lines.iter().enumerate() {
+        if serde_json::from_str::<halakha_common::Submission>(line).is_err() {
+            rejected.push(format!("line {}: not a submission (expected {{\"content\": ...}})", n + 1));
+            continue;
+        }
+        match (&nats, via) {
+            (Some((js, names)), _) => {
+                let subject = names.subject(halakha_nats::names::Subject::Submitted);
+                match js.publish(subject, line.to_string().into()).await {
+                    Ok(ack) => match ack.await {
+                        Ok(a) if a.duplicate => duplicates += 1,
+                        Ok(_) => accepted += 1,
+                        Err(e) => rejected.push(format!("line {}: {e}", n + 1)),
+                    },
+                    Err(e) => rejected.push(format!("line {}: {e}", n + 1)),
+                }
+            }
+            _ => {
+                let sent = http
+                    .post(format!("{}/v1/halakhot", url.unwrap_or_default().trim_end_matches('/')))
+                    .header("X-API-Key", &key)
+                    .header("Content-Type", "application/json")
+                    .body(line.to_string())
+                    .send()
+                    .await;
+                match sent {
+                    Ok(r) => {
+                        let status = r.status().as_u16();
+                        let body = r.text().await.unwrap_or_default();
+                        match status {
+                            202 if body.contains("\"duplicate\":true") => duplicates += 1,
+                            202 => accepted += 1,
+                            _ => rejected.push(format!("line {}: {status} {body}", n + 1)),
+                        }
+                    }
+                    Err(e) => rejected.push(format!("line {}: {e}", n + 1)),
+                }
+            }
+        }
+        eprint!("\r{}/{} submitted", n + 1, lines.len());
+        if let Some(p) = pace {
+            tokio::time::sleep(p).await;
+        }
+    }
+    eprintln!();
+    for r in &rejected {
+        println!("rejected {r}");
+    }
+    println!("accepted {accepted}, duplicates {duplicates}, rejected {}", rejected.len());
+    if rejected.is_empty() { ExitCode::SUCCESS } else { ExitCode::FAILURE }
 }
