@@ -177,23 +177,9 @@ async fn main() -> ExitCode {
                 }
             };
             let spec = halakha_nats::ops::Replay { stage, from: from_seq, to: to_seq, dry_run, pace };
-            match halakha_nats::ops::replay(&js, &names, &spec, progress).await {
-                Ok(r) => {
-                    eprintln!();
-                    println!(
-                        "found {}, sent {}, skipped {}{}",
-                        r.found,
-                        r.sent,
-                        r.skipped,
-                        if dry_run { " (dry run)" } else { "" }
-                    );
-                    ExitCode::SUCCESS
-                }
-                Err(e) => {
-                    eprintln!("halakha replay failed: {}", chain(&e));
-                    ExitCode::FAILURE
-                }
-            }
+            let result = halakha_nats::ops::replay(&js, &names, &spec, progress).await;
+            eprintln!();
+            finish("replay", result, dry_run)
         }
         Command::Submit { file, via, url, rate } => submit(&file, via, url.as_deref(), rate).await,
         Command::Topology { command } => {
@@ -361,24 +347,28 @@ async fn main() -> ExitCode {
                     } else {
                         seqs
                     };
-                    match halakha_nats::ops::dlq_redrive(&js, &names, &seqs, dry_run).await {
-                        Ok(r) => {
-                            println!(
-                                "found {}, sent {}, skipped {}{}",
-                                r.found,
-                                r.sent,
-                                r.skipped,
-                                if dry_run { " (dry run)" } else { "" }
-                            );
-                            ExitCode::SUCCESS
-                        }
-                        Err(e) => {
-                            eprintln!("halakha dlq redrive failed: {}", chain(&e));
-                            ExitCode::FAILURE
-                        }
-                    }
+                    finish("dlq redrive", halakha_nats::ops::dlq_redrive(&js, &names, &seqs, dry_run).await, dry_run)
                 }
             }
+        }
+    }
+}
+
+/// Print what an action did, or why it failed; its exit code.
+fn finish(
+    command: &str,
+    result: Result<halakha_nats::ops::Report, halakha_nats::ops::OpsError>,
+    dry_run: bool,
+) -> ExitCode {
+    match result {
+        Ok(r) => {
+            let dry = if dry_run { " (dry run)" } else { "" };
+            println!("found {}, sent {}, skipped {}{dry}", r.found, r.sent, r.skipped);
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("halakha {command} failed: {}", chain(&e));
+            ExitCode::FAILURE
         }
     }
 }
