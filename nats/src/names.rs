@@ -43,8 +43,9 @@ impl fmt::Display for Namespace {
 }
 
 /// The pipeline's stages, in order.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
 pub enum Stage {
+    #[default]
     Ingest,
     Enrich,
     Publish,

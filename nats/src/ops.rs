@@ -71,7 +71,7 @@ fn fresh_headers(original: &HeaderMap) -> HeaderMap {
 }
 
 /// What to replay.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Default)]
 pub struct Replay {
     /// Whose input stream.
     pub stage: Stage,
@@ -79,10 +79,27 @@ pub struct Replay {
     pub from: u64,
     /// Last stream sequence (default: the last stored).
     pub to: Option<u64>,
+    /// Only messages stored at or after this time.
+    pub since: Option<time::OffsetDateTime>,
+    /// Only messages stored before this time.
+    pub until: Option<time::OffsetDateTime>,
+    /// Only these halakha ids (empty: every id).
+    pub ids: Vec<String>,
     /// Count only; send nothing.
     pub dry_run: bool,
     /// Time between two sends (a rate limit).
     pub pace: Option<Duration>,
+}
+
+/// The halakha id of a stored message: its `id` field, or for a raw
+/// submission the id ingest derives from it.
+fn id_of(payload: &[u8]) -> Option<String> {
+    let v: serde_json::Value = serde_json::from_slice(payload).ok()?;
+    if let Some(id) = v.get("id").and_then(|i| i.as_str()) {
+        return Some(id.to_owned());
+    }
+    let s: halakha_common::Submission = serde_json::from_value(v).ok()?;
+    Some(halakha_common::Envelope::id(&s))
 }
 
 /// Re-publish the stored messages `from..=to` of a stage's input stream
@@ -93,7 +110,7 @@ pub async fn replay(
     spec: &Replay,
     mut progress: impl FnMut(u64),
 ) -> Result<Report, OpsError> {
-    let Replay { stage, from, to, dry_run, pace } = spec.clone();
+    let Replay { stage, from, to, since, until, ids, dry_run, pace } = spec.clone();
     let route = names.route(stage);
     let mut s = stream(js, route.input_stream.clone()).await?;
     let last = s
@@ -106,9 +123,17 @@ pub async fn replay(
     let publisher = Publisher::new(js.clone());
     let tag = time::OffsetDateTime::now_utc().unix_timestamp_nanos();
     let mut report = Report::default();
-    for seq in from.max(1)..=to {
+    let first = s.cached_info().state.first_sequence;
+    for seq in from.max(first).max(1)..=to {
         match s.get_raw_message(seq).await {
             Ok(m) => {
+                let stored = m.time;
+                let in_time = since.is_none_or(|t| stored >= t) && until.is_none_or(|t| stored < t);
+                let wanted = ids.is_empty() || id_of(&m.payload).is_some_and(|id| ids.contains(&id));
+                if !(in_time && wanted) {
+                    progress(seq);
+                    continue;
+                }
                 report.found += 1;
                 if !dry_run {
                     let msg_id = format!("replay:{tag}:{}:{seq}", route.input_stream);
@@ -133,6 +158,27 @@ pub async fn replay(
 pub struct Entry {
     pub seq: u64,
     pub entry: DeadLetter,
+}
+
+/// Which dead letters.
+#[derive(Debug, Clone, Default)]
+pub struct DlqFilter {
+    pub stage: Option<Stage>,
+    /// Failed at or after this time.
+    pub since: Option<time::OffsetDateTime>,
+    /// The reason contains this text (case-insensitive).
+    pub reason: Option<String>,
+}
+
+/// The dead letters matching `filter`, oldest first.
+pub async fn dlq_find(js: &jetstream::Context, names: &Names, filter: &DlqFilter) -> Result<Vec<Entry>, OpsError> {
+    let needle = filter.reason.as_deref().map(str::to_lowercase);
+    Ok(dlq_list(js, names, filter.stage)
+        .await?
+        .into_iter()
+        .filter(|e| filter.since.is_none_or(|t| e.entry.failed_at >= t))
+        .filter(|e| needle.as_deref().is_none_or(|n| e.entry.reason.to_lowercase().contains(n)))
+        .collect())
 }
 
 /// The dead letters, oldest first, optionally of one stage.
@@ -162,6 +208,8 @@ pub async fn dlq_redrive(
     names: &Names,
     seqs: &[u64],
     dry_run: bool,
+    pace: Option<Duration>,
+    mut progress: impl FnMut(u64),
 ) -> Result<Report, OpsError> {
     let name = names.stream(Subject::DeadLetter(Stage::Ingest));
     let dlq = stream(js, name).await?;
@@ -210,6 +258,10 @@ pub async fn dlq_redrive(
         publisher.publish(&entry.subject, &msg_id, payload, Some(fresh_headers(&original))).await?;
         dlq.delete_message(seq).await.map_err(|source| OpsError::Delete { seq, source })?;
         report.sent += 1;
+        progress(seq);
+        if let Some(p) = pace {
+            tokio::time::sleep(p).await;
+        }
     }
     Ok(report)
 }

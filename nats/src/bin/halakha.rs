@@ -28,11 +28,20 @@ enum Command {
         #[arg(long)]
         stage: halakha_nats::Stage,
         /// First stream sequence.
-        #[arg(long)]
-        from_seq: u64,
+        #[arg(long, required_unless_present = "since")]
+        from_seq: Option<u64>,
         /// Last stream sequence (default: the last stored).
         #[arg(long)]
         to_seq: Option<u64>,
+        /// Messages stored at or after this time (RFC 3339).
+        #[arg(long, value_parser = parse_time)]
+        since: Option<time::OffsetDateTime>,
+        /// Messages stored before this time (RFC 3339).
+        #[arg(long, value_parser = parse_time)]
+        until: Option<time::OffsetDateTime>,
+        /// Only this halakha id (repeat for several).
+        #[arg(long = "id")]
+        ids: Vec<String>,
         /// Messages per second at most.
         #[arg(long)]
         rate: Option<u32>,
@@ -119,6 +128,12 @@ enum DlqCommand {
         /// Only this stage's.
         #[arg(long)]
         stage: Option<halakha_nats::Stage>,
+        /// Failed at or after this time (RFC 3339).
+        #[arg(long, value_parser = parse_time)]
+        since: Option<time::OffsetDateTime>,
+        /// The reason contains this text (case-insensitive).
+        #[arg(long)]
+        reason: Option<String>,
         /// One JSON object per line, for scripts.
         #[arg(long)]
         json: bool,
@@ -134,6 +149,9 @@ enum DlqCommand {
         all: bool,
         #[arg(long)]
         stage: Option<halakha_nats::Stage>,
+        /// Entries per second at most.
+        #[arg(long)]
+        rate: Option<u32>,
         /// Count what would be sent; send nothing.
         #[arg(long)]
         dry_run: bool,
@@ -166,19 +184,21 @@ async fn main() -> ExitCode {
             }
         }
         Command::Health { url, timeout } => health(&url, Duration::from_secs(timeout)).await,
-        Command::Replay { stage, from_seq, to_seq, rate, dry_run } => {
+        Command::Replay { stage, from_seq, to_seq, since, until, ids, rate, dry_run } => {
             let Some((js, names)) = nats().await else { return ExitCode::FAILURE };
-            let pace = rate.filter(|r| *r > 0).map(|r| Duration::from_secs_f64(1.0 / f64::from(r)));
-            let total = to_seq.map(|t| t.saturating_sub(from_seq) + 1);
-            let progress = |seq: u64| {
-                let done = seq.saturating_sub(from_seq) + 1;
-                if done % 100 == 0 || Some(done) == total {
-                    eprint!("\r{done}{} messages", total.map(|t| format!("/{t}")).unwrap_or_default());
+            let from = from_seq.unwrap_or(1);
+            let last = match js.get_stream(names.route(stage).input_stream).await {
+                Ok(mut s) => s.info().await.map(|i| i.state.last_sequence).unwrap_or(0),
+                Err(e) => {
+                    eprintln!("halakha replay failed: {e}");
+                    return ExitCode::FAILURE;
                 }
             };
-            let spec = halakha_nats::ops::Replay { stage, from: from_seq, to: to_seq, dry_run, pace };
-            let result = halakha_nats::ops::replay(&js, &names, &spec, progress).await;
-            eprintln!();
+            let bar = progress_bar(to_seq.unwrap_or(last).min(last).saturating_sub(from) + 1, "messages");
+            let spec =
+                halakha_nats::ops::Replay { stage, from, to: to_seq, since, until, ids, dry_run, pace: pace(rate) };
+            let result = halakha_nats::ops::replay(&js, &names, &spec, |_| bar.inc(1)).await;
+            bar.finish_and_clear();
             finish("replay", result, dry_run)
         }
         Command::Submit { file, via, url, rate } => submit(&file, via, url.as_deref(), rate).await,
@@ -308,7 +328,13 @@ async fn main() -> ExitCode {
                         }
                     }
                 }
-                DlqCommand::List { stage, json } => match halakha_nats::ops::dlq_list(&js, &names, stage).await {
+                DlqCommand::List { stage, since, reason, json } => match halakha_nats::ops::dlq_find(
+                    &js,
+                    &names,
+                    &halakha_nats::ops::DlqFilter { stage, since, reason },
+                )
+                .await
+                {
                     Ok(entries) => {
                         for e in &entries {
                             if json {
@@ -335,7 +361,7 @@ async fn main() -> ExitCode {
                         ExitCode::FAILURE
                     }
                 },
-                DlqCommand::Redrive { seqs, all, stage, dry_run } => {
+                DlqCommand::Redrive { seqs, all, stage, rate, dry_run } => {
                     let seqs = if all {
                         match halakha_nats::ops::dlq_list(&js, &names, stage).await {
                             Ok(entries) => entries.iter().map(|e| e.seq).collect(),
@@ -347,11 +373,34 @@ async fn main() -> ExitCode {
                     } else {
                         seqs
                     };
-                    finish("dlq redrive", halakha_nats::ops::dlq_redrive(&js, &names, &seqs, dry_run).await, dry_run)
+                    let bar = progress_bar(seqs.len() as u64, "entries");
+                    let result =
+                        halakha_nats::ops::dlq_redrive(&js, &names, &seqs, dry_run, pace(rate), |_| bar.inc(1)).await;
+                    bar.finish_and_clear();
+                    finish("dlq redrive", result, dry_run)
                 }
             }
         }
     }
+}
+
+fn parse_time(s: &str) -> Result<time::OffsetDateTime, String> {
+    time::OffsetDateTime::parse(s, &time::format_description::well_known::Rfc3339)
+        .map_err(|e| format!("expected an RFC 3339 time such as 2026-11-24T08:00:00Z: {e}"))
+}
+
+/// The time between two sends for a rate in messages per second.
+fn pace(rate: Option<u32>) -> Option<Duration> {
+    rate.filter(|r| *r > 0).map(|r| Duration::from_secs_f64(1.0 / f64::from(r)))
+}
+
+/// A progress bar on stderr (hidden when stderr is not a terminal).
+fn progress_bar(len: u64, what: &str) -> indicatif::ProgressBar {
+    let bar = indicatif::ProgressBar::new(len);
+    let style = indicatif::ProgressStyle::with_template(&format!("{{bar:40}} {{pos}}/{{len}} {what} ({{eta}})"))
+        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar());
+    bar.set_style(style);
+    bar
 }
 
 /// Print what an action did, or why it failed; its exit code.
@@ -449,7 +498,7 @@ async fn submit(file: &std::path::Path, via: Via, url: Option<&str>, rate: Optio
         }
     };
     let lines: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
-    let pace = rate.filter(|r| *r > 0).map(|r| Duration::from_secs_f64(1.0 / f64::from(r)));
+    let pace = pace(rate);
     let (mut accepted, mut duplicates, mut rejected) = (0u64, 0u64, Vec::<String>::new());
     halakha_common::install_crypto_provider();
     let http = match reqwest::Client::builder().timeout(Duration::from_secs(30)).build() {
@@ -471,7 +520,9 @@ async fn submit(file: &std::path::Path, via: Via, url: Option<&str>, rate: Optio
         eprintln!("--via http needs --url and HALAKHA_API_KEY");
         return ExitCode::from(2);
     }
+    let bar = progress_bar(lines.len() as u64, "lines");
     for (n, line) in lines.iter().enumerate() {
+        bar.inc(1);
         if serde_json::from_str::<halakha_common::Submission>(line).is_err() {
             rejected.push(format!("line {}: not a submission (expected {{\"content\": ...}})", n + 1));
             continue;
@@ -510,12 +561,11 @@ async fn submit(file: &std::path::Path, via: Via, url: Option<&str>, rate: Optio
                 }
             }
         }
-        eprint!("\r{}/{} submitted", n + 1, lines.len());
         if let Some(p) = pace {
             tokio::time::sleep(p).await;
         }
     }
-    eprintln!();
+    bar.finish_and_clear();
     for r in &rejected {
         println!("rejected {r}");
     }

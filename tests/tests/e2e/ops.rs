@@ -38,7 +38,7 @@ async fn replaying_a_sequence_range_reprocesses_exactly_those_messages_and_a_dry
     let _: Vec<Enriched> = p.env.collect(S::Enriched, 10, Duration::from_secs(60)).await;
     let stored: Vec<Ingested> = p.env.collect(S::Ingested, 10, Duration::from_secs(10)).await;
 
-    let mut spec = ops::Replay { stage: Stage::Enrich, from: 3, to: Some(6), dry_run: true, pace: None };
+    let mut spec = ops::Replay { stage: Stage::Enrich, from: 3, to: Some(6), dry_run: true, ..Default::default() };
     let dry = ops::replay(&p.env.js, &p.env.names, &spec, |_| {}).await.unwrap();
     assert_eq!(dry, Report { found: 4, sent: 0, skipped: 0 });
     assert_eq!(p.env.stream_len(S::Ingested).await, 10, "a dry run sends nothing");
@@ -57,6 +57,15 @@ async fn replaying_a_sequence_range_reprocesses_exactly_those_messages_and_a_dry
     got.sort_unstable();
     expected.sort_unstable();
     assert_eq!(got, expected, "those four, with their business ids");
+
+    // By id, and by time: only what is asked for.
+    let by_id = ops::Replay { stage: Stage::Enrich, from: 1, ids: vec![stored[8].id.clone()], ..Default::default() };
+    assert_eq!(ops::replay(&p.env.js, &p.env.names, &by_id, |_| {}).await.unwrap().sent, 1);
+    let future = time::OffsetDateTime::now_utc() + time::Duration::hours(1);
+    let later = ops::Replay { stage: Stage::Enrich, from: 1, since: Some(future), ..Default::default() };
+    assert_eq!(ops::replay(&p.env.js, &p.env.names, &later, |_| {}).await.unwrap(), Report::default());
+    let all: Vec<Enriched> = p.env.collect(S::Enriched, 15, Duration::from_secs(60)).await;
+    assert_eq!(all[14].id, stored[8].id);
     p.stop().await;
 }
 
@@ -72,7 +81,7 @@ async fn redriving_a_dead_letter_ends_with_the_item_published_and_the_entry_gone
     let seq = entries[0].seq;
 
     // A dry run changes nothing.
-    let dry = ops::dlq_redrive(&p.env.js, &p.env.names, &[seq], true).await.unwrap();
+    let dry = ops::dlq_redrive(&p.env.js, &p.env.names, &[seq], true, None, |_| {}).await.unwrap();
     assert_eq!(dry, Report { found: 1, sent: 0, skipped: 0 });
     assert_eq!(ops::dlq_list(&p.env.js, &p.env.names, None).await.unwrap().len(), 1);
     assert_eq!(p.env.stream_len(S::Ingested).await, 1);
@@ -80,7 +89,7 @@ async fn redriving_a_dead_letter_ends_with_the_item_published_and_the_entry_gone
     // The model is fixed; the entry goes back where it failed.
     p.openai.reset().await;
     fakes::mount_openai(&p.openai, Model::Faithful).await;
-    let report = ops::dlq_redrive(&p.env.js, &p.env.names, &[seq], false).await.unwrap();
+    let report = ops::dlq_redrive(&p.env.js, &p.env.names, &[seq], false, None, |_| {}).await.unwrap();
     assert_eq!(report, Report { found: 1, sent: 1, skipped: 0 });
     let published: Vec<Published> = p.env.collect(S::Published, 1, Duration::from_secs(30)).await;
     assert_eq!(published[0].id, ids[0]);
@@ -135,5 +144,9 @@ async fn purging_dead_letters_of_one_stage_leaves_the_others() {
     let left = ops::dlq_list(&p.env.js, &p.env.names, None).await.unwrap();
     assert_eq!(left.len(), 1);
     assert_eq!(left[0].entry.stage, "ingest");
+    let filter = ops::DlqFilter { reason: Some("NOT A VALID".into()), ..Default::default() };
+    assert_eq!(ops::dlq_find(&p.env.js, &p.env.names, &filter).await.unwrap().len(), 1);
+    let filter = ops::DlqFilter { reason: Some("quota".into()), ..Default::default() };
+    assert!(ops::dlq_find(&p.env.js, &p.env.names, &filter).await.unwrap().is_empty());
     p.stop().await;
 }
