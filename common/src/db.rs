@@ -202,6 +202,15 @@ pub fn pool(config: &DatabaseConfig) -> Result<Pool, DbError> {
         .build()?)
 }
 
+/// Halakhot neither published nor failed: the "still open" side of the
+/// pipeline's books.
+pub async fn open_halakhot(pool: &Pool) -> Result<i64, DbError> {
+    let conn = pool.get().await?;
+    let row =
+        conn.query_typed_one("SELECT count(*) FROM halakhot WHERE status NOT IN ('published', 'failed')", &[]).await?;
+    Ok(row.get(0))
+}
+
 /// Apply the embedded migrations. Several replicas may start at once: a
 /// session advisory lock makes them take turns, and refinery skips what is
 /// already applied. This needs one session: run it over a direct or

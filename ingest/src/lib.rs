@@ -58,30 +58,15 @@ async fn keep_the_books(
             () = shutdown.cancelled() => return,
             () = tokio::time::sleep(every) => {}
         }
-        let Ok(open) = store::open_count(&pool).await else { continue };
-        let mut waiting: i64 = 0;
-        let mut complete = true;
-        for s in [Stage::Enrich, Stage::Publish] {
-            let route = names.route(s);
-            match js
-                .get_consumer_from_stream::<async_nats::jetstream::consumer::pull::Config, _, _>(
-                    &route.consumer,
-                    &route.input_stream,
-                )
-                .await
-            {
-                Ok(mut c) => match c.info().await {
-                    Ok(info) => {
-                        waiting += i64::try_from(info.num_pending).unwrap_or(i64::MAX) + info.num_ack_pending as i64;
-                    }
-                    Err(_) => complete = false,
-                },
-                Err(_) => complete = false,
-            }
+        let Ok(status) = halakha_nats::ops::status(&js, &names).await else { continue };
+        // Until every stage has run once, messages can wait where no
+        // consumer counts them: no figure rather than a false alarm.
+        if status.stages.iter().any(|s| !s.present) {
+            continue;
         }
-        if complete {
+        if let Ok(n) = halakha_nats::ops::unaccounted(&pool, &status).await {
             metrics::gauge!(halakha_common::metrics::PIPELINE_UNACCOUNTED, "namespace" => namespace.clone())
-                .set((open - waiting) as f64);
+                .set(n as f64);
         }
     }
 }

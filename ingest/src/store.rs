@@ -97,11 +97,3 @@ pub async fn status(pool: &Pool, id: &str) -> Result<Option<StatusView>, DbError
         error: r.get(4),
     }))
 }
-
-/// Halakhot neither published nor failed.
-pub async fn open_count(pool: &Pool) -> Result<i64, DbError> {
-    let conn = pool.get().await?;
-    let row =
-        conn.query_typed_one("SELECT count(*) FROM halakhot WHERE status NOT IN ('published', 'failed')", &[]).await?;
-    Ok(row.get(0))
-}

@@ -286,6 +286,8 @@ pub struct StageStatus {
     pub last_active: Option<String>,
     /// Entries on `<ns>.dlq.<stage>`.
     pub dead_letters: u64,
+    /// Messages delivered by this consumer so far (for throughput).
+    pub delivered: u64,
 }
 
 /// The pipeline, stage by stage.
@@ -325,6 +327,7 @@ pub async fn status(js: &jetstream::Context, names: &Names) -> Result<Status, Op
                     waiting: 0,
                     last_active: None,
                     dead_letters,
+                    delivered: 0,
                 });
                 continue;
             }
@@ -344,9 +347,54 @@ pub async fn status(js: &jetstream::Context, names: &Names) -> Result<Status, Op
                 .last_active
                 .and_then(|t| t.format(&time::format_description::well_known::Rfc3339).ok()),
             dead_letters,
+            delivered: info.delivered.consumer_sequence,
         });
     }
     Ok(Status { namespace: names.namespace().to_string(), stages })
+}
+
+/// The pipeline's books: halakhot neither published nor failed, minus the
+/// messages waiting at enrich and publish. 0 when idle; above 0 for long,
+/// something was lost. Needs a stage's consumer to exist to count it.
+pub async fn unaccounted(pool: &deadpool_postgres::Pool, status: &Status) -> Result<i64, halakha_common::db::DbError> {
+    let open = halakha_common::db::open_halakhot(pool).await?;
+    let waiting: u64 = status.stages.iter().filter(|s| s.stage != "ingest").map(|s| s.pending + s.ack_pending).sum();
+    Ok(open - i64::try_from(waiting).unwrap_or(i64::MAX))
+}
+
+/// What the server has for the namespace: each stream and its consumers.
+pub async fn topology_show(js: &jetstream::Context, names: &Names) -> Result<Vec<String>, OpsError> {
+    use futures::TryStreamExt;
+    let mut lines = Vec::new();
+    let mut all = names.streams();
+    all.push(format!("KV_{}", names.attempts_bucket()));
+    for name in all {
+        match js.get_stream(&name).await {
+            Ok(mut s) => {
+                let info = s.info().await.map_err(|e| OpsError::Info { stream: name.clone(), source: e.into() })?;
+                lines.push(format!(
+                    "{name}  subjects {:?}  messages {}  bytes {}  max_age {}s",
+                    info.config.subjects,
+                    info.state.messages,
+                    info.state.bytes,
+                    info.config.max_age.as_secs()
+                ));
+                let mut consumers = s.consumers();
+                while let Ok(Some(c)) = consumers.try_next().await {
+                    lines.push(format!(
+                        "  consumer {}  pending {}  unacked {}  max_deliver {}  ack_wait {}s",
+                        c.name,
+                        c.num_pending,
+                        c.num_ack_pending,
+                        c.config.max_deliver,
+                        c.config.ack_wait.as_secs()
+                    ));
+                }
+            }
+            Err(_) => lines.push(format!("{name}  missing")),
+        }
+    }
+    Ok(lines)
 }
 
 /// Remove dead letters (of one stage, or all). Returns how many.

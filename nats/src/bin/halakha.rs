@@ -8,7 +8,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{Parser, Subcommand};
-use halakha_common::config::{self, DatabaseConfig};
+use halakha_common::config::{self, DatabaseConfig, Source as _};
 use halakha_common::db;
 use halakha_common::error::chain;
 
@@ -76,6 +76,9 @@ enum Command {
         /// JSON, for scripts.
         #[arg(long)]
         json: bool,
+        /// Refresh every 2 s, with throughput over the last minute.
+        #[arg(long)]
+        watch: bool,
     },
     /// Dead letters: list them, put them back where they failed.
     Dlq {
@@ -108,6 +111,8 @@ enum Via {
 enum TopologyCommand {
     /// Create or update every stream and the stages' consumers (idempotent).
     Apply,
+    /// What the server has: streams, their consumers, their counts.
+    Show,
     /// What the server has, against the definitions; exit 1 when they differ.
     Diff,
 }
@@ -231,6 +236,18 @@ async fn main() -> ExitCode {
                         }
                     }
                 }
+                TopologyCommand::Show => match halakha_nats::ops::topology_show(&js, &names).await {
+                    Ok(lines) => {
+                        for l in lines {
+                            println!("{l}");
+                        }
+                        ExitCode::SUCCESS
+                    }
+                    Err(e) => {
+                        eprintln!("halakha topology show failed: {}", chain(&e));
+                        ExitCode::FAILURE
+                    }
+                },
                 TopologyCommand::Diff => match halakha_nats::ops::topology_diff(&js, &names).await {
                     Ok(diffs) if diffs.is_empty() => {
                         println!("the server matches the definitions");
@@ -249,36 +266,84 @@ async fn main() -> ExitCode {
                 },
             }
         }
-        Command::Status { json } => {
+        Command::Status { json, watch } => {
             let Some((js, names)) = nats().await else { return ExitCode::FAILURE };
-            match halakha_nats::ops::status(&js, &names).await {
-                Ok(status) if json => {
-                    println!("{}", serde_json::to_string_pretty(&status).unwrap_or_default());
-                    ExitCode::SUCCESS
+            // The invariant needs the database: shown when DATABASE_URL is set.
+            let pool = match std::env::var("DATABASE_URL").ok().or_else(|| config::Env::load().get("DATABASE_URL")) {
+                Some(_) => {
+                    let c = config::load_or_exit(DatabaseConfig::read);
+                    db::pool(&c).ok()
                 }
-                Ok(status) => {
+                None => None,
+            };
+            let mut samples: std::collections::VecDeque<(std::time::Instant, Vec<u64>)> = Default::default();
+            loop {
+                let status = match halakha_nats::ops::status(&js, &names).await {
+                    Ok(s) => s,
+                    Err(e) => {
+                        eprintln!("halakha status failed: {}", chain(&e));
+                        return ExitCode::FAILURE;
+                    }
+                };
+                let unaccounted = match &pool {
+                    Some(p) => halakha_nats::ops::unaccounted(p, &status).await.ok(),
+                    None => None,
+                };
+                // Throughput: deliveries per minute over the samples of the last minute.
+                let now = std::time::Instant::now();
+                samples.push_back((now, status.stages.iter().map(|s| s.delivered).collect()));
+                while samples.front().is_some_and(|(t, _)| now.duration_since(*t) > Duration::from_secs(60)) {
+                    samples.pop_front();
+                }
+                let per_minute: Vec<Option<f64>> = match (samples.front(), samples.len() > 1) {
+                    (Some((t0, first)), true) => {
+                        let secs = now.duration_since(*t0).as_secs_f64().max(0.001);
+                        status
+                            .stages
+                            .iter()
+                            .zip(first)
+                            .map(|(s, f)| Some((s.delivered - f) as f64 * 60.0 / secs))
+                            .collect()
+                    }
+                    _ => vec![None; status.stages.len()],
+                };
+                if json {
+                    let mut v = serde_json::to_value(&status).unwrap_or_default();
+                    v["unaccounted"] = serde_json::json!(unaccounted);
+                    for (stage, rate) in v["stages"].as_array_mut().into_iter().flatten().zip(&per_minute) {
+                        stage["per_minute"] = serde_json::json!(rate);
+                    }
+                    println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
+                } else {
+                    if watch {
+                        print!("\x1b[2J\x1b[H");
+                    }
                     println!("namespace {}", status.namespace);
                     println!(
-                        "{:<8} {:>8} {:>12} {:>12} {:>13}  last active",
-                        "stage", "pending", "unacked", "redelivered", "dead letters"
+                        "{:<8} {:>8} {:>9} {:>12} {:>13} {:>10}  last active",
+                        "stage", "pending", "unacked", "redelivered", "dead letters", "per min"
                     );
-                    for s in status.stages {
+                    for (s, rate) in status.stages.iter().zip(&per_minute) {
                         println!(
-                            "{:<8} {:>8} {:>12} {:>12} {:>13}  {}",
+                            "{:<8} {:>8} {:>9} {:>12} {:>13} {:>10}  {}",
                             s.stage,
                             s.pending,
                             s.ack_pending,
                             s.redelivered,
                             s.dead_letters,
-                            s.last_active.unwrap_or_else(|| "-".into())
+                            rate.map(|r| format!("{r:.0}")).unwrap_or_else(|| "-".into()),
+                            s.last_active.clone().unwrap_or_else(|| "-".into())
                         );
                     }
-                    ExitCode::SUCCESS
+                    match unaccounted {
+                        Some(n) => println!("unaccounted (open − waiting, 0 when idle): {n}"),
+                        None => println!("unaccounted: set DATABASE_URL to compute it"),
+                    }
                 }
-                Err(e) => {
-                    eprintln!("halakha status failed: {}", chain(&e));
-                    ExitCode::FAILURE
+                if !watch {
+                    return ExitCode::SUCCESS;
                 }
+                tokio::time::sleep(Duration::from_secs(2)).await;
             }
         }
         Command::Dlq { command } => {
