@@ -83,6 +83,15 @@ impl From<Invalid> for ApiError {
     }
 }
 
+impl From<crate::service::AcceptFailure> for ApiError {
+    fn from(e: crate::service::AcceptFailure) -> Self {
+        match e {
+            crate::service::AcceptFailure::Invalid(invalid) => invalid.into(),
+            crate::service::AcceptFailure::Unavailable => ApiError::unavailable(),
+        }
+    }
+}
+
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let mut resp = (self.status, Json(self.body())).into_response();

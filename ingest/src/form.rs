@@ -21,7 +21,6 @@ use utoipa::ToSchema;
 
 use crate::errors::{ApiError, ErrorBody, read_body};
 use crate::http::ApiState;
-use crate::service::{AcceptError, Decision, Via};
 use crate::store;
 
 pub const ROUTE: &str = "/api/v1/processing/halakhot/post";
@@ -219,26 +218,14 @@ pub async fn submit(State(s): State<ApiState>, req: Request) -> Result<Response,
     let id = message.id.clone();
     let waiting = s.waiters.register(&id);
     let result = async {
-        match s.ingestor.record(message, Via::Http).await {
-            Ok(Decision::Publish { message, .. }) => {
-                s.ingestor.publish(&message).await.map_err(|error| {
-                    tracing::error!(%id, %error, "Could not publish an accepted submission");
-                    ApiError::unavailable()
-                })?;
-            }
-            Ok(Decision::Duplicate { .. }) => {
-                // Known: answer at once if it already ended.
-                let view = store::status(&s.ingestor.pool, &id).await.map_err(|_| ApiError::unavailable())?;
-                match view {
-                    Some(v) if v.status == "published" => return Ok(published(id.clone(), v.notion_page_url)),
-                    Some(v) if v.status == "failed" => return Err(failed(v.error.as_deref().unwrap_or("unknown"))),
-                    _ => {}
-                }
-            }
-            Err(AcceptError::Invalid(e)) => return Err(e.into()),
-            Err(AcceptError::Database(e)) => {
-                tracing::error!(error = %crate::error_chain(&e), "Could not record a submission");
-                return Err(ApiError::unavailable());
+        let accepted = s.ingestor.submit(message).await?;
+        if accepted.settled.is_some() {
+            // Known: answer at once if it already ended.
+            let view = store::status(&s.ingestor.pool, &id).await.map_err(|_| ApiError::unavailable())?;
+            match view {
+                Some(v) if v.status == "published" => return Ok(published(id.clone(), v.notion_page_url)),
+                Some(v) if v.status == "failed" => return Err(failed(v.error.as_deref().unwrap_or("unknown"))),
+                _ => {}
             }
         }
         match tokio::time::timeout(s.form_wait, waiting).await {

@@ -18,7 +18,7 @@ use utoipa::{OpenApi, ToSchema};
 use crate::errors::{ApiError, ApiJson, ErrorBody, ErrorDetail, parse_value};
 use crate::form;
 use crate::guard::{self, Cors, Guard};
-use crate::service::{AcceptFailure, Ingestor};
+use crate::service::Ingestor;
 use crate::store::{self, StatusView};
 use futures::StreamExt;
 
@@ -95,13 +95,6 @@ impl AcceptedBody {
     }
 }
 
-fn failure(e: AcceptFailure) -> ApiError {
-    match e {
-        AcceptFailure::Invalid(invalid) => invalid.into(),
-        AcceptFailure::Unavailable => ApiError::unavailable(),
-    }
-}
-
 /// Submit one halakha text.
 #[utoipa::path(
     post, path = "/v1/halakhot", request_body = Submission,
@@ -118,7 +111,7 @@ fn failure(e: AcceptFailure) -> ApiError {
     security(("bearer" = []), ("api_key" = []))
 )]
 pub async fn submit(State(s): State<ApiState>, ApiJson(submission): ApiJson<Submission>) -> Result<Response, ApiError> {
-    let accepted = s.ingestor.accept(submission, 0).await.map_err(failure)?;
+    let accepted = s.ingestor.accept(submission, 0).await?;
     tracing::info!(id = %accepted.id, duplicate = accepted.duplicate, "Submission accepted");
     Ok((StatusCode::ACCEPTED, Json(AcceptedBody::new(accepted.id, accepted.duplicate))).into_response())
 }
@@ -237,7 +230,7 @@ pub async fn submit_batch(
             async move {
                 let extra = if spread { u16::try_from(index).unwrap_or(u16::MAX) } else { 0 };
                 let outcome = match parse_value::<Submission>(item.0) {
-                    Ok(submission) => ingestor.accept(submission, extra).await.map_err(failure),
+                    Ok(submission) => ingestor.accept(submission, extra).await.map_err(ApiError::from),
                     Err(e) => Err(e),
                 };
                 match outcome {

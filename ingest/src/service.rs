@@ -3,6 +3,7 @@
 
 use deadpool_postgres::Pool;
 use halakha_common::StageError;
+use halakha_common::db::DbError;
 use halakha_common::envelope::{DeadLetter, Envelope, Ingested, Submission};
 use halakha_common::metrics as m;
 use halakha_nats::runner::{Delivery, Handler};
@@ -39,15 +40,6 @@ pub enum Decision {
     Duplicate { id: String, status: String },
 }
 
-/// Why a submission was not accepted.
-#[derive(Debug, thiserror::Error)]
-pub enum AcceptError {
-    #[error(transparent)]
-    Invalid(#[from] Invalid),
-    #[error("the database is unavailable")]
-    Database(#[from] halakha_common::db::DbError),
-}
-
 /// Validation, id derivation and the durable record, shared by every path.
 #[derive(Clone)]
 pub struct Ingestor {
@@ -64,7 +56,7 @@ impl Ingestor {
     }
 
     /// Claim the id in Postgres: the durable half of idempotency.
-    pub async fn record(&self, message: Ingested, via: Via) -> Result<Decision, AcceptError> {
+    pub async fn record(&self, message: Ingested, via: Via) -> Result<Decision, DbError> {
         let claim = store::claim(&self.pool, &message).await?;
         let decision = match claim {
             Claim::New => Decision::Publish { message, duplicate: false },
@@ -89,17 +81,22 @@ impl Ingestor {
     /// Validate, record and publish: the whole acceptance of one HTTP item.
     pub async fn accept(&self, submission: Submission, extra_days: u16) -> Result<Accepted, AcceptFailure> {
         let message = self.prepare(submission, extra_days)?;
+        self.submit(message).await
+    }
+
+    /// Record and publish a prepared message (the HTTP routes; the NATS
+    /// path leaves the publishing to the runner).
+    pub async fn submit(&self, message: Ingested) -> Result<Accepted, AcceptFailure> {
         match self.record(message, Via::Http).await {
             Ok(Decision::Publish { message, duplicate }) => match self.publish(&message).await {
-                Ok(again) => Ok(Accepted { id: message.id, duplicate: duplicate || again }),
+                Ok(again) => Ok(Accepted { id: message.id, duplicate: duplicate || again, settled: None }),
                 Err(error) => {
                     tracing::error!(id = %message.id, %error, "Could not publish an accepted submission");
                     Err(AcceptFailure::Unavailable)
                 }
             },
-            Ok(Decision::Duplicate { id, .. }) => Ok(Accepted { id, duplicate: true }),
-            Err(AcceptError::Invalid(e)) => Err(AcceptFailure::Invalid(e)),
-            Err(e @ AcceptError::Database(_)) => {
+            Ok(Decision::Duplicate { id, status }) => Ok(Accepted { id, duplicate: true, settled: Some(status) }),
+            Err(e) => {
                 tracing::error!(error = %crate::error_chain(&e), "Could not record a submission");
                 Err(AcceptFailure::Unavailable)
             }
@@ -112,6 +109,8 @@ impl Ingestor {
 pub struct Accepted {
     pub id: String,
     pub duplicate: bool,
+    /// Known and past ingest (nothing was sent again): its status.
+    pub settled: Option<String>,
 }
 
 /// Why one HTTP submission was not accepted.
@@ -145,8 +144,7 @@ impl Handler for SubmittedHandler {
                 tracing::info!(%id, %status, "Duplicate submission; already past ingest");
                 Ok(None)
             }
-            Err(AcceptError::Invalid(e)) => Err(StageError::permanent(format!("invalid submission: {e}"))),
-            Err(AcceptError::Database(e)) => Err(e.into_stage_error("record the submission")),
+            Err(e) => Err(e.into_stage_error("record the submission")),
         }
     }
 

@@ -98,9 +98,6 @@ impl PublishHandler {
                     (found, None)
                 }
                 None => {
-                    store::mark_attempt(&self.pool, &input.id)
-                        .await
-                        .map_err(|e| db_error("record the Notion attempt", e))?;
                     let created = notion.create(input, &blocks).await?;
                     store::store_page(&self.pool, &input.id, &created.id, &created.url)
                         .await

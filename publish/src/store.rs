@@ -15,9 +15,6 @@ use tokio_postgres::types::Type;
 pub struct NotionState {
     pub page_id: Option<String>,
     pub page_url: Option<String>,
-    /// A create call was started before; a page may exist without our
-    /// having stored its id (crash between the call and the update).
-    pub attempted: bool,
 }
 
 /// Upsert the enriched halakha and its tags, themes and sources.
@@ -46,7 +43,7 @@ pub async fn upsert(pool: &Pool, m: &Enriched) -> Result<NotionState, DbError> {
                  prompt_tokens = EXCLUDED.prompt_tokens, completion_tokens = EXCLUDED.completion_tokens,
                  total_tokens = EXCLUDED.total_tokens, image_url = EXCLUDED.image_url,
                  error = NULL, updated_at = now()
-             RETURNING notion_page_id, notion_page_url, notion_attempted_at IS NOT NULL",
+             RETURNING notion_page_id, notion_page_url",
             &[
                 (&m.id, Type::TEXT),
                 (&h.content, Type::TEXT),
@@ -97,7 +94,7 @@ pub async fn upsert(pool: &Pool, m: &Enriched) -> Result<NotionState, DbError> {
     )
     .await?;
     tx.commit().await?;
-    Ok(NotionState { page_id: row.get(0), page_url: row.get(1), attempted: row.get(2) })
+    Ok(NotionState { page_id: row.get(0), page_url: row.get(1) })
 }
 
 /// Make the link table of `id` hold exactly `values` (created if needed).
@@ -139,13 +136,6 @@ pub async fn store_page(pool: &Pool, id: &str, page_id: &str, page_url: &str) ->
         &[(&id, Type::TEXT), (&page_id, Type::TEXT), (&page_url, Type::TEXT)],
     )
     .await?;
-    Ok(())
-}
-
-/// Note that a Notion create call is about to be made.
-pub async fn mark_attempt(pool: &Pool, id: &str) -> Result<(), DbError> {
-    let conn = pool.get().await?;
-    conn.execute_typed("UPDATE halakhot SET notion_attempted_at = now() WHERE id = $1", &[(&id, Type::TEXT)]).await?;
     Ok(())
 }
 
