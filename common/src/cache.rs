@@ -5,6 +5,7 @@
 //! counted in `halakha_cache_requests_total{outcome="error"}`, and the
 //! connection is retried a few seconds later.
 
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use redis::AsyncCommands;
@@ -75,6 +76,22 @@ impl Cache {
                 None
             }
         }
+    }
+
+    /// Ask Redis for a `PONG` (the readiness probe). Off: `Ok`.
+    pub async fn ping(&self) -> Result<(), String> {
+        let Some(inner) = &self.inner else { return Ok(()) };
+        let Some(mut conn) = Self::connection(inner).await else { return Err("unreachable".into()) };
+        redis::cmd("PING").query_async::<String>(&mut conn).await.map(|_| ()).map_err(|e| e.to_string())
+    }
+
+    /// The readiness probe of this cache.
+    pub fn probe(self: &Arc<Self>) -> crate::health::Probe {
+        let cache = self.clone();
+        Arc::new(move || {
+            let cache = cache.clone();
+            Box::pin(async move { cache.ping().await })
+        })
     }
 
     fn count(outcome: &'static str) {

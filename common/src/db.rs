@@ -202,6 +202,31 @@ pub fn pool(config: &DatabaseConfig) -> Result<Pool, DbError> {
         .build()?)
 }
 
+/// The readiness probe of the pool: a connection and `SELECT 1`.
+pub fn probe(pool: &Pool) -> crate::health::Probe {
+    let pool = pool.clone();
+    Arc::new(move || {
+        let pool = pool.clone();
+        Box::pin(async move {
+            let client = pool.get().await.map_err(|e| crate::error::chain(&e))?;
+            client.simple_query("SELECT 1").await.map(|_| ()).map_err(|e| crate::error::chain(&e))
+        })
+    })
+}
+
+/// Export the pool's use at each scrape (`halakha_db_pool_*`).
+pub fn report_pool_metrics(pool: &Pool) {
+    let pool = pool.clone();
+    crate::metrics::on_scrape(move || {
+        let s = pool.status();
+        let in_use = s.size.saturating_sub(s.available);
+        metrics::gauge!(crate::metrics::DB_POOL_CONNECTIONS, "state" => "in_use").set(in_use as f64);
+        metrics::gauge!(crate::metrics::DB_POOL_CONNECTIONS, "state" => "idle").set(s.available as f64);
+        metrics::gauge!(crate::metrics::DB_POOL_MAX_CONNECTIONS).set(s.max_size as f64);
+        metrics::gauge!(crate::metrics::DB_POOL_WAITING).set(s.waiting as f64);
+    });
+}
+
 /// Halakhot neither published nor failed: the "still open" side of the
 /// pipeline's books.
 pub async fn open_halakhot(pool: &Pool) -> Result<i64, DbError> {

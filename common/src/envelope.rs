@@ -271,8 +271,13 @@ pub struct Attempt {
     pub reason: String,
 }
 
-/// The header carrying a submission's trace id through every stage.
-pub const TRACE_HEADER: &str = "Halakha-Trace-Id";
+/// The header carrying a submission's trace through every stage: W3C
+/// `traceparent` (see [`crate::trace`]).
+pub const TRACE_HEADER: &str = crate::trace::TRACEPARENT;
+
+/// The trace header of messages written before `traceparent` (still read
+/// for the trace id of their dead letters).
+pub const LEGACY_TRACE_HEADER: &str = "Halakha-Trace-Id";
 
 /// A message a stage gave up on, published on `<ns>.dlq.<stage>`.
 ///

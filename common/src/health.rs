@@ -4,6 +4,9 @@
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use futures::future::BoxFuture;
 
 use axum::Router;
 use axum::extract::State;
@@ -14,13 +17,32 @@ use metrics_exporter_prometheus::PrometheusHandle;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
-/// A set of named conditions; the process is ready when all hold.
+/// An active check of a dependency: `Err` says why it is down.
+pub type Probe = Arc<dyn Fn() -> BoxFuture<'static, Result<(), String>> + Send + Sync>;
+
+/// How long one probe may take before the dependency counts as down.
+pub const PROBE_TIMEOUT: Duration = Duration::from_secs(2);
+
+#[derive(Clone)]
+enum Dependency {
+    /// Probed at each `/health/ready`; a required one that is down makes
+    /// the stage not ready.
+    Probe { required: bool, probe: Probe },
+    /// Configuration only (an outside API is not called for a health
+    /// check: it would cost quota): what the stage will use.
+    Info(serde_json::Value),
+}
+
+/// A set of named conditions and dependencies; the process is ready when
+/// every condition holds and every required dependency answers.
 ///
-/// Each subsystem (NATS connection, database, consumer loop) registers its
-/// own condition, so `/health/ready` can say which one is failing.
+/// Each subsystem (NATS connection, consumer loop) registers its own
+/// condition, and each dependency (Postgres, Redis) its probe, so
+/// `/health/ready` can say which one is failing.
 #[derive(Clone, Default)]
 pub struct Readiness {
     checks: Arc<Mutex<BTreeMap<&'static str, bool>>>,
+    dependencies: Arc<Mutex<BTreeMap<&'static str, Dependency>>>,
 }
 
 impl Readiness {
@@ -50,6 +72,72 @@ impl Readiness {
 
     pub fn is_ready(&self) -> bool {
         self.failing().is_empty()
+    }
+
+    /// Probe `name` at each readiness check.
+    pub fn probe(&self, name: &'static str, required: bool, probe: Probe) {
+        if let Ok(mut deps) = self.dependencies.lock() {
+            deps.insert(name, Dependency::Probe { required, probe });
+        }
+    }
+
+    /// Report `name`'s configuration (`{"status": "configured", ...}` or
+    /// `{"status": "disabled"}`); never a secret.
+    pub fn info(&self, name: &'static str, info: serde_json::Value) {
+        if let Ok(mut deps) = self.dependencies.lock() {
+            deps.insert(name, Dependency::Info(info));
+        }
+    }
+
+    /// Every condition and dependency, probed now: the `/health/ready`
+    /// answer, and whether the stage is ready.
+    pub async fn report(&self) -> (bool, serde_json::Value) {
+        use serde_json::{Value, json};
+        let checks: BTreeMap<&'static str, bool> = self.checks.lock().map(|c| c.clone()).unwrap_or_default();
+        let deps: Vec<(&'static str, Dependency)> =
+            self.dependencies.lock().map(|d| d.iter().map(|(k, v)| (*k, v.clone())).collect()).unwrap_or_default();
+        let probed = futures::future::join_all(deps.into_iter().map(|(name, dep)| async move {
+            match dep {
+                Dependency::Info(info) => (name, true, info),
+                Dependency::Probe { required, probe } => {
+                    let started = Instant::now();
+                    let result = match tokio::time::timeout(PROBE_TIMEOUT, probe()).await {
+                        Ok(r) => r,
+                        Err(_) => Err(format!("no answer within {}s", PROBE_TIMEOUT.as_secs())),
+                    };
+                    let latency_ms = started.elapsed().as_millis() as u64;
+                    match result {
+                        Ok(()) => (name, true, json!({"status": "up", "required": required, "latency_ms": latency_ms})),
+                        Err(error) => {
+                            (name, !required, json!({"status": "down", "required": required, "error": error}))
+                        }
+                    }
+                }
+            }
+        }))
+        .await;
+        let mut failing: Vec<&'static str> = checks.iter().filter(|(_, ok)| !**ok).map(|(n, _)| *n).collect();
+        let mut dependencies = serde_json::Map::new();
+        // The NATS connection is a condition kept by the client's events.
+        if let Some(up) = checks.get("nats") {
+            dependencies.insert("nats".into(), json!({"status": if *up { "up" } else { "down" }, "required": true}));
+        }
+        for (name, ok, value) in probed {
+            if !ok {
+                failing.push(name);
+            }
+            dependencies.insert(name.into(), value);
+        }
+        let conditions: serde_json::Map<String, Value> =
+            checks.iter().filter(|(n, _)| **n != "nats").map(|(n, ok)| ((*n).to_owned(), Value::Bool(*ok))).collect();
+        let ready = failing.is_empty();
+        let body = json!({
+            "status": if ready { "ready" } else { "not_ready" },
+            "dependencies": dependencies,
+            "checks": conditions,
+            "failing": failing,
+        });
+        (ready, body)
     }
 }
 
@@ -83,16 +171,13 @@ pub fn routes(metrics: PrometheusHandle, readiness: Readiness) -> Router {
 }
 
 async fn render_metrics(State(s): State<AdminState>) -> impl IntoResponse {
-    ([("content-type", "text/plain; version=0.0.4")], s.metrics.render())
+    ([("content-type", "text/plain; version=0.0.4")], crate::metrics::render(&s.metrics))
 }
 
 async fn ready(State(s): State<AdminState>) -> impl IntoResponse {
-    let failing = s.readiness.failing();
-    if failing.is_empty() {
-        (StatusCode::OK, axum::Json(serde_json::json!({"status": "ready"})))
-    } else {
-        (StatusCode::SERVICE_UNAVAILABLE, axum::Json(serde_json::json!({"status": "not_ready", "failing": failing})))
-    }
+    let (ready, body) = s.readiness.report().await;
+    let status = if ready { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
+    (status, axum::Json(body))
 }
 
 /// A bound HTTP server, not yet serving.
@@ -131,5 +216,31 @@ mod tests {
         assert!(r.is_ready());
         db.set(false);
         assert_eq!(r.failing(), vec!["database"]);
+    }
+
+    fn probe(result: Result<(), &'static str>) -> Probe {
+        Arc::new(move || Box::pin(async move { result.map_err(String::from) }))
+    }
+
+    #[tokio::test]
+    async fn a_required_dependency_down_makes_the_stage_not_ready_an_optional_one_does_not() {
+        let r = Readiness::new();
+        r.register("nats").set(true);
+        r.probe("postgres", true, probe(Ok(())));
+        r.probe("redis", false, probe(Err("connection refused")));
+        r.info("openai", serde_json::json!({"status": "configured", "model": "gpt-4o-mini"}));
+        let (ready, body) = r.report().await;
+        assert!(ready, "{body}");
+        assert_eq!(body["dependencies"]["nats"]["status"], "up");
+        assert_eq!(body["dependencies"]["postgres"]["status"], "up");
+        assert_eq!(body["dependencies"]["redis"]["status"], "down");
+        assert_eq!(body["dependencies"]["redis"]["error"], "connection refused");
+        assert_eq!(body["dependencies"]["openai"]["status"], "configured");
+
+        r.probe("postgres", true, probe(Err("refused")));
+        let (ready, body) = r.report().await;
+        assert!(!ready);
+        assert_eq!(body["failing"], serde_json::json!(["postgres"]));
+        assert_eq!(body["status"], "not_ready");
     }
 }

@@ -14,6 +14,7 @@ pub mod metrics;
 pub mod shutdown;
 pub mod telemetry;
 pub mod text;
+pub mod trace;
 
 pub use envelope::{
     DeadLetter, Enriched, Enrichment, Envelope, ErrorKind, Halakha, Ingested, Lang, Published, SourceRef, Submission,

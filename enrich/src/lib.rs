@@ -15,7 +15,7 @@ use halakha_common::cache::{self, Cache};
 use halakha_common::envelope::{Enriched, Enrichment, Ingested, SCHEMA_VERSION, Usage};
 use halakha_common::text::sha256_hex;
 use halakha_nats::Stage;
-use halakha_nats::runner::{Delivery, Handler};
+use halakha_nats::runner::{Delivery, Handled, Handler};
 use halakha_nats::stage::{Prepared, StageStartError};
 use tokio_util::sync::CancellationToken;
 
@@ -64,7 +64,7 @@ impl Handler for EnrichHandler {
         .into()
     }
 
-    async fn handle(&self, input: Ingested, _delivery: &Delivery) -> Result<Option<Enriched>, StageError> {
+    async fn handle(&self, input: Ingested, _delivery: &Delivery) -> Result<Handled<Enriched>, StageError> {
         let key = self.cache_key(&input);
         let cached = self.cache.get(&key).await.and_then(|bytes| serde_json::from_slice::<Enrichment>(&bytes).ok());
         let (enrichment, usage) = match cached {
@@ -81,7 +81,7 @@ impl Handler for EnrichHandler {
                 (enrichment, usage)
             }
         };
-        Ok(Some(Enriched {
+        Ok(Handled::Publish(Enriched {
             schema_version: SCHEMA_VERSION,
             id: input.id,
             halakha: input.halakha,
@@ -114,6 +114,15 @@ impl App {
         let llm = llm::Llm::new(&config, limits)?;
         let cache_prefix = format!("{}:enrich", config.stage.namespace);
         let stage = Prepared::new(Stage::Enrich, &config.stage).await?;
+        if cache.is_on() {
+            stage.readiness.probe("redis", false, cache.probe());
+        } else {
+            stage.readiness.info("redis", serde_json::json!({"status": "disabled"}));
+        }
+        stage.readiness.info(
+            "openai",
+            serde_json::json!({"status": "configured", "base_url": config.openai_base_url, "model": config.openai_model}),
+        );
         tracing::info!(model = %config.openai_model, prompt_version = %prompt.version, "Enrichment configured");
         Ok(Self { stage, handler: Arc::new(EnrichHandler { llm, prompt, cache, cache_prefix }) })
     }

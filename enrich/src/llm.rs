@@ -107,8 +107,11 @@ impl Llm {
                 Ok(response)
             }
             Err(e) => {
+                let rate_limited = http_status(&e) == Some(429);
                 let err = classify(e, self.quota_pause);
-                let outcome = if err.is_transient() {
+                let outcome = if err.is_transient() && rate_limited {
+                    "rate_limited"
+                } else if err.is_transient() {
                     "transient"
                 } else if err.is_paused() {
                     metrics::counter!(m::OPENAI_QUOTA_EXHAUSTED_TOTAL).increment(1);
@@ -251,6 +254,15 @@ fn estimate_tokens(messages: &[ChatCompletionRequestMessage], max_completion: u3
 /// Map a client error to a kind, following the delivery rules. A 429 that
 /// says the quota is exhausted pauses the stage: retrying would only burn
 /// deliveries until someone adds credit.
+/// The HTTP status of a failed call, when the provider answered.
+fn http_status(e: &OpenAIError) -> Option<u16> {
+    match e {
+        OpenAIError::Boxed(boxed) => boxed.downcast_ref::<HttpFailure>().map(|f| f.status),
+        OpenAIError::ApiError(api) => Some(api.status_code.as_u16()),
+        _ => None,
+    }
+}
+
 fn classify(e: OpenAIError, quota_pause: Duration) -> StageError {
     match e {
         OpenAIError::Boxed(boxed) => match boxed.downcast::<HttpFailure>() {

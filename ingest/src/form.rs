@@ -213,12 +213,17 @@ fn failed(reason: &str) -> ApiError {
     security(("bearer" = []), ("api_key" = []))
 )]
 pub async fn submit(State(s): State<ApiState>, req: Request) -> Result<Response, ApiError> {
+    let trace = req
+        .extensions()
+        .get::<halakha_common::trace::TraceContext>()
+        .copied()
+        .unwrap_or_else(halakha_common::trace::TraceContext::new_root);
     let input = read_form(req, &s).await?;
     let message = s.ingestor.prepare(to_submission(input)?, 0)?;
     let id = message.id.clone();
     let waiting = s.waiters.register(&id);
     let result = async {
-        let accepted = s.ingestor.submit(message).await?;
+        let accepted = s.ingestor.submit(message, &trace).await?;
         if accepted.settled.is_some() {
             // Known: answer at once if it already ended.
             let view = store::status(&s.ingestor.pool, &id).await.map_err(|_| ApiError::unavailable())?;

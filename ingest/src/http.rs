@@ -8,11 +8,13 @@ use axum::http::StatusCode;
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
-use axum::{Json, Router};
+use axum::{Extension, Json, Router};
 use halakha_common::envelope::Submission;
 use halakha_common::metrics as m;
+use halakha_common::trace::{TRACEPARENT, TraceContext};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
+use tracing::Instrument;
 use utoipa::{OpenApi, ToSchema};
 
 use crate::errors::{ApiError, ApiJson, ErrorBody, ErrorDetail, parse_value};
@@ -63,17 +65,32 @@ pub fn routes(state: ApiState, guard: Arc<Guard>, cors: Arc<Cors>, limits: &Limi
         .merge(legacy)
         .route_layer(middleware::from_fn_with_state(guard, guard::require_key))
         .route_layer(middleware::from_fn(count_requests))
+        .route_layer(middleware::from_fn(trace_requests))
         .with_state(state)
         .route("/openapi.json", get(|| async { Json(ApiDoc::openapi()) }))
         .layer(middleware::from_fn_with_state(cors, guard::cors))
+}
+
+/// Continue the caller's W3C `traceparent` (or start a trace): the
+/// handlers pass it on in the NATS headers, and the request's log lines
+/// carry its `trace_id`.
+async fn trace_requests(mut req: Request, next: Next) -> Response {
+    let trace = TraceContext::continue_from(req.headers().get(TRACEPARENT).and_then(|v| v.to_str().ok()));
+    let route = req.extensions().get::<MatchedPath>().map(|p| p.as_str().to_owned()).unwrap_or_default();
+    let span = tracing::info_span!("http_request", method = %req.method(), route, trace_id = %trace.trace_id());
+    req.extensions_mut().insert(trace);
+    next.run(req).instrument(span).await
 }
 
 async fn count_requests(req: Request, next: Next) -> Response {
     let route =
         req.extensions().get::<MatchedPath>().map(|p| p.as_str().to_owned()).unwrap_or_else(|| "unmatched".into());
     let method = req.method().as_str().to_owned();
+    let started = std::time::Instant::now();
     let resp = next.run(req).await;
     let status = resp.status().as_u16().to_string();
+    metrics::histogram!(m::HTTP_REQUEST_SECONDS, "route" => route.clone(), "method" => method.clone())
+        .record(started.elapsed().as_secs_f64());
     metrics::counter!(m::HTTP_REQUESTS_TOTAL, "route" => route, "method" => method, "status" => status).increment(1);
     resp
 }
@@ -110,8 +127,12 @@ impl AcceptedBody {
     ),
     security(("bearer" = []), ("api_key" = []))
 )]
-pub async fn submit(State(s): State<ApiState>, ApiJson(submission): ApiJson<Submission>) -> Result<Response, ApiError> {
-    let accepted = s.ingestor.accept(submission, 0).await?;
+pub async fn submit(
+    State(s): State<ApiState>,
+    Extension(trace): Extension<TraceContext>,
+    ApiJson(submission): ApiJson<Submission>,
+) -> Result<Response, ApiError> {
+    let accepted = s.ingestor.accept(submission, 0, &trace).await?;
     tracing::info!(id = %accepted.id, duplicate = accepted.duplicate, "Submission accepted");
     Ok((StatusCode::ACCEPTED, Json(AcceptedBody::new(accepted.id, accepted.duplicate))).into_response())
 }
@@ -205,6 +226,7 @@ pub struct BatchBody {
 )]
 pub async fn submit_batch(
     State(s): State<ApiState>,
+    Extension(trace): Extension<TraceContext>,
     Query(q): Query<BatchQuery>,
     ApiJson(input): ApiJson<BatchInput>,
 ) -> Result<Response, ApiError> {
@@ -230,7 +252,7 @@ pub async fn submit_batch(
             async move {
                 let extra = if spread { u16::try_from(index).unwrap_or(u16::MAX) } else { 0 };
                 let outcome = match parse_value::<Submission>(item.0) {
-                    Ok(submission) => ingestor.accept(submission, extra).await.map_err(ApiError::from),
+                    Ok(submission) => ingestor.accept(submission, extra, &trace).await.map_err(ApiError::from),
                     Err(e) => Err(e),
                 };
                 match outcome {

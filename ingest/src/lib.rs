@@ -71,6 +71,16 @@ async fn keep_the_books(
     }
 }
 
+/// Redis in `/health/ready`: probed when configured (not required: the
+/// stage works on without it), else reported disabled.
+pub fn redis_health(readiness: &Readiness, cache: &Arc<Cache>) {
+    if cache.is_on() {
+        readiness.probe("redis", false, cache.probe());
+    } else {
+        readiness.info("redis", serde_json::json!({"status": "disabled"}));
+    }
+}
+
 /// A started stage: bound, connected, not yet serving.
 pub struct App {
     stage: Prepared,
@@ -122,6 +132,9 @@ impl App {
             Some(url) => Cache::new(url, std::time::Duration::from_secs(120))?,
             None => Cache::off(),
         });
+        stage.readiness.probe("postgres", true, db::probe(&books_pool));
+        db::report_pool_metrics(&books_pool);
+        redis_health(&stage.readiness, &shared);
         let guard = Arc::new(guard::Guard {
             keys: guard::ApiKeys::new(&config.api_keys),
             limiter: guard::RateLimiter::new(

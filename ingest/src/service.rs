@@ -6,7 +6,8 @@ use halakha_common::StageError;
 use halakha_common::db::DbError;
 use halakha_common::envelope::{DeadLetter, Envelope, Ingested, Submission};
 use halakha_common::metrics as m;
-use halakha_nats::runner::{Delivery, Handler};
+use halakha_common::trace::TraceContext;
+use halakha_nats::runner::{Delivery, Handled, Handler};
 use halakha_nats::{PublishError, Publisher};
 use time::OffsetDateTime;
 
@@ -71,24 +72,28 @@ impl Ingestor {
 
     /// Publish `<ns>.ingested` under the halakha id (the broker's half of
     /// idempotency). True when the broker had it already.
-    pub async fn publish(&self, message: &Ingested) -> Result<bool, PublishError> {
+    pub async fn publish(&self, message: &Ingested, trace: &TraceContext) -> Result<bool, PublishError> {
         let mut headers = async_nats::HeaderMap::new();
-        let trace = halakha_nats::runner::new_trace_id(&message.id);
-        headers.insert(halakha_common::envelope::TRACE_HEADER, trace.as_str());
+        headers.insert(halakha_common::envelope::TRACE_HEADER, trace.header().as_str());
         Ok(self.publisher.publish_json_with(&self.ingested_subject, &message.id, message, headers).await?.duplicate)
     }
 
     /// Validate, record and publish: the whole acceptance of one HTTP item.
-    pub async fn accept(&self, submission: Submission, extra_days: u16) -> Result<Accepted, AcceptFailure> {
+    pub async fn accept(
+        &self,
+        submission: Submission,
+        extra_days: u16,
+        trace: &TraceContext,
+    ) -> Result<Accepted, AcceptFailure> {
         let message = self.prepare(submission, extra_days)?;
-        self.submit(message).await
+        self.submit(message, trace).await
     }
 
     /// Record and publish a prepared message (the HTTP routes; the NATS
     /// path leaves the publishing to the runner).
-    pub async fn submit(&self, message: Ingested) -> Result<Accepted, AcceptFailure> {
+    pub async fn submit(&self, message: Ingested, trace: &TraceContext) -> Result<Accepted, AcceptFailure> {
         match self.record(message, Via::Http).await {
-            Ok(Decision::Publish { message, duplicate }) => match self.publish(&message).await {
+            Ok(Decision::Publish { message, duplicate }) => match self.publish(&message, trace).await {
                 Ok(again) => Ok(Accepted { id: message.id, duplicate: duplicate || again, settled: None }),
                 Err(error) => {
                     tracing::error!(id = %message.id, %error, "Could not publish an accepted submission");
@@ -135,14 +140,14 @@ impl Handler for SubmittedHandler {
     type Input = Submission;
     type Output = Ingested;
 
-    async fn handle(&self, input: Submission, _delivery: &Delivery) -> Result<Option<Ingested>, StageError> {
+    async fn handle(&self, input: Submission, _delivery: &Delivery) -> Result<Handled<Ingested>, StageError> {
         let message =
             self.ingestor.prepare(input, 0).map_err(|e| StageError::permanent(format!("invalid submission: {e}")))?;
         match self.ingestor.record(message, Via::Nats).await {
-            Ok(Decision::Publish { message, .. }) => Ok(Some(message)),
+            Ok(Decision::Publish { message, .. }) => Ok(Handled::Publish(message)),
             Ok(Decision::Duplicate { id, status }) => {
                 tracing::info!(%id, %status, "Duplicate submission; already past ingest");
-                Ok(None)
+                Ok(Handled::Duplicate)
             }
             Err(e) => Err(e.into_stage_error("record the submission")),
         }
@@ -165,8 +170,8 @@ impl Handler for StatusHandler {
     type Input = DeadLetter;
     type Output = DeadLetter;
 
-    async fn handle(&self, entry: DeadLetter, _delivery: &Delivery) -> Result<Option<DeadLetter>, StageError> {
-        let Some(id) = entry.id.as_deref() else { return Ok(None) };
+    async fn handle(&self, entry: DeadLetter, _delivery: &Delivery) -> Result<Handled<DeadLetter>, StageError> {
+        let Some(id) = entry.id.as_deref() else { return Ok(Handled::Done) };
         let error = format!("{}: {}", entry.stage, entry.reason);
         let changed = store::mark_failed(&self.pool, id, &error, entry.failed_at)
             .await
@@ -174,6 +179,6 @@ impl Handler for StatusHandler {
         if changed > 0 {
             tracing::info!(%id, stage = %entry.stage, "Marked failed");
         }
-        Ok(None)
+        Ok(Handled::Done)
     }
 }

@@ -14,7 +14,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::names::{Names, Subject};
 use crate::publisher::Publisher;
-use crate::runner::{Delivery, Handler, Origin, attempt_history, dead_letter_entry, dead_letter_id};
+use crate::runner::{Delivery, Handled, Handler, Origin, attempt_history, dead_letter_entry, dead_letter_id};
 
 /// `io.nats.jetstream.advisory.v1.max_deliver`, as the server sends it.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -50,10 +50,10 @@ impl Handler for AdvisoryHandler {
     type Input = MaxDeliveries;
     type Output = DeadLetter;
 
-    async fn handle(&self, a: MaxDeliveries, _delivery: &Delivery) -> Result<Option<DeadLetter>, StageError> {
+    async fn handle(&self, a: MaxDeliveries, _delivery: &Delivery) -> Result<Handled<DeadLetter>, StageError> {
         let Some(stage) = self.names.stage_of(&a.stream, &a.consumer) else {
             tracing::warn!(stream = %a.stream, consumer = %a.consumer, "Advisory for a consumer that is not a stage; ignored");
-            return Ok(None);
+            return Ok(Handled::Done);
         };
         let reason = format!(
             "the broker stopped redelivering after {} deliveries without an acknowledgement \
@@ -97,6 +97,6 @@ impl Handler for AdvisoryHandler {
         metrics::counter!(halakha_common::metrics::DEAD_LETTERS_TOTAL, "stage" => stage.as_str(), "kind" => "max_deliveries")
             .increment(1);
         tracing::error!(stage = %stage, seq = a.stream_seq, deliveries = a.deliveries, "Broker gave up on a message; dead-lettered");
-        Ok(None)
+        Ok(Handled::Done)
     }
 }

@@ -15,4 +15,4 @@ pub mod topology;
 
 pub use names::{Names, Namespace, Stage};
 pub use publisher::{PublishError, Publisher};
-pub use runner::{Delivery, Handler, Runner, RunnerConfig};
+pub use runner::{Delivery, Handled, Handler, Runner, RunnerConfig};

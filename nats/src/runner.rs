@@ -27,9 +27,12 @@ use base64::Engine as _;
 use futures::StreamExt;
 use halakha_common::StageError;
 use halakha_common::config::Reader;
-use halakha_common::envelope::{Attempt, DeadLetter, Envelope, ErrorKind, SCHEMA_VERSION, TRACE_HEADER};
+use halakha_common::envelope::{
+    Attempt, DeadLetter, Envelope, ErrorKind, LEGACY_TRACE_HEADER, SCHEMA_VERSION, TRACE_HEADER,
+};
 use halakha_common::health::ReadyFlag;
 use halakha_common::metrics as m;
+use halakha_common::trace::TraceContext;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use time::OffsetDateTime;
@@ -68,6 +71,9 @@ pub struct RunnerConfig {
     /// No message finished for this long while some are pending: the
     /// stage reports not-ready and says why (`WATCHDOG_SECS`, 0 = off).
     pub watchdog: Duration,
+    /// How often the consumer's info is read for the lag gauges
+    /// (`CONSUMER_INFO_INTERVAL_SECS`).
+    pub consumer_info_interval: Duration,
 }
 
 impl RunnerConfig {
@@ -82,6 +88,7 @@ impl RunnerConfig {
             drain_timeout: r.seconds("DRAIN_TIMEOUT_SECS", 30, 1..=600),
             fetch_expires: Duration::from_secs(1),
             watchdog: r.seconds("WATCHDOG_SECS", 300, 0..=86_400),
+            consumer_info_interval: r.seconds("CONSUMER_INFO_INTERVAL_SECS", 15, 1..=300),
         }
     }
 
@@ -121,18 +128,29 @@ pub struct Delivery {
     pub headers: Option<HeaderMap>,
 }
 
+/// What a handler did with a message.
+#[derive(Debug)]
+pub enum Handled<T> {
+    /// Publish this output, then ack the input.
+    Publish(T),
+    /// Nothing to publish: ack.
+    Done,
+    /// Its effect was already done (a redelivery, a known submission): ack,
+    /// counted as `duplicate`.
+    Duplicate,
+}
+
 /// The business logic of a stage.
 pub trait Handler: Send + Sync + 'static {
     type Input: DeserializeOwned + Envelope + Clone + Send;
     type Output: Serialize + Envelope + Send + Sync;
 
-    /// Handle one message. `Ok(None)` acks without publishing (for
-    /// example a duplicate).
+    /// Handle one message.
     fn handle(
         &self,
         input: Self::Input,
         delivery: &Delivery,
-    ) -> impl Future<Output = Result<Option<Self::Output>, StageError>> + Send;
+    ) -> impl Future<Output = Result<Handled<Self::Output>, StageError>> + Send;
 
     /// The `Nats-Msg-Id` of the output. The default ties it to the input's
     /// stream position: a redelivery of the same input publishes the same
@@ -208,12 +226,8 @@ impl Runner {
             last_progress: std::sync::atomic::AtomicU64::new(now_ms()),
             attempts: self.attempts.clone(),
         });
-        let watchdog = tokio::spawn(watch_progress(
-            shared.clone(),
-            self.consumer.clone(),
-            self.progress.clone(),
-            self.config.watchdog,
-        ));
+        m::init_stage(stage);
+        let watchdog = tokio::spawn(watch_consumer(shared.clone(), self.consumer.clone(), self.progress.clone()));
         tracing::info!(stage, consumer = %self.route.consumer, stream = %self.route.input_stream, concurrency = self.config.concurrency, "Consuming");
         self.consuming.set(true);
         let mut draining = false;
@@ -352,32 +366,44 @@ fn now_ms() -> u64 {
         .unwrap_or(u64::MAX)
 }
 
-/// The stuck-consumer watchdog: messages wait (pending or unacknowledged)
-/// but none has finished for `limit`: not ready, and a log line says why.
-async fn watch_progress(shared: Arc<Shared>, mut consumer: PullConsumer, flag: ReadyFlag, limit: Duration) {
-    if limit.is_zero() {
-        return;
+/// Read the consumer's info every `CONSUMER_INFO_INTERVAL_SECS` for the
+/// lag gauges, and keep the stuck-consumer watchdog: messages wait
+/// (pending or unacknowledged) but none has finished for `WATCHDOG_SECS`:
+/// not ready, and a log line says why.
+async fn watch_consumer(shared: Arc<Shared>, mut consumer: PullConsumer, flag: ReadyFlag) {
+    let stage = shared.route.name;
+    let limit = shared.config.watchdog;
+    let mut every = shared.config.consumer_info_interval;
+    if !limit.is_zero() {
+        every = every.min((limit / 4).max(Duration::from_millis(200)));
     }
-    let every = (limit / 4).clamp(Duration::from_millis(200), Duration::from_secs(15));
     let mut stuck = false;
     loop {
-        tokio::time::sleep(every).await;
-        let Ok(info) = consumer.info().await else { continue };
-        let waiting = info.num_pending + info.num_ack_pending as u64;
-        let idle_ms = now_ms().saturating_sub(shared.last_progress.load(std::sync::atomic::Ordering::Relaxed));
-        let now_stuck = waiting > 0 && idle_ms > u64::try_from(limit.as_millis()).unwrap_or(u64::MAX);
-        if now_stuck && !stuck {
-            tracing::error!(
-                stage = shared.route.name,
-                waiting,
-                idle_secs = idle_ms / 1000,
-                "No message finished for longer than WATCHDOG_SECS while messages wait: reporting not ready"
-            );
-        } else if stuck && !now_stuck {
-            tracing::info!(stage = shared.route.name, "Progress again: ready");
+        let Ok(info) = consumer.info().await else {
+            tokio::time::sleep(every).await;
+            continue;
+        };
+        metrics::gauge!(m::CONSUMER_PENDING, "stage" => stage).set(info.num_pending as f64);
+        metrics::gauge!(m::CONSUMER_ACK_PENDING, "stage" => stage).set(info.num_ack_pending as f64);
+        metrics::gauge!(m::CONSUMER_REDELIVERED, "stage" => stage).set(info.num_redelivered as f64);
+        if !limit.is_zero() {
+            let waiting = info.num_pending + info.num_ack_pending as u64;
+            let idle_ms = now_ms().saturating_sub(shared.last_progress.load(std::sync::atomic::Ordering::Relaxed));
+            let now_stuck = waiting > 0 && idle_ms > u64::try_from(limit.as_millis()).unwrap_or(u64::MAX);
+            if now_stuck && !stuck {
+                tracing::error!(
+                    stage,
+                    waiting,
+                    idle_secs = idle_ms / 1000,
+                    "No message finished for longer than WATCHDOG_SECS while messages wait: reporting not ready"
+                );
+            } else if stuck && !now_stuck {
+                tracing::info!(stage, "Progress again: ready");
+            }
+            stuck = now_stuck;
+            flag.set(!stuck);
         }
-        stuck = now_stuck;
-        flag.set(!stuck);
+        tokio::time::sleep(every).await;
     }
 }
 
@@ -416,13 +442,26 @@ impl PauseGate {
 }
 
 enum Outcome {
-    Ack,
+    Ack { duplicate: bool },
     Nak(Duration),
     DeadLetter(ErrorKind),
 }
 
+/// How a handled message ended, before the ack.
+enum Finished {
+    Ok,
+    Duplicate,
+}
+
+/// The trace of a delivery: its `traceparent` continued, or a new trace.
+pub fn trace_of(headers: Option<&HeaderMap>) -> TraceContext {
+    TraceContext::continue_from(headers.and_then(|h| h.get(TRACE_HEADER)).map(|v| v.as_str()))
+}
+
 async fn process<H: Handler>(shared: &Shared, handler: &H, msg: jetstream::Message) {
     let stage = shared.route.name;
+    let started = Instant::now();
+    metrics::counter!(m::STAGE_RECEIVED_TOTAL, "stage" => stage).increment(1);
     let delivery = match msg.info() {
         Ok(info) => Delivery {
             subject: msg.subject.to_string(),
@@ -437,20 +476,21 @@ async fn process<H: Handler>(shared: &Shared, handler: &H, msg: jetstream::Messa
             return;
         }
     };
+    let trace = trace_of(delivery.headers.as_ref());
     let span = tracing::info_span!(
         "message",
         stage,
         seq = delivery.stream_seq,
         attempt = delivery.delivered,
-        id = tracing::field::Empty
+        id = tracing::field::Empty,
+        trace_id = %trace.trace_id(),
     );
     async {
         metrics::gauge!(m::STAGE_IN_FLIGHT, "stage" => stage).increment(1.0);
-        let started = Instant::now();
-        let (id, result) = handle(shared, handler, &msg, &delivery).await;
-        metrics::histogram!(m::STAGE_HANDLE_SECONDS, "stage" => stage).record(started.elapsed().as_secs_f64());
+        let (id, result) = handle(shared, handler, &msg, &delivery, &trace).await;
         let outcome = match result {
-            Ok(()) => Outcome::Ack,
+            Ok(Finished::Ok) => Outcome::Ack { duplicate: false },
+            Ok(Finished::Duplicate) => Outcome::Ack { duplicate: true },
             // Shut down while paused: hand the message back at once.
             Err(e) if e.is_paused() => Outcome::Nak(Duration::ZERO),
             Err(e) if e.is_transient() && delivery.delivered < shared.config.max_deliver => {
@@ -481,20 +521,23 @@ async fn process<H: Handler>(shared: &Shared, handler: &H, msg: jetstream::Messa
             }
         };
         let (label, ack) = match outcome {
-            Outcome::Ack => ("ack", msg.double_ack().await),
-            Outcome::Nak(d) => ("nak", msg.ack_with(AckKind::Nak(Some(d))).await),
+            Outcome::Ack { duplicate } => (if duplicate { "duplicate" } else { "ok" }, msg.double_ack().await),
+            Outcome::Nak(d) => ("retried", msg.ack_with(AckKind::Nak(Some(d))).await),
             Outcome::DeadLetter(kind) => {
                 metrics::counter!(m::DEAD_LETTERS_TOTAL, "stage" => stage, "kind" => kind.as_str()).increment(1);
-                ("dead_letter", msg.double_ack_with(AckKind::Term).await)
+                ("dead_lettered", msg.double_ack_with(AckKind::Term).await)
             }
         };
         if let Err(error) = ack {
             // The broker will redeliver after ack_wait; the sinks are idempotent.
             tracing::warn!(%error, outcome = label, "Acknowledgement not confirmed");
         }
-        metrics::counter!(m::STAGE_MESSAGES_TOTAL, "stage" => stage, "outcome" => label).increment(1);
+        let elapsed = started.elapsed();
+        metrics::histogram!(m::STAGE_PROCESSING_SECONDS, "stage" => stage).record(elapsed.as_secs_f64());
+        metrics::counter!(m::STAGE_PROCESSED_TOTAL, "stage" => stage, "outcome" => label).increment(1);
         shared.last_progress.store(now_ms(), std::sync::atomic::Ordering::Relaxed);
         metrics::gauge!(m::STAGE_IN_FLIGHT, "stage" => stage).decrement(1.0);
+        tracing::info!(outcome = label, elapsed_ms = elapsed.as_millis() as u64, "Message handled");
     }
     .instrument(span)
     .await
@@ -507,7 +550,8 @@ async fn handle<H: Handler>(
     handler: &H,
     msg: &jetstream::Message,
     delivery: &Delivery,
-) -> (Option<String>, Result<(), StageError>) {
+    trace: &TraceContext,
+) -> (Option<String>, Result<Finished, StageError>) {
     let input: H::Input = match serde_json::from_slice(&msg.payload) {
         Ok(input) => input,
         Err(e) => {
@@ -524,8 +568,9 @@ async fn handle<H: Handler>(
     }
     let output = loop {
         match with_progress(handler.handle(input.clone(), delivery), msg, shared.config.ack_wait / 3).await {
-            Ok(Some(output)) => break output,
-            Ok(None) => return (Some(id), Ok(())),
+            Ok(Handled::Publish(output)) => break output,
+            Ok(Handled::Done) => return (Some(id), Ok(Finished::Ok)),
+            Ok(Handled::Duplicate) => return (Some(id), Ok(Finished::Duplicate)),
             Err(StageError::Paused { reason, resume_after }) => {
                 // Hold the message (in-progress acks, no delivery spent),
                 // stop the stage fetching, and try again after the pause.
@@ -546,21 +591,17 @@ async fn handle<H: Handler>(
     };
     let Some(subject) = shared.route.output_subject.as_deref() else {
         tracing::error!("Handler returned an output on a route without an output subject; dropped");
-        return (Some(id), Ok(()));
+        return (Some(id), Ok(Finished::Ok));
     };
     let msg_id = handler.output_message_id(&output, delivery);
-    // The trace id follows the submission through every stage.
-    let trace = delivery
-        .headers
-        .as_ref()
-        .and_then(|h| h.get(TRACE_HEADER))
-        .map(|v| v.as_str().to_owned())
-        .unwrap_or_else(|| new_trace_id(&output.id()));
+    // The trace follows the submission through every stage.
     let mut headers = HeaderMap::new();
-    headers.insert(TRACE_HEADER, trace.as_str());
+    headers.insert(TRACE_HEADER, trace.header().as_str());
     let published = shared.publisher.publish_json_with(subject, &msg_id, &output, headers).await;
     let result = match published {
-        Ok(_) => Ok(()),
+        // The broker had this output already: a redelivery of work done.
+        Ok(ack) if ack.duplicate => Ok(Finished::Duplicate),
+        Ok(_) => Ok(Finished::Ok),
         Err(e) => {
             metrics::counter!(m::PUBLISH_ERRORS_TOTAL, "stage" => shared.route.name).increment(1);
             Err(StageError::transient("could not publish the output").with_source(e))
@@ -643,15 +684,14 @@ pub fn dead_letter_entry(
         payload_base64,
         payload_truncated_from: truncated_from,
         history: Vec::new(),
-        trace_id: origin.headers.and_then(|h| h.get(TRACE_HEADER)).map(|v| v.as_str().to_owned()),
+        trace_id: origin.headers.and_then(|h| {
+            h.get(TRACE_HEADER)
+                .and_then(|v| TraceContext::parse(v.as_str()))
+                .map(|t| t.trace_id())
+                .or_else(|| h.get(LEGACY_TRACE_HEADER).map(|v| v.as_str().to_owned()))
+        }),
         context: BTreeMap::new(),
     }
-}
-
-/// A new trace id: the halakha id and the time, unique per submission.
-pub fn new_trace_id(id: &str) -> String {
-    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_nanos();
-    format!("{id}-{nanos:x}")
 }
 
 fn attempt_key(stream: &str, seq: u64) -> String {

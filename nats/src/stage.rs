@@ -87,6 +87,7 @@ impl Prepared {
         let readiness = Readiness::new();
         let names = Names::new(c.namespace.clone());
         let client_name = format!("halakha-{stage}");
+        m::build_info(client_name.clone());
         let (client, js) =
             crate::connect::connect(c.nats_url.expose_secret(), &client_name, readiness.register("nats")).await?;
         topology::apply_streams(&js, &names).await?;

@@ -14,7 +14,7 @@ use halakha_common::cache::{self, Cache};
 use halakha_common::envelope::{Enriched, Published, SCHEMA_VERSION};
 use halakha_common::{StageError, db, metrics as m};
 use halakha_nats::Stage;
-use halakha_nats::runner::{Delivery, Handler};
+use halakha_nats::runner::{Delivery, Handled, Handler};
 use halakha_nats::stage::{Prepared, StageStartError};
 use time::OffsetDateTime;
 use tokio_util::sync::CancellationToken;
@@ -47,7 +47,7 @@ impl Handler for PublishHandler {
     type Input = Enriched;
     type Output = Published;
 
-    async fn handle(&self, input: Enriched, _delivery: &Delivery) -> Result<Option<Published>, StageError> {
+    async fn handle(&self, input: Enriched, _delivery: &Delivery) -> Result<Handled<Published>, StageError> {
         let state = store::upsert(&self.pool, &input).await.map_err(|e| db_error("store the halakha", e))?;
         metrics::counter!(m::DB_WRITES_TOTAL, "status" => "enriched").increment(1);
         let page = match &self.notion {
@@ -60,7 +60,7 @@ impl Handler for PublishHandler {
             .map_err(|e| db_error("mark the halakha published", e))?;
         metrics::counter!(m::DB_WRITES_TOTAL, "status" => "published").increment(1);
         tracing::info!(id = %input.id, notion_page = page_id.as_deref().unwrap_or("-"), "Published");
-        Ok(Some(Published {
+        Ok(Handled::Publish(Published {
             schema_version: SCHEMA_VERSION,
             date_post: input.halakha.date_post(),
             id: input.id,
@@ -131,6 +131,12 @@ impl App {
             Some(url) => Cache::new(url, std::time::Duration::from_secs(5))?,
             None => Cache::off(),
         });
+        let notion_info = match &config.notion {
+            Some(c) => serde_json::json!({"status": "configured", "base_url": c.base_url, "version": c.version}),
+            None => serde_json::json!({"status": "disabled"}),
+        };
+        let redis_info = (!shared.is_on()).then(|| serde_json::json!({"status": "disabled"}));
+        let redis_probe = shared.is_on().then(|| shared.probe());
         let notion = match config.notion.clone() {
             Some(c) => {
                 let rate = notion::RateLimit::new(c.requests_per_second, shared, config.stage.namespace.as_str());
@@ -146,6 +152,15 @@ impl App {
             db::migrate(&pool).await?;
         }
         let stage = Prepared::new(Stage::Publish, &config.stage).await?;
+        stage.readiness.probe("postgres", true, db::probe(&pool));
+        db::report_pool_metrics(&pool);
+        if let Some(probe) = redis_probe {
+            stage.readiness.probe("redis", false, probe);
+        }
+        if let Some(info) = redis_info {
+            stage.readiness.info("redis", info);
+        }
+        stage.readiness.info("notion", notion_info);
         Ok(Self { stage, handler: Arc::new(PublishHandler { pool, notion }) })
     }
 

@@ -212,6 +212,9 @@ impl Notion {
                 StageError::transient(format!("the Notion {operation} answer could not be read")).with_source(e)
             });
         }
+        if status == StatusCode::TOO_MANY_REQUESTS {
+            metrics::counter!(m::NOTION_RATE_LIMITED_TOTAL).increment(1);
+        }
         let retry_after = resp.headers().get("retry-after").and_then(|v| v.to_str().ok()).and_then(parse_retry_after);
         let err = error_for(operation, status, retry_after, &resp.text().await.unwrap_or_default());
         let outcome = if err.is_transient() { "transient" } else { "permanent" };

@@ -136,7 +136,19 @@ async fn an_overloaded_model_is_retried_with_backoff_then_dead_lettered_after_ma
     let p =
         Pipeline::start(Spec { model: Model::Overloaded, publish: false, enrich_vars: &max, ..Spec::default() }).await;
     let item = corpus().into_iter().find(|i| i.lang == "he").unwrap();
-    let id = p.submit(json!({"content": item.text})).await["id"].as_str().unwrap().to_owned();
+    // The caller's W3C trace context reaches the dead letter.
+    let traceparent = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+    let resp = p
+        .http
+        .post(format!("{}/v1/halakhot", p.base))
+        .bearer_auth(halakha_tests::API_KEY)
+        .header("traceparent", traceparent)
+        .json(&json!({"content": item.text}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 202);
+    let id = resp.json::<serde_json::Value>().await.unwrap()["id"].as_str().unwrap().to_owned();
 
     let dead: Vec<DeadLetter> = p.env.collect(S::DeadLetter(Stage::Enrich), 1, Duration::from_secs(60)).await;
     let entry = &dead[0];
@@ -150,7 +162,12 @@ async fn an_overloaded_model_is_retried_with_backoff_then_dead_lettered_after_ma
     assert_eq!(attempts, vec![1, 2, 3]);
     assert!(entry.history.iter().all(|a| a.reason.contains("503")), "{:?}", entry.history);
     assert!(entry.history.windows(2).all(|w| w[0].at <= w[1].at));
-    assert!(entry.trace_id.as_deref().is_some_and(|t| t.starts_with(&id)), "{:?}", entry.trace_id);
+    assert_eq!(entry.trace_id.as_deref(), Some("4bf92f3577b34da6a3ce929d0e0e4736"));
+    let kept = entry.headers["traceparent"][0].as_str();
+    assert!(
+        kept.starts_with("00-4bf92f3577b34da6a3ce929d0e0e4736-") && kept != traceparent,
+        "a new span per hop: {kept}"
+    );
     assert_eq!(entry.context["model"], "gpt-4o-mini");
     assert!(entry.context["prompt_version"].starts_with("sha256:"));
     let v = p.env.wait_for_status(&p.base, &id, Duration::from_secs(30), |v| v["status"] == "failed").await;

@@ -166,10 +166,15 @@ async fn postgres_unreachable_for_twenty_seconds_pauses_publish_and_loses_nothin
     let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
     loop {
         let r = p.http.get(&ready_url).send().await.unwrap();
-        if r.status() == 503 {
+        let status = r.status();
+        let v: serde_json::Value = r.json().await.unwrap();
+        // It says why: the postgres dependency is down.
+        if status == 503 && v["dependencies"]["postgres"]["status"] == "down" {
+            assert_eq!(v["dependencies"]["postgres"]["required"], true, "{v}");
+            assert_eq!(v["dependencies"]["nats"]["status"], "up", "{v}");
             break;
         }
-        assert!(tokio::time::Instant::now() < deadline, "publish still says ready without its database");
+        assert!(tokio::time::Instant::now() < deadline, "publish still says ready without its database: {v}");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     tokio::time::sleep(Duration::from_secs(20).saturating_sub(outage.elapsed())).await;
@@ -198,6 +203,14 @@ async fn redis_stopped_mid_stream_leaves_enrichment_going_without_its_cache() {
     let ids = submit_retrying(&p, &texts(20, 60)).await;
     let _: Vec<Published> = p.env.collect(S::Published, 4, Duration::from_secs(60)).await;
     proxy.cut();
+    // Redis is not required: enrich says it is down and stays ready.
+    let ready_url = format!("http://{}/health/ready", p.metrics_addr("enrich"));
+    let r = p.http.get(&ready_url).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    let v: serde_json::Value = r.json().await.unwrap();
+    assert_eq!(v["dependencies"]["redis"]["status"], "down", "{v}");
+    assert_eq!(v["dependencies"]["redis"]["required"], false, "{v}");
+    assert_eq!(v["dependencies"]["openai"]["status"], "configured", "{v}");
     let _: Vec<Published> = p.env.collect(S::Published, 20, Duration::from_secs(90)).await;
     for (stream, consumer) in [(S::Ingested, "enrich"), (S::Enriched, "publish")] {
         p.env.wait_idle(stream, consumer, Duration::from_secs(60)).await;
