@@ -44,6 +44,7 @@ impl Cache {
     /// A cache on `url`; nothing is connected until first use.
     pub fn new(url: &SecretString, ttl: Duration) -> Result<Self, InvalidRedisUrl> {
         let client = redis::Client::open(url.expose_secret()).map_err(InvalidRedisUrl)?;
+        m::init_counters(m::CACHE_REQUESTS_TOTAL, "outcome", &["hit", "miss", "error"]);
         Ok(Self { inner: Some(Inner { client, conn: Mutex::new(None), retry_at: Mutex::new(None), ttl }) })
     }
 

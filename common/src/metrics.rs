@@ -292,8 +292,8 @@ pub const CATALOG: &[Metric] = &[
         name: CACHE_REQUESTS_TOTAL,
         kind: Kind::Counter,
         labels: &[("outcome", "`hit`, `miss`, `error`")],
-        served_by: &["enrich"],
-        help: "Enrichment cache look-ups in Redis.",
+        served_by: ALL,
+        help: "Redis requests (enrich: the enrichment cache; all: shared rate limits), when REDIS_URL is set.",
     },
     Metric {
         name: NOTION_REQUESTS_TOTAL,
@@ -383,19 +383,27 @@ pub fn build_info(binary: String) {
 }
 
 /// Create a stage's series at zero, so a rate or an alert sees 0 rather
-/// than no data before the first event.
+/// than no data before the first event. (`increment(0)`: a series that
+/// exists already keeps its value.)
 pub fn init_stage(stage: &'static str) {
-    metrics::counter!(STAGE_RECEIVED_TOTAL, "stage" => stage).absolute(0);
+    metrics::counter!(STAGE_RECEIVED_TOTAL, "stage" => stage).increment(0);
     for outcome in OUTCOMES {
-        metrics::counter!(STAGE_PROCESSED_TOTAL, "stage" => stage, "outcome" => outcome).absolute(0);
+        metrics::counter!(STAGE_PROCESSED_TOTAL, "stage" => stage, "outcome" => outcome).increment(0);
     }
-    metrics::gauge!(STAGE_IN_FLIGHT, "stage" => stage).set(0.0);
-    metrics::gauge!(STAGE_PAUSED, "stage" => stage).set(0.0);
-    metrics::counter!(STAGE_PAUSES_TOTAL, "stage" => stage).absolute(0);
+    metrics::gauge!(STAGE_IN_FLIGHT, "stage" => stage).increment(0.0);
+    metrics::gauge!(STAGE_PAUSED, "stage" => stage).increment(0.0);
+    metrics::counter!(STAGE_PAUSES_TOTAL, "stage" => stage).increment(0);
     for kind in ["permanent", "max_deliveries"] {
-        metrics::counter!(DEAD_LETTERS_TOTAL, "stage" => stage, "kind" => kind).absolute(0);
+        metrics::counter!(DEAD_LETTERS_TOTAL, "stage" => stage, "kind" => kind).increment(0);
     }
-    metrics::counter!(PUBLISH_ERRORS_TOTAL, "stage" => stage).absolute(0);
+    metrics::counter!(PUBLISH_ERRORS_TOTAL, "stage" => stage).increment(0);
+}
+
+/// Create counters of fixed label values at zero (see [`init_stage`]).
+pub fn init_counters(name: &'static str, label: &'static str, values: &[&'static str]) {
+    for v in values {
+        metrics::counter!(name, label => *v).increment(0);
+    }
 }
 
 /// Run `collect` before every render of `/metrics` (gauges read from a

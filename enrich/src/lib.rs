@@ -100,6 +100,8 @@ pub struct App {
 
 impl App {
     pub async fn build(config: Config) -> Result<Self, StartError> {
+        // First: series created before the recorder would be lost.
+        halakha_common::metrics::install_recorder();
         let prompt = prompt::Prompt::load(config.prompt_dir.as_deref()).map_err(StartError::Prompt)?;
         halakha_common::install_crypto_provider();
         let cache = Arc::new(match &config.redis.url {

@@ -45,6 +45,20 @@ impl Llm {
         let openai = OpenAIConfig::new()
             .with_api_base(config.openai_base_url.clone())
             .with_api_key(config.openai_api_key.expose_secret().to_owned());
+        m::init_counters(
+            m::OPENAI_REQUESTS_TOTAL,
+            "outcome",
+            &["ok", "rate_limited", "transient", "permanent", "quota"],
+        );
+        m::init_counters(m::OPENAI_REPAIRS_TOTAL, "outcome", &["attempted", "fixed", "failed"]);
+        metrics::counter!(m::OPENAI_QUOTA_EXHAUSTED_TOTAL).increment(0);
+        for kind in ["prompt", "completion"] {
+            metrics::counter!(m::OPENAI_TOKENS_TOTAL, "kind" => kind, "model" => config.openai_model.clone())
+                .increment(0);
+        }
+        if config.prices.contains_key(&config.openai_model) {
+            metrics::counter!(m::OPENAI_COST_MICRODOLLARS_TOTAL, "model" => config.openai_model.clone()).increment(0);
+        }
         Ok(Self {
             client: Client::with_config(openai).with_http_service(single_attempt(http, limits.clone())),
             model: config.openai_model.clone(),

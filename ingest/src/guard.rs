@@ -39,6 +39,12 @@ pub struct ApiKeys {
 
 impl ApiKeys {
     pub fn new(keys: &[SecretString]) -> Self {
+        m::init_counters(m::HTTP_AUTH_FAILURES_TOTAL, "reason", &["missing", "invalid"]);
+        for k in keys {
+            let fp = fingerprint(k.expose_secret());
+            metrics::counter!(m::HTTP_REQUESTS_BY_KEY_TOTAL, "key" => fp.clone()).increment(0);
+            metrics::counter!(m::HTTP_RATE_LIMITED_TOTAL, "key" => fp).increment(0);
+        }
         Self {
             keys: keys
                 .iter()

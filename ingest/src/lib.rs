@@ -98,6 +98,8 @@ pub struct App {
 
 impl App {
     pub async fn build(config: Config) -> Result<Self, StartError> {
+        // First: series created before the recorder would be lost.
+        halakha_common::metrics::install_recorder();
         let pool = db::pool(&config.database)?;
         if config.database.migrate_on_start {
             db::migrate(&pool).await?;
@@ -133,6 +135,12 @@ impl App {
             None => Cache::off(),
         });
         stage.readiness.probe("postgres", true, db::probe(&books_pool));
+        for via in ["http", "nats"] {
+            for duplicate in ["true", "false"] {
+                metrics::counter!(halakha_common::metrics::INGEST_ACCEPTED_TOTAL, "via" => via, "duplicate" => duplicate)
+                    .increment(0);
+            }
+        }
         db::report_pool_metrics(&books_pool);
         redis_health(&stage.readiness, &shared);
         let guard = Arc::new(guard::Guard {

@@ -151,8 +151,8 @@ impl Prepared {
         let stage = runner.route().stage;
         tracing::info!(
             stage = %stage,
-            metrics = ?admin.local_addr().ok(),
-            http = ?api.as_ref().and_then(|a| a.local_addr().ok()),
+            metrics_addr = %admin.local_addr().map(|a| a.to_string()).unwrap_or_default(),
+            http_addr = %api.as_ref().and_then(|a| a.local_addr().ok()).map(|a| a.to_string()).unwrap_or_default(),
             "Stage started"
         );
         let stop_admin = CancellationToken::new();

@@ -126,6 +126,8 @@ pub struct App {
 
 impl App {
     pub async fn build(config: Config) -> Result<Self, StartError> {
+        // First: series created before the recorder would be lost.
+        halakha_common::metrics::install_recorder();
         halakha_common::install_crypto_provider();
         let shared = Arc::new(match &config.redis.url {
             Some(url) => Cache::new(url, std::time::Duration::from_secs(5))?,

@@ -183,6 +183,7 @@ impl Notion {
     pub fn new(config: NotionConfig, rate: RateLimit) -> Result<Self, reqwest::Error> {
         let http =
             reqwest::Client::builder().timeout(config.timeout).connect_timeout(Duration::from_secs(10)).build()?;
+        metrics::counter!(m::NOTION_RATE_LIMITED_TOTAL).increment(0);
         Ok(Self { http, config, rate })
     }
 

@@ -618,3 +618,113 @@ impl Drop for TcpProxy {
         self.task.abort();
     }
 }
+
+/// The workspace's stage binaries, built (or found up to date) once per
+/// test process with the same profile as the tests, so a test never runs a
+/// stale binary.
+pub fn stage_binaries() -> std::path::PathBuf {
+    static DIR: std::sync::OnceLock<std::path::PathBuf> = std::sync::OnceLock::new();
+    DIR.get_or_init(|| {
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        let status = std::process::Command::new(cargo)
+            .args(["build", "--workspace", "--bins", "--quiet"])
+            .current_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/.."))
+            .status()
+            .expect("run cargo build --workspace --bins");
+        assert!(status.success(), "cargo build --workspace --bins failed");
+        // The test binary is target/<profile>/deps/e2e-<hash>.
+        let exe = std::env::current_exe().expect("the test binary's path");
+        exe.parent().and_then(|deps| deps.parent()).expect("target/<profile>").to_path_buf()
+    })
+    .clone()
+}
+
+/// A stage binary running as its own process, its JSON log lines captured.
+pub struct StageProcess {
+    pub name: &'static str,
+    child: tokio::process::Child,
+    lines: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+    seen: tokio::sync::watch::Receiver<usize>,
+    pub metrics_addr: SocketAddr,
+    pub http_addr: Option<SocketAddr>,
+}
+
+impl StageProcess {
+    /// Start `binary` (`halakha-ingest`, ...) with exactly `vars` (and
+    /// `LOG_FORMAT=json`), from a directory without a `.env`; wait for its
+    /// "Stage started" line and read its addresses from it.
+    pub async fn start(name: &'static str, binary: &str, vars: &Map) -> Self {
+        let path = stage_binaries().join(binary);
+        let mut cmd = tokio::process::Command::new(&path);
+        cmd.env_clear().current_dir(std::env::temp_dir()).env("LOG_FORMAT", "json").env("RUST_LOG", "info");
+        for (k, v) in &vars.0 {
+            cmd.env(k, v);
+        }
+        cmd.stdout(std::process::Stdio::piped()).stderr(std::process::Stdio::inherit()).kill_on_drop(true);
+        let mut child = cmd.spawn().unwrap_or_else(|e| panic!("start {}: {e}", path.display()));
+        let stdout = child.stdout.take().expect("piped stdout");
+        let lines: std::sync::Arc<std::sync::Mutex<Vec<String>>> = Default::default();
+        let (tx, seen) = tokio::sync::watch::channel(0usize);
+        let sink = lines.clone();
+        tokio::spawn(async move {
+            use tokio::io::AsyncBufReadExt;
+            let mut reader = tokio::io::BufReader::new(stdout).lines();
+            while let Ok(Some(line)) = reader.next_line().await {
+                let n = {
+                    let mut l = sink.lock().unwrap();
+                    l.push(line);
+                    l.len()
+                };
+                let _ = tx.send(n);
+            }
+        });
+        let mut p =
+            Self { name, child, lines, seen, metrics_addr: SocketAddr::from(([127, 0, 0, 1], 0)), http_addr: None };
+        let started = p.wait_for_line(Duration::from_secs(60), |v| v["message"] == "Stage started").await;
+        let addr = |key: &str| started[key].as_str().filter(|s| !s.is_empty()).map(|s| s.parse().unwrap());
+        p.metrics_addr = addr("metrics_addr").expect("the start line names metrics_addr");
+        p.http_addr = addr("http_addr");
+        p
+    }
+
+    /// Every line so far, each parsed as JSON (a line that is not JSON
+    /// fails the test: `LOG_FORMAT=json` means every line).
+    pub fn logs(&self) -> Vec<serde_json::Value> {
+        self.lines
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|l| {
+                serde_json::from_str(l)
+                    .unwrap_or_else(|e| panic!("{} wrote a line that is not JSON ({e}): {l}", self.name))
+            })
+            .collect()
+    }
+
+    /// Wait for a log line matching `pred`; fail after `limit`.
+    pub async fn wait_for_line(
+        &mut self,
+        limit: Duration,
+        pred: impl Fn(&serde_json::Value) -> bool,
+    ) -> serde_json::Value {
+        let deadline = tokio::time::Instant::now() + limit;
+        loop {
+            if let Some(v) = self.logs().into_iter().find(|v| pred(v)) {
+                return v;
+            }
+            match tokio::time::timeout_at(deadline, self.seen.changed()).await {
+                Ok(Ok(())) => {}
+                Ok(Err(_)) => panic!("{} exited before the expected line: {:?}", self.name, self.lines.lock().unwrap()),
+                Err(_) => panic!("{}: no such line within {limit:?}: {:?}", self.name, self.lines.lock().unwrap()),
+            }
+        }
+    }
+
+    /// SIGTERM, then the exit status (within `limit`).
+    pub async fn terminate(mut self, limit: Duration) -> std::process::ExitStatus {
+        let pid = self.child.id().expect("still running");
+        let sent = std::process::Command::new("kill").args(["-TERM", &pid.to_string()]).status().expect("kill");
+        assert!(sent.success());
+        tokio::time::timeout(limit, self.child.wait()).await.expect("exited within the drain timeout").expect("wait")
+    }
+}

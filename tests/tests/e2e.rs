@@ -10,6 +10,8 @@ mod api;
 mod enrich;
 #[path = "e2e/faults.rs"]
 mod faults;
+#[path = "e2e/observability.rs"]
+mod observability;
 #[path = "e2e/ops.rs"]
 mod ops;
 #[path = "e2e/publish.rs"]
