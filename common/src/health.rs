@@ -171,6 +171,18 @@ pub fn routes(metrics: PrometheusHandle, readiness: Readiness) -> Router {
 }
 
 async fn render_metrics(State(s): State<AdminState>) -> impl IntoResponse {
+    // Readiness as metrics, probed at each scrape: what an alert needs,
+    // since Prometheus does not read `/health/ready`.
+    let (ready, body) = s.readiness.report().await;
+    metrics::gauge!(crate::metrics::READY).set(if ready { 1.0 } else { 0.0 });
+    if let Some(deps) = body["dependencies"].as_object() {
+        for (name, dep) in deps.iter().filter(|(_, d)| d["status"] != "disabled") {
+            let up = matches!(dep["status"].as_str(), Some("up" | "configured"));
+            let required = if dep["required"] == true { "true" } else { "false" };
+            metrics::gauge!(crate::metrics::DEPENDENCY_UP, "dependency" => name.clone(), "required" => required)
+                .set(if up { 1.0 } else { 0.0 });
+        }
+    }
     ([("content-type", "text/plain; version=0.0.4")], crate::metrics::render(&s.metrics))
 }
 

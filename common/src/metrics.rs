@@ -32,6 +32,10 @@ pub const STAGE_PAUSES_TOTAL: &str = "halakha_stage_pauses_total";
 pub const DEAD_LETTERS_TOTAL: &str = "halakha_dead_letters_total";
 /// Publishes to JetStream that got no PubAck, by `stage`.
 pub const PUBLISH_ERRORS_TOTAL: &str = "halakha_stage_publish_errors_total";
+/// 1 when `/health/ready` would answer 200, read at each scrape.
+pub const READY: &str = "halakha_ready";
+/// 1 when a dependency answers (or is configured), by `dependency`.
+pub const DEPENDENCY_UP: &str = "halakha_dependency_up";
 /// Constant 1, labelled with the binary and its version.
 pub const BUILD_INFO: &str = "halakha_build_info";
 
@@ -115,6 +119,20 @@ pub const CATALOG: &[Metric] = &[
         labels: &[("binary", "`halakha-ingest`, `halakha-enrich`, `halakha-publish`"), ("version", "crate version")],
         served_by: ALL,
         help: "Always 1; its labels name the binary and its version.",
+    },
+    Metric {
+        name: READY,
+        kind: Kind::Gauge,
+        labels: &[],
+        served_by: ALL,
+        help: "1 when the stage is ready (what /health/ready answers with 200), probed at each scrape.",
+    },
+    Metric {
+        name: DEPENDENCY_UP,
+        kind: Kind::Gauge,
+        labels: &[("dependency", "`nats`, `postgres`, `redis`, `openai`, `notion`"), ("required", "`true`, `false`")],
+        served_by: ALL,
+        help: "1 when the dependency answers its probe (or, for an outside API, is configured), probed at each scrape.",
     },
     Metric {
         name: STAGE_RECEIVED_TOTAL,
