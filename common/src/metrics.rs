@@ -521,6 +521,57 @@ mod tests {
         }
     }
 
+    /// Every `halakha_*` name in `text`.
+    fn names_in(text: &str) -> Vec<&str> {
+        let mut out = Vec::new();
+        let mut rest = text;
+        while let Some(i) = rest.find("halakha_") {
+            let tail = &rest[i..];
+            let end = tail.find(|c: char| !(c.is_ascii_lowercase() || c == '_')).unwrap_or(tail.len());
+            out.push(&tail[..end]);
+            rest = &tail[end..];
+        }
+        out
+    }
+
+    #[test]
+    fn the_alerts_and_the_dashboard_use_only_catalogued_metrics() {
+        let deploy = concat!(env!("CARGO_MANIFEST_DIR"), "/../deploy");
+        let alerts = std::fs::read_to_string(format!("{deploy}/prometheus/alerts.yml")).expect("alerts.yml");
+        let dashboard =
+            std::fs::read_to_string(format!("{deploy}/grafana/dashboards/halakha.json")).expect("dashboard JSON");
+        for (file, text) in [("alerts.yml", &alerts), ("halakha.json", &dashboard)] {
+            let names = names_in(text);
+            assert!(!names.is_empty(), "{file}");
+            for name in names {
+                assert!(lookup(name).is_some(), "{file} uses {name}, which no stage exports");
+            }
+        }
+        // The dashboard is JSON, each panel has its queries, and it shows
+        // throughput, latency percentiles, lag, dead letters, tokens, cost.
+        let d: serde_json::Value = serde_json::from_str(&dashboard).expect("the dashboard is JSON");
+        let panels = d["panels"].as_array().expect("panels");
+        let exprs: Vec<&str> = panels
+            .iter()
+            .filter(|p| p["type"] != "row")
+            .flat_map(|p| {
+                let targets = p["targets"].as_array().map(Vec::as_slice).unwrap_or_default();
+                assert!(!targets.is_empty(), "panel {} has no query", p["title"]);
+                targets.iter().map(|t| t["expr"].as_str().expect("an expr"))
+            })
+            .collect();
+        for needed in [
+            STAGE_PROCESSED_TOTAL,
+            "halakha_stage_processing_duration_seconds_bucket",
+            CONSUMER_PENDING,
+            DEAD_LETTERS_TOTAL,
+            OPENAI_TOKENS_TOTAL,
+            OPENAI_COST_MICRODOLLARS_TOTAL,
+        ] {
+            assert!(exprs.iter().any(|e| e.contains(needed)), "the dashboard shows {needed}");
+        }
+    }
+
     #[test]
     fn lookup_finds_histogram_series() {
         assert_eq!(
