@@ -125,15 +125,28 @@ pub const STATUS_CONSUMER: &str = "ingest-status";
 /// into dead letters.
 pub const ADVISORY_CONSUMER: &str = "ingest-advisories";
 
-/// Names derived from one namespace.
+/// Names derived from one namespace (and the replica count its streams
+/// are made with).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Names {
     ns: Namespace,
+    stream_replicas: usize,
 }
 
 impl Names {
     pub fn new(ns: Namespace) -> Self {
-        Self { ns }
+        Self { ns, stream_replicas: 1 }
+    }
+
+    /// Streams (and the attempts bucket) with `n` replicas
+    /// (`STREAM_REPLICAS`: 1 on one server, 3 in a cluster).
+    pub fn with_stream_replicas(mut self, n: usize) -> Self {
+        self.stream_replicas = n.max(1);
+        self
+    }
+
+    pub fn stream_replicas(&self) -> usize {
+        self.stream_replicas
     }
 
     pub fn namespace(&self) -> &Namespace {

@@ -436,6 +436,8 @@ pub async fn topology_diff(js: &jetstream::Context, names: &Names) -> Result<Vec
                     .clone();
                 push(&want.name, "subjects", format!("{:?}", want.subjects), format!("{:?}", have.subjects));
                 push(&want.name, "max_age", format!("{:?}", want.max_age), format!("{:?}", have.max_age));
+                push(&want.name, "num_replicas", want.num_replicas.to_string(), have.num_replicas.to_string());
+                push(&want.name, "storage", format!("{:?}", want.storage), format!("{:?}", have.storage));
                 push(
                     &want.name,
                     "duplicate_window",

@@ -45,6 +45,8 @@ pub struct StageConfig {
     /// May carry credentials (`nats://user:password@host`): kept secret.
     pub nats_url: SecretString,
     pub namespace: Namespace,
+    /// Replicas of each stream (`STREAM_REPLICAS`, 1..=5).
+    pub stream_replicas: usize,
     pub telemetry: TelemetryConfig,
     pub runner: RunnerConfig,
 }
@@ -55,6 +57,7 @@ impl StageConfig {
         Self {
             nats_url: SecretString::from(r.string_or("NATS_URL", "nats://127.0.0.1:4222")),
             namespace: r.parse_or("PIPELINE_NAMESPACE", Namespace::default()),
+            stream_replicas: r.ranged("STREAM_REPLICAS", 1, 1..=5),
             telemetry: TelemetryConfig::read(r, default_metrics_addr),
             runner: RunnerConfig::read(r, default_concurrency),
         }
@@ -85,7 +88,7 @@ impl Prepared {
         halakha_common::install_crypto_provider();
         let metrics = m::install_recorder();
         let readiness = Readiness::new();
-        let names = Names::new(c.namespace.clone());
+        let names = Names::new(c.namespace.clone()).with_stream_replicas(c.stream_replicas);
         let client_name = format!("halakha-{stage}");
         m::build_info(client_name.clone());
         let (client, js) =

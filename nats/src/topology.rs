@@ -120,8 +120,16 @@ fn parse<T: serde::de::DeserializeOwned>(names: &Names, file: &str, text: &str) 
 }
 
 /// The stream definitions for a namespace.
+/// The files say `num_replicas: 1`; `STREAM_REPLICAS` (in `names`) sets it.
 pub fn streams(names: &Names) -> Result<Vec<stream::Config>, TopologyError> {
-    STREAM_FILES.iter().map(|(file, text)| parse(names, file, text)).collect()
+    STREAM_FILES
+        .iter()
+        .map(|(file, text)| {
+            let mut c: stream::Config = parse(names, file, text)?;
+            c.num_replicas = names.stream_replicas();
+            Ok(c)
+        })
+        .collect()
 }
 
 /// Settings an operator may override per stage without editing the files.
@@ -210,6 +218,7 @@ pub async fn attempts_bucket(js: &jetstream::Context, names: &Names) -> Option<j
         max_messages_per_subject: 1,
         max_age: Duration::from_secs(7 * 24 * 3600),
         storage: stream::StorageType::File,
+        num_replicas: names.stream_replicas(),
         allow_rollup: true,
         deny_delete: true,
         allow_direct: true,

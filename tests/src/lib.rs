@@ -95,7 +95,8 @@ impl TestEnv {
         admin.batch_execute(&format!("CREATE DATABASE {db_name}")).await.unwrap();
         let base = admin_db_url();
         let database_url = format!("{}/{db_name}", base.rsplit_once('/').unwrap().0);
-        let nats = async_nats::ConnectOptions::new().retry_on_initial_connect().connect(url).await.unwrap();
+        let servers = halakha_nats::connect::server_addrs(url).unwrap();
+        let nats = async_nats::ConnectOptions::new().retry_on_initial_connect().connect(servers).await.unwrap();
         let js = jetstream::new(nats.clone());
         Self { nats_url: url.to_owned(), names: Names::new(ns), db_name, database_url, nats, js }
     }
@@ -561,6 +562,87 @@ impl Drop for NatsServer {
     fn drop(&mut self) {
         self.kill();
         let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// A three-node NATS cluster with JetStream on each node, on free ports,
+/// for tests of replicated streams and of losing a node.
+pub struct NatsCluster {
+    nodes: Vec<ClusterNode>,
+}
+
+struct ClusterNode {
+    port: u16,
+    monitor: u16,
+    dir: std::path::PathBuf,
+    child: Option<std::process::Child>,
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+impl NatsCluster {
+    pub async fn start() -> Self {
+        let bin = std::env::var("NATS_SERVER_BIN").unwrap_or_else(|_| "nats-server".into());
+        let routes: Vec<u16> = (0..3).map(|_| free_port()).collect();
+        let route_list = routes.iter().map(|p| format!("nats://127.0.0.1:{p}")).collect::<Vec<_>>().join(",");
+        let cluster_name = format!("halakha-test-{}-{}", std::process::id(), routes[0]);
+        let mut nodes = Vec::new();
+        for (i, route) in routes.iter().enumerate() {
+            let (port, monitor) = (free_port(), free_port());
+            let dir = std::env::temp_dir().join(format!("{cluster_name}-n{i}"));
+            std::fs::create_dir_all(&dir).unwrap();
+            let child = std::process::Command::new(&bin)
+                .args(["-a", "127.0.0.1", "-p", &port.to_string(), "-m", &monitor.to_string()])
+                .args(["-js", "-n", &format!("n{i}"), "--cluster_name", &cluster_name])
+                .args(["--cluster", &format!("nats://127.0.0.1:{route}"), "--routes", &route_list, "-sd"])
+                .arg(&dir)
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::null())
+                .spawn()
+                .expect("nats-server runs (set NATS_SERVER_BIN if it is not on PATH)");
+            nodes.push(ClusterNode { port, monitor, dir, child: Some(child) });
+        }
+        let cluster = Self { nodes };
+        // Ready when every node says JetStream is current (a meta leader
+        // is elected): the server's own health check.
+        halakha_common::install_crypto_provider();
+        let http = reqwest::Client::new();
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        for node in &cluster.nodes {
+            loop {
+                let url = format!("http://127.0.0.1:{}/healthz", node.monitor);
+                if http.get(&url).send().await.is_ok_and(|r| r.status().is_success()) {
+                    break;
+                }
+                assert!(tokio::time::Instant::now() < deadline, "the NATS cluster did not form");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+        cluster
+    }
+
+    /// Every node's URL, comma-separated (a `NATS_URL` seed list).
+    pub fn url(&self) -> String {
+        self.nodes.iter().map(|n| format!("nats://127.0.0.1:{}", n.port)).collect::<Vec<_>>().join(",")
+    }
+
+    /// SIGKILL node `i`.
+    pub fn kill(&mut self, i: usize) {
+        if let Some(mut child) = self.nodes[i].child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+impl Drop for NatsCluster {
+    fn drop(&mut self) {
+        for i in 0..self.nodes.len() {
+            self.kill(i);
+            let _ = std::fs::remove_dir_all(&self.nodes[i].dir);
+        }
     }
 }
 

@@ -487,21 +487,31 @@ fn finish(
     }
 }
 
-/// NATS and the namespace, from `NATS_URL` and `PIPELINE_NAMESPACE` (and
-/// `.env`), as the stages read them.
+/// NATS and the namespace, from `NATS_URL`, `PIPELINE_NAMESPACE` and
+/// `STREAM_REPLICAS` (and `.env`), as the stages read them.
 async fn nats() -> Option<(async_nats::jetstream::Context, halakha_nats::Names)> {
     use secrecy::ExposeSecret;
-    let (url, namespace) = config::load_or_exit(|r| {
+    let (url, namespace, replicas) = config::load_or_exit(|r| {
         let url = secrecy::SecretString::from(r.string_or("NATS_URL", "nats://127.0.0.1:4222"));
         let ns: halakha_nats::Namespace = r.parse_or("PIPELINE_NAMESPACE", halakha_nats::Namespace::default());
-        (url, ns)
+        let replicas: usize = r.ranged("STREAM_REPLICAS", 1, 1..=5);
+        (url, ns, replicas)
     });
     match async_nats::ConnectOptions::new()
         .connection_timeout(Duration::from_secs(5))
-        .connect(url.expose_secret())
+        .connect(match halakha_nats::connect::server_addrs(url.expose_secret()) {
+            Ok(addrs) => addrs,
+            Err(e) => {
+                eprintln!("{e}");
+                return None;
+            }
+        })
         .await
     {
-        Ok(client) => Some((async_nats::jetstream::new(client), halakha_nats::Names::new(namespace))),
+        Ok(client) => Some((
+            async_nats::jetstream::new(client),
+            halakha_nats::Names::new(namespace).with_stream_replicas(replicas),
+        )),
         Err(e) => {
             eprintln!("could not connect to NATS: {e}");
             None

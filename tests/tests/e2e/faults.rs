@@ -364,3 +364,39 @@ async fn when_the_drain_runs_out_of_time_held_messages_are_handed_back_at_once()
     }
     p.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_a_three_node_cluster_streams_have_three_replicas_and_losing_a_node_loses_nothing() {
+    let mut cluster = halakha_tests::NatsCluster::start().await;
+    let replicas = [("STREAM_REPLICAS", "3")];
+    let p = Pipeline::start(Spec {
+        nats_url: Some(cluster.url()),
+        ingest_vars: &replicas,
+        enrich_vars: &replicas,
+        publish_vars: &replicas,
+        ..Spec::default()
+    })
+    .await;
+    // Every stream of the namespace is stored on all three nodes, on disk.
+    for subject in [S::Submitted, S::Ingested, S::Enriched, S::Published] {
+        let mut stream = p.env.js.get_stream(p.env.names.stream(subject)).await.unwrap();
+        let info = stream.info().await.unwrap();
+        assert_eq!(info.config.num_replicas, 3, "{}", info.config.name);
+        assert_eq!(info.config.storage, async_nats::jetstream::stream::StorageType::File);
+        let cluster_info = info.cluster.clone().expect("clustered");
+        assert_eq!(cluster_info.replicas.len(), 2, "a leader and two followers: {cluster_info:?}");
+    }
+
+    let mut ids = submit_retrying(&p, &texts(10, 100)).await;
+    let _: Vec<Published> = p.env.collect(S::Published, 3, Duration::from_secs(60)).await;
+    // One node dies mid-stream; the other two keep a quorum.
+    cluster.kill(0);
+    ids.extend(submit_retrying(&p, &texts(10, 110)).await);
+    let _: Vec<Published> = p.env.collect(S::Published, 20, Duration::from_secs(90)).await;
+    for (stream, consumer) in [(S::Ingested, "enrich"), (S::Enriched, "publish")] {
+        p.env.wait_idle(stream, consumer, Duration::from_secs(60)).await;
+    }
+    assert_eq!(p.env.stream_len(S::DeadLetter(halakha_nats::Stage::Ingest)).await, 0);
+    assert_each_ended_once(&p, &ids).await;
+    p.stop().await;
+}
