@@ -93,8 +93,10 @@ enum Command {
     /// Probe a health endpoint (for container health checks: no curl needed).
     /// Exit 0 when it answers 2xx, 1 otherwise.
     Health {
-        /// For example http://127.0.0.1:9101/health/ready
-        url: String,
+        /// For example http://127.0.0.1:9101/health/ready; default: the
+        /// readiness route on this container's `METRICS_ADDR` port (so one
+        /// image health check serves every stage).
+        url: Option<String>,
         /// Seconds to wait for an answer.
         #[arg(long, default_value_t = 3)]
         timeout: u64,
@@ -188,7 +190,16 @@ async fn main() -> ExitCode {
                 }
             }
         }
-        Command::Health { url, timeout } => health(&url, Duration::from_secs(timeout)).await,
+        Command::Health { url, timeout } => {
+            let url = match url.or_else(|| local_ready_url(std::env::var("METRICS_ADDR").ok().as_deref())) {
+                Some(url) => url,
+                None => {
+                    eprintln!("halakha health: give a URL, or set METRICS_ADDR (host:port) to probe this stage");
+                    return ExitCode::from(2);
+                }
+            };
+            health(&url, Duration::from_secs(timeout)).await
+        }
         Command::Replay { stage, from_seq, to_seq, since, until, ids, rate, dry_run } => {
             let Some((js, names)) = nats().await else { return ExitCode::FAILURE };
             let from = from_seq.unwrap_or(1);
@@ -525,6 +536,13 @@ async fn migrate(config: &DatabaseConfig) -> Result<(), db::DbError> {
 }
 
 /// A plain HTTP/1.1 GET over TCP: enough for our own health endpoints.
+/// `http://127.0.0.1:<port>/health/ready` for a `METRICS_ADDR` such as
+/// `0.0.0.0:9102` (the stage in this container).
+fn local_ready_url(metrics_addr: Option<&str>) -> Option<String> {
+    let addr: std::net::SocketAddr = metrics_addr?.trim().parse().ok()?;
+    Some(format!("http://127.0.0.1:{}/health/ready", addr.port()))
+}
+
 async fn health(url: &str, timeout: Duration) -> ExitCode {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let Some(rest) = url.strip_prefix("http://") else {
@@ -646,4 +664,17 @@ async fn submit(file: &std::path::Path, via: Via, url: Option<&str>, rate: Optio
     }
     println!("accepted {accepted}, duplicates {duplicates}, rejected {}", rejected.len());
     if rejected.is_empty() { ExitCode::SUCCESS } else { ExitCode::FAILURE }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::local_ready_url;
+
+    #[test]
+    fn the_health_probe_defaults_to_this_stages_metrics_port() {
+        assert_eq!(local_ready_url(Some("0.0.0.0:9102")).as_deref(), Some("http://127.0.0.1:9102/health/ready"));
+        assert_eq!(local_ready_url(Some("[::]:9103")).as_deref(), Some("http://127.0.0.1:9103/health/ready"));
+        assert_eq!(local_ready_url(Some("not an address")), None);
+        assert_eq!(local_ready_url(None), None);
+    }
 }
