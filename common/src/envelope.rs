@@ -312,7 +312,8 @@ pub struct DeadLetter {
     /// Every failed delivery before this one, oldest first, with the last.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub history: Vec<Attempt>,
-    /// The submission's trace id (`Halakha-Trace-Id`), when it had one.
+    /// The submission's W3C trace id (from `traceparent`; older messages:
+    /// `Halakha-Trace-Id`), when it had one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub trace_id: Option<String>,
     /// What the stage worked with, where relevant (enrich: `model`,
