@@ -19,6 +19,23 @@ pub enum PublishError {
     },
 }
 
+impl PublishError {
+    /// True when the broker could not store the message now (no stream
+    /// leader answering during an election or a restart, no PubAck in
+    /// time, the connection lost): trying the same message again later is
+    /// right. False when the message itself cannot be stored (it does not
+    /// serialise, or it is larger than the server's `max_payload`).
+    pub fn is_broker_unavailable(&self) -> bool {
+        use jetstream::context::PublishErrorKind as K;
+        match self {
+            PublishError::Serialize(_) => false,
+            PublishError::NotStored { source, .. } => {
+                !matches!(source.kind(), K::MaxPayloadExceeded | K::WrongLastMessageId | K::WrongLastSequence)
+            }
+        }
+    }
+}
+
 /// A JetStream publisher that always de-duplicates and awaits the PubAck.
 #[derive(Clone)]
 pub struct Publisher {

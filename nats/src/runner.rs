@@ -12,6 +12,9 @@
 //!   back-off with jitter and the remote side's `Retry-After`; at
 //!   `max_deliver` the message is dead-lettered instead;
 //! - permanent error or unreadable payload: dead-letter, then term;
+//! - a pause (quota, budget, database down) or a broker that cannot store
+//!   the output: the stage stops fetching and holds the message with
+//!   in-progress acks, spending no delivery, then tries again;
 //! - shutdown: stop fetching, nak (no delay) what was fetched but not
 //!   started, wait for in-flight work within the drain timeout.
 
@@ -572,17 +575,7 @@ async fn handle<H: Handler>(
             Ok(Handled::Done) => return (Some(id), Ok(Finished::Ok)),
             Ok(Handled::Duplicate) => return (Some(id), Ok(Finished::Duplicate)),
             Err(StageError::Paused { reason, resume_after }) => {
-                // Hold the message (in-progress acks, no delivery spent),
-                // stop the stage fetching, and try again after the pause.
-                let stage = shared.route.name;
-                if shared.pause.pause(resume_after) {
-                    shared.consuming.set(false);
-                    metrics::counter!(m::STAGE_PAUSES_TOTAL, "stage" => stage).increment(1);
-                    metrics::gauge!(m::STAGE_PAUSED, "stage" => stage).set(1.0);
-                    tracing::error!(stage, %reason, resume_in_secs = resume_after.as_secs(), "Stage paused");
-                }
-                let waited = with_progress(shared.pause.wait(&shared.shutdown), msg, shared.config.ack_wait / 3).await;
-                if !waited {
+                if !hold(shared, msg, &reason, resume_after).await {
                     return (Some(id), Err(StageError::paused(reason, Duration::ZERO)));
                 }
             }
@@ -595,19 +588,45 @@ async fn handle<H: Handler>(
     };
     let msg_id = handler.output_message_id(&output, delivery);
     // The trace follows the submission through every stage.
-    let mut headers = HeaderMap::new();
-    headers.insert(TRACE_HEADER, trace.header().as_str());
-    let published = shared.publisher.publish_json_with(subject, &msg_id, &output, headers).await;
-    let result = match published {
-        // The broker had this output already: a redelivery of work done.
-        Ok(ack) if ack.duplicate => Ok(Finished::Duplicate),
-        Ok(_) => Ok(Finished::Ok),
-        Err(e) => {
-            metrics::counter!(m::PUBLISH_ERRORS_TOTAL, "stage" => shared.route.name).increment(1);
-            Err(StageError::transient("could not publish the output").with_source(e))
+    // The broker unable to store the output (a stream leader election, a
+    // restart) is an outage, not a fault of this message: the work done is
+    // kept, the stage pauses and the publish is tried again, spending no
+    // delivery (spending them would dead-letter every message in flight).
+    let mut wait = Duration::from_millis(200);
+    loop {
+        let mut headers = HeaderMap::new();
+        headers.insert(TRACE_HEADER, trace.header().as_str());
+        match shared.publisher.publish_json_with(subject, &msg_id, &output, headers).await {
+            // The broker had this output already: a redelivery of work done.
+            Ok(ack) if ack.duplicate => return (Some(id), Ok(Finished::Duplicate)),
+            Ok(_) => return (Some(id), Ok(Finished::Ok)),
+            Err(e) => {
+                metrics::counter!(m::PUBLISH_ERRORS_TOTAL, "stage" => shared.route.name).increment(1);
+                if !e.is_broker_unavailable() {
+                    return (Some(id), Err(StageError::permanent("could not publish the output").with_source(e)));
+                }
+                let reason = format!("the broker cannot store outputs: {}", halakha_common::error::chain(&e));
+                if !hold(shared, msg, &reason, wait).await {
+                    return (Some(id), Err(StageError::paused(reason, Duration::ZERO)));
+                }
+                wait = (wait * 2).min(Duration::from_secs(5));
+            }
         }
-    };
-    (Some(id), result)
+    }
+}
+
+/// Pause the stage (no fetching) for at least `for_` and hold `msg` with
+/// in-progress acks until the pause ends: no delivery is spent. False when
+/// shutdown came first.
+async fn hold(shared: &Shared, msg: &jetstream::Message, reason: &str, for_: Duration) -> bool {
+    let stage = shared.route.name;
+    if shared.pause.pause(for_) {
+        shared.consuming.set(false);
+        metrics::counter!(m::STAGE_PAUSES_TOTAL, "stage" => stage).increment(1);
+        metrics::gauge!(m::STAGE_PAUSED, "stage" => stage).set(1.0);
+        tracing::error!(stage, %reason, resume_in_ms = for_.as_millis() as u64, "Stage paused");
+    }
+    with_progress(shared.pause.wait(&shared.shutdown), msg, shared.config.ack_wait / 3).await
 }
 
 /// Run `work`, telling the broker every `period` that the message is still

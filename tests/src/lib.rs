@@ -145,17 +145,27 @@ impl TestEnv {
         n: usize,
         limit: Duration,
     ) -> Vec<T> {
-        let stream = self.js.get_stream(self.names.stream(s)).await.unwrap();
-        let consumer = stream
-            .create_consumer(jetstream::consumer::pull::OrderedConfig {
-                filter_subject: filter.clone(),
-                ..Default::default()
-            })
-            .await
-            .unwrap();
-        let mut messages = consumer.messages().await.unwrap();
-        let mut out = Vec::with_capacity(n);
         let deadline = tokio::time::Instant::now() + limit;
+        // The JetStream API may not answer for a moment (a cluster electing
+        // a leader after losing a node): try again until the deadline.
+        let mut messages = loop {
+            let setup = async {
+                let stream = self.js.get_stream(self.names.stream(s)).await?;
+                let config =
+                    jetstream::consumer::pull::OrderedConfig { filter_subject: filter.clone(), ..Default::default() };
+                let consumer = stream.create_consumer(config).await?;
+                Ok::<_, async_nats::Error>(consumer.messages().await?)
+            };
+            match setup.await {
+                Ok(messages) => break messages,
+                Err(e) if tokio::time::Instant::now() < deadline => {
+                    eprintln!("collect on {filter}: {e}; trying again");
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+                Err(e) => panic!("could not read {filter}: {e}"),
+            }
+        };
+        let mut out = Vec::with_capacity(n);
         while out.len() < n {
             let next = tokio::time::timeout_at(deadline, messages.next()).await;
             match next {
@@ -608,24 +618,29 @@ impl NatsCluster {
         // Ready when every node says JetStream is current (a meta leader
         // is elected): the server's own health check.
         halakha_common::install_crypto_provider();
-        let http = reqwest::Client::new();
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-        for node in &cluster.nodes {
-            loop {
-                let url = format!("http://127.0.0.1:{}/healthz", node.monitor);
-                if http.get(&url).send().await.is_ok_and(|r| r.status().is_success()) {
-                    break;
-                }
-                assert!(tokio::time::Instant::now() < deadline, "the NATS cluster did not form");
-                tokio::time::sleep(Duration::from_millis(100)).await;
-            }
-        }
+        cluster.wait_healthy(Duration::from_secs(30)).await;
         cluster
     }
 
     /// Every node's URL, comma-separated (a `NATS_URL` seed list).
     pub fn url(&self) -> String {
         self.nodes.iter().map(|n| format!("nats://127.0.0.1:{}", n.port)).collect::<Vec<_>>().join(",")
+    }
+
+    /// Wait until every running node says JetStream is current again.
+    pub async fn wait_healthy(&self, limit: Duration) {
+        let http = reqwest::Client::new();
+        let deadline = tokio::time::Instant::now() + limit;
+        for node in self.nodes.iter().filter(|n| n.child.is_some()) {
+            loop {
+                let url = format!("http://127.0.0.1:{}/healthz", node.monitor);
+                if http.get(&url).send().await.is_ok_and(|r| r.status().is_success()) {
+                    break;
+                }
+                assert!(tokio::time::Instant::now() < deadline, "the NATS cluster did not recover");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
     }
 
     /// SIGKILL node `i`.

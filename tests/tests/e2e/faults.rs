@@ -391,6 +391,7 @@ async fn on_a_three_node_cluster_streams_have_three_replicas_and_losing_a_node_l
     let _: Vec<Published> = p.env.collect(S::Published, 3, Duration::from_secs(60)).await;
     // One node dies mid-stream; the other two keep a quorum.
     cluster.kill(0);
+    cluster.wait_healthy(Duration::from_secs(30)).await;
     ids.extend(submit_retrying(&p, &texts(10, 110)).await);
     let _: Vec<Published> = p.env.collect(S::Published, 20, Duration::from_secs(90)).await;
     for (stream, consumer) in [(S::Ingested, "enrich"), (S::Enriched, "publish")] {
