@@ -38,6 +38,9 @@ pub enum Model {
     /// Faithful, but each answer takes 150 ms (work is in flight long
     /// enough for a crash to land in the middle of it).
     Slow,
+    /// Faithful, each answer after this many milliseconds (benchmarks of a
+    /// slow provider).
+    Delayed(u64),
 }
 
 /// What the chaos fake did, by kind.
@@ -160,6 +163,9 @@ impl Respond for ChatCompletions {
         if matches!(self.model, Model::Slow) {
             return completion(&body, enrichment(&text).to_string()).set_delay(std::time::Duration::from_millis(150));
         }
+        if let Model::Delayed(ms) = self.model {
+            return completion(&body, enrichment(&text).to_string()).set_delay(std::time::Duration::from_millis(ms));
+        }
         if matches!(self.model, Model::Hang) {
             return completion(&body, enrichment(&text).to_string()).set_delay(std::time::Duration::from_secs(60));
         }
@@ -209,7 +215,7 @@ impl Respond for ChatCompletions {
             }
         }
         let content = match self.model {
-            Model::Faithful | Model::Chaos | Model::QuotaOnce | Model::Hang | Model::Slow => {
+            Model::Faithful | Model::Chaos | Model::QuotaOnce | Model::Hang | Model::Slow | Model::Delayed(_) => {
                 enrichment(&text).to_string()
             }
             Model::MissingFieldOnce if is_repair(&body) => enrichment(&text).to_string(),

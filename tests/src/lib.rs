@@ -723,15 +723,22 @@ pub fn stage_binaries() -> std::path::PathBuf {
     static DIR: std::sync::OnceLock<std::path::PathBuf> = std::sync::OnceLock::new();
     DIR.get_or_init(|| {
         let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        // The caller's profile: dev for the tests, release for the bench.
+        let mut args = vec!["build", "--workspace", "--bins", "--quiet"];
+        if !cfg!(debug_assertions) {
+            args.push("--release");
+        }
         let status = std::process::Command::new(cargo)
-            .args(["build", "--workspace", "--bins", "--quiet"])
+            .args(&args)
             .current_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/.."))
             .status()
             .expect("run cargo build --workspace --bins");
         assert!(status.success(), "cargo build --workspace --bins failed");
-        // The test binary is target/<profile>/deps/e2e-<hash>.
-        let exe = std::env::current_exe().expect("the test binary's path");
-        exe.parent().and_then(|deps| deps.parent()).expect("target/<profile>").to_path_buf()
+        // A test binary is target/<profile>/deps/e2e-<hash>; a binary of
+        // this crate (the bench) is target/<profile>/bench.
+        let exe = std::env::current_exe().expect("the running binary's path");
+        let dir = exe.parent().expect("target/<profile>");
+        if dir.ends_with("deps") { dir.parent().expect("target/<profile>") } else { dir }.to_path_buf()
     })
     .clone()
 }
@@ -815,6 +822,21 @@ impl StageProcess {
                 Err(_) => panic!("{}: no such line within {limit:?}: {:?}", self.name, self.lines.lock().unwrap()),
             }
         }
+    }
+
+    pub fn pid(&self) -> Option<u32> {
+        self.child.id()
+    }
+
+    /// Resident memory now and at its peak (`VmRSS`, `VmHWM`), in bytes.
+    pub fn rss(&self) -> Option<(u64, u64)> {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid()?)).ok()?;
+        let field = |name: &str| {
+            status.lines().find_map(|l| l.strip_prefix(name)).and_then(|v| {
+                v.trim().trim_end_matches("kB").trim().parse::<u64>().ok().map(|kb| kb * 1024)
+            })
+        };
+        Some((field("VmRSS:")?, field("VmHWM:")?))
     }
 
     /// SIGTERM, then the exit status (within `limit`).

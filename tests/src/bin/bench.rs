@@ -1,0 +1,626 @@
+//! `bench`: how close the pipeline comes to the broker's own limit, measured
+//! in one run against the real local NATS, Postgres and Redis, with the
+//! OpenAI and Notion fakes answering at once unless a section says
+//! otherwise. Not a test: it prints a table and writes JSON.
+//!
+//!   cargo run --release -p halakha-tests --bin bench
+//!
+//! Sections (each a ratio against a baseline run in the same process):
+//! 1. a raw 3-hop JetStream relay written with async-nats alone (the
+//!    baseline for this shape of work on this machine);
+//! 2. the pipeline (the three stage binaries, release build, as processes)
+//!    from `<ns>.submitted` to `<ns>.published`, Notion off: throughput and
+//!    latency, against 1;
+//! 3. latency at a fixed rate, pipeline against relay;
+//! 4. a slow provider (1 s per completion): enrich throughput against
+//!    `CONCURRENCY / latency`, and enrich's memory while a backlog waits;
+//! 5. Notion at its 3 requests/s: page creates per second and 429s;
+//! 6. the ingest HTTP API at 64 connections against raw synchronous
+//!    JetStream publishes from 64 tasks;
+//! 7. the memory of each stage, idle and at its peak.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use async_nats::jetstream::{self, consumer, stream};
+use bytes::Bytes;
+use clap::Parser;
+use futures::StreamExt;
+use halakha_common::config::Map;
+use halakha_tests::fakes::{self, Model};
+use halakha_tests::{API_KEY, CorpusItem, NOTION_DATABASE, NOTION_TOKEN, OPENAI_KEY, S, StageProcess, TestEnv, corpus};
+use serde_json::{Value, json};
+
+#[derive(Parser)]
+#[command(about = "Benchmarks of the halakha pipeline against a raw JetStream relay")]
+struct Args {
+    /// Messages of the throughput runs (relay and pipeline).
+    #[arg(long, default_value_t = 3000)]
+    messages: usize,
+    /// Messages per second of the fixed-rate latency runs.
+    #[arg(long, default_value_t = 500)]
+    rate: u32,
+    /// Seconds of each fixed-rate run.
+    #[arg(long, default_value_t = 20)]
+    rate_secs: u64,
+    /// CONCURRENCY of every stage.
+    #[arg(long, default_value_t = 64)]
+    concurrency: usize,
+    /// Messages waiting at enrich in the slow-provider run.
+    #[arg(long, default_value_t = 10_000)]
+    backlog: usize,
+    /// Milliseconds per completion in the slow-provider run.
+    #[arg(long, default_value_t = 1000)]
+    provider_ms: u64,
+    /// Seconds over which the slow provider's throughput is measured.
+    #[arg(long, default_value_t = 20)]
+    slow_secs: u64,
+    /// Pages created against the Notion fake's 3 requests/s.
+    #[arg(long, default_value_t = 30)]
+    notion_pages: usize,
+    /// Seconds of each HTTP load run.
+    #[arg(long, default_value_t = 10)]
+    http_secs: u64,
+    /// Connections (and publishing tasks) of the HTTP runs.
+    #[arg(long, default_value_t = 64)]
+    connections: usize,
+    /// RUST_LOG of the stages (info is the production default).
+    #[arg(long, default_value = "info")]
+    log: String,
+    /// Where the JSON report goes.
+    #[arg(long, default_value = "target/bench/latest.json")]
+    out: std::path::PathBuf,
+}
+
+fn now_nanos() -> u64 {
+    u64::try_from(SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default().as_nanos()).unwrap_or(0)
+}
+
+/// Latencies in microseconds, and the span of the run.
+#[derive(Default)]
+struct Run {
+    latencies_us: Vec<u64>,
+    seconds: f64,
+}
+
+impl Run {
+    fn per_second(&self) -> f64 {
+        self.latencies_us.len() as f64 / self.seconds.max(1e-9)
+    }
+
+    fn percentile_ms(&self, p: f64) -> f64 {
+        if self.latencies_us.is_empty() {
+            return f64::NAN;
+        }
+        let mut v = self.latencies_us.clone();
+        v.sort_unstable();
+        let i = ((p / 100.0) * (v.len() - 1) as f64).round() as usize;
+        v[i.min(v.len() - 1)] as f64 / 1000.0
+    }
+
+    fn json(&self) -> Value {
+        json!({
+            "messages": self.latencies_us.len(),
+            "seconds": self.seconds,
+            "per_second": self.per_second(),
+            "p50_ms": self.percentile_ms(50.0),
+            "p99_ms": self.percentile_ms(99.0),
+            "max_ms": self.percentile_ms(100.0),
+        })
+    }
+}
+
+/// One line of the table.
+struct Row {
+    what: String,
+    value: String,
+    ratio: String,
+    target: String,
+    met: Option<bool>,
+}
+
+fn row(what: &str, value: String, ratio: String, target: &str, met: Option<bool>) -> Row {
+    Row { what: what.into(), value, ratio, target: target.into(), met }
+}
+
+/// How the producer sends: all at once, or at a fixed rate for a time.
+#[derive(Clone, Copy)]
+enum Load {
+    Burst(usize),
+    Rate { per_second: u32, seconds: u64 },
+}
+
+impl Load {
+    fn count(&self) -> usize {
+        match *self {
+            Load::Burst(n) => n,
+            Load::Rate { per_second, seconds } => per_second as usize * seconds as usize,
+        }
+    }
+}
+
+/// Send `load` messages made by `make(i)` (subject, msg id, payload,
+/// headers); PubAcks are awaited in windows, never one at a time.
+async fn produce(
+    js: &jetstream::Context,
+    load: Load,
+    make: impl Fn(usize) -> (String, String, Bytes, async_nats::HeaderMap),
+) -> anyhow::Result<()> {
+    let mut pending = futures::stream::FuturesUnordered::new();
+    let started = tokio::time::Instant::now();
+    for i in 0..load.count() {
+        if let Load::Rate { per_second, .. } = load {
+            let due = started + Duration::from_secs_f64(i as f64 / f64::from(per_second));
+            tokio::time::sleep_until(due).await;
+        }
+        let (subject, id, payload, headers) = make(i);
+        let msg = jetstream::message::PublishMessage::build().payload(payload).headers(headers).message_id(id);
+        pending.push(std::future::IntoFuture::into_future(js.send_publish(subject, msg).await?));
+        while pending.len() >= 512 {
+            if let Some(ack) = pending.next().await {
+                ack?;
+            }
+        }
+        // At a fixed rate, collect acks as they come, without waiting.
+        while let Some(Some(ack)) = futures::FutureExt::now_or_never(pending.next()) {
+            ack?;
+        }
+    }
+    while let Some(ack) = pending.next().await {
+        ack?;
+    }
+    Ok(())
+}
+
+fn sent_header(at: u64) -> async_nats::HeaderMap {
+    let mut h = async_nats::HeaderMap::new();
+    h.insert("Bench-Sent", at.to_string().as_str());
+    h
+}
+
+/// The payload of a relay message: the same JSON the pipeline's first hop
+/// carries for the text.
+fn relay_payload(item: &CorpusItem, key: &str) -> Bytes {
+    Bytes::from(serde_json::to_vec(&json!({"content": item.text, "idempotency_key": key})).unwrap_or_default())
+}
+
+/// 1 and 3: publish → consume+republish → consume+republish → consume,
+/// with explicit acks and `Nats-Msg-Id`, written with async-nats alone.
+async fn relay(js: &jetstream::Context, prefix: &str, items: &[CorpusItem], load: Load) -> anyhow::Result<Run> {
+    let subject = |hop: usize| format!("{prefix}.r{hop}");
+    for hop in 1..=3 {
+        js.create_stream(stream::Config {
+            name: format!("{}_R{hop}", prefix.to_uppercase()),
+            subjects: vec![subject(hop)],
+            storage: stream::StorageType::File,
+            duplicate_window: Duration::from_secs(120),
+            ..Default::default()
+        })
+        .await?;
+    }
+    let consumer = |hop: usize| {
+        let js = js.clone();
+        let name = format!("{}_R{hop}", prefix.to_uppercase());
+        async move {
+            let s = js.get_stream(&name).await?;
+            let c: consumer::PullConsumer = s
+                .create_consumer(consumer::pull::Config {
+                    durable_name: Some(format!("hop{hop}")),
+                    ack_policy: consumer::AckPolicy::Explicit,
+                    max_ack_pending: 10_000,
+                    ..Default::default()
+                })
+                .await?;
+            Ok::<_, anyhow::Error>(c)
+        }
+    };
+    let stop = tokio_util::sync::CancellationToken::new();
+    let mut workers = Vec::new();
+    for hop in 1..=2 {
+        let c = consumer(hop).await?;
+        let js = js.clone();
+        let next = subject(hop + 1);
+        let stop = stop.clone();
+        workers.push(tokio::spawn(async move {
+            while !stop.is_cancelled() {
+                let Ok(mut batch) = c.batch().max_messages(256).expires(Duration::from_millis(100)).messages().await
+                else {
+                    continue;
+                };
+                let mut got = Vec::new();
+                while let Some(Ok(m)) = batch.next().await {
+                    got.push(m);
+                }
+                let mut acks = Vec::with_capacity(got.len());
+                for m in &got {
+                    let id = m.headers.as_ref().and_then(|h| h.get("Nats-Msg-Id")).map(|v| v.to_string());
+                    let mut headers = m.headers.clone().unwrap_or_default();
+                    let id = format!("{}:{hop}", id.unwrap_or_default());
+                    headers.insert("Nats-Msg-Id", id.as_str());
+                    let msg = jetstream::message::PublishMessage::build().payload(m.payload.clone()).headers(headers);
+                    if let Ok(f) = js.send_publish(next.clone(), msg).await {
+                        acks.push(std::future::IntoFuture::into_future(f));
+                    }
+                }
+                for ack in futures::future::join_all(acks).await {
+                    let _ = ack;
+                }
+                for m in &got {
+                    let _ = m.ack().await;
+                }
+            }
+        }));
+    }
+    let sink = consumer(3).await?;
+    let expected = load.count();
+    let received = Arc::new(Mutex::new(Vec::with_capacity(expected)));
+    let first_sent = Arc::new(AtomicU64::new(0));
+    let collector = {
+        let received = received.clone();
+        tokio::spawn(async move {
+            let mut messages = sink.messages().await?;
+            let mut n = 0;
+            while n < expected {
+                let Some(m) = messages.next().await else { break };
+                let m = m.map_err(|e| anyhow::anyhow!("{e}"))?;
+                let sent: u64 = m.headers.as_ref().and_then(|h| h.get("Bench-Sent")).and_then(|v| v.as_str().parse().ok()).unwrap_or(0);
+                let now = now_nanos();
+                received.lock().map_err(|_| anyhow::anyhow!("poisoned"))?.push((sent, now));
+                let _ = m.ack().await;
+                n += 1;
+            }
+            Ok::<_, anyhow::Error>(())
+        })
+    };
+    let fs = first_sent.clone();
+    produce(js, load, |i| {
+        let item = &items[i % items.len()];
+        let key = format!("{prefix}-{i}");
+        let at = now_nanos();
+        let _ = fs.compare_exchange(0, at, Ordering::SeqCst, Ordering::SeqCst);
+        (subject(1), key.clone(), relay_payload(item, &key), sent_header(at))
+    })
+    .await?;
+    tokio::time::timeout(Duration::from_secs(300), collector).await???;
+    stop.cancel();
+    for w in workers {
+        let _ = w.await;
+    }
+    for hop in 1..=3 {
+        let _ = js.delete_stream(format!("{}_R{hop}", prefix.to_uppercase())).await;
+    }
+    let got = received.lock().map_err(|_| anyhow::anyhow!("poisoned"))?.clone();
+    Ok(to_run(&got, first_sent.load(Ordering::SeqCst)))
+}
+
+fn to_run(got: &[(u64, u64)], first_sent: u64) -> Run {
+    let last = got.iter().map(|(_, r)| *r).max().unwrap_or(first_sent);
+    Run {
+        latencies_us: got.iter().map(|(s, r)| r.saturating_sub(*s) / 1000).collect(),
+        seconds: last.saturating_sub(first_sent) as f64 / 1e9,
+    }
+}
+
+/// 2 and 3: submissions on `<ns>.submitted` until each one's `published`
+/// event (or `enriched`, for the slow provider) arrives.
+async fn through_pipeline(
+    env: &TestEnv,
+    items: &[CorpusItem],
+    run: &str,
+    load: Load,
+    until: S,
+) -> anyhow::Result<Run> {
+    let expected = load.count();
+    let sent: Arc<Mutex<HashMap<String, u64>>> = Arc::new(Mutex::new(HashMap::with_capacity(expected)));
+    let mut events = env.nats.subscribe(env.names.subject(until)).await?;
+    env.nats.flush().await?;
+    let first_sent = Arc::new(AtomicU64::new(0));
+    let received = {
+        let sent = sent.clone();
+        tokio::spawn(async move {
+            let mut got = Vec::with_capacity(expected);
+            while got.len() < expected {
+                let Some(m) = events.next().await else { break };
+                let now = now_nanos();
+                let id = serde_json::from_slice::<Value>(&m.payload).ok().and_then(|v| v["id"].as_str().map(String::from));
+                if let Some(id) = id
+                    && let Some(at) = sent.lock().ok().and_then(|mut s| s.remove(&id))
+                {
+                    got.push((at, now));
+                }
+            }
+            got
+        })
+    };
+    let subject = env.names.subject(S::Submitted);
+    let fs = first_sent.clone();
+    produce(&env.js, load, |i| {
+        let item = &items[i % items.len()];
+        let key = format!("bench-{run}-{i}");
+        let id = halakha_common::text::derive_id(Some(&key), "");
+        let at = now_nanos();
+        let _ = fs.compare_exchange(0, at, Ordering::SeqCst, Ordering::SeqCst);
+        if let Ok(mut s) = sent.lock() {
+            s.insert(id, at);
+        }
+        let body = json!({"content": item.text, "idempotency_key": key});
+        (subject.clone(), key, Bytes::from(serde_json::to_vec(&body).unwrap_or_default()), async_nats::HeaderMap::new())
+    })
+    .await?;
+    let got = tokio::time::timeout(Duration::from_secs(600), received).await??;
+    Ok(to_run(&got, first_sent.load(Ordering::SeqCst)))
+}
+
+struct Stages {
+    ingest: StageProcess,
+    enrich: StageProcess,
+    publish: Option<StageProcess>,
+}
+
+async fn start_stages(env: &TestEnv, args: &Args, openai: &str, notion: Option<&str>, publish: bool) -> Stages {
+    let mut base: Map = env.base_vars();
+    base.set("CONCURRENCY", args.concurrency.to_string())
+        .set("RUST_LOG", args.log.as_str())
+        .set("ACK_WAIT_SECS", "60")
+        .set("DATABASE_POOL_SIZE", "16");
+    let mut v = base.clone();
+    v.set("API_KEYS", API_KEY).set("HTTP_ADDR", "127.0.0.1:0").set("RATE_LIMIT_PER_MINUTE", "0");
+    let ingest = StageProcess::start("ingest", "halakha-ingest", &v).await;
+    let mut v = base.clone();
+    v.set("OPENAI_API_KEY", OPENAI_KEY).set("OPENAI_BASE_URL", format!("{openai}/v1"));
+    let enrich = StageProcess::start("enrich", "halakha-enrich", &v).await;
+    let publish = if publish {
+        let mut v = base.clone();
+        if let Some(url) = notion {
+            v.set("NOTION_TOKEN", NOTION_TOKEN)
+                .set("NOTION_DATABASE_ID", NOTION_DATABASE)
+                .set("NOTION_BASE_URL", url)
+                .set("NOTION_REQUESTS_PER_SECOND", "3");
+        }
+        Some(StageProcess::start("publish", "halakha-publish", &v).await)
+    } else {
+        None
+    };
+    Stages { ingest, enrich, publish }
+}
+
+fn mb(bytes: u64) -> f64 {
+    bytes as f64 / (1024.0 * 1024.0)
+}
+
+/// 6: `POST /v1/halakhot` from `connections` tasks for `secs`.
+async fn http_load(base: &str, items: &[CorpusItem], connections: usize, secs: u64) -> (usize, usize) {
+    let client = reqwest::Client::builder().pool_max_idle_per_host(connections).build().unwrap_or_default();
+    let ok = Arc::new(AtomicUsize::new(0));
+    let failed = Arc::new(AtomicUsize::new(0));
+    let counter = Arc::new(AtomicUsize::new(0));
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(secs);
+    let tasks: Vec<_> = (0..connections)
+        .map(|_| {
+            let (client, ok, failed, counter) = (client.clone(), ok.clone(), failed.clone(), counter.clone());
+            let url = format!("{base}/v1/halakhot");
+            let items = items.to_vec();
+            tokio::spawn(async move {
+                while tokio::time::Instant::now() < deadline {
+                    let i = counter.fetch_add(1, Ordering::Relaxed);
+                    let item = &items[i % items.len()];
+                    let body = json!({"content": item.text, "idempotency_key": format!("bench-http-{i}")});
+                    match client.post(&url).bearer_auth(API_KEY).json(&body).send().await {
+                        Ok(r) if r.status() == 202 => ok.fetch_add(1, Ordering::Relaxed),
+                        _ => failed.fetch_add(1, Ordering::Relaxed),
+                    };
+                }
+            })
+        })
+        .collect();
+    for t in tasks {
+        let _ = t.await;
+    }
+    (ok.load(Ordering::Relaxed), failed.load(Ordering::Relaxed))
+}
+
+/// 6's baseline: `tasks` tasks each publishing and awaiting its PubAck,
+/// one message at a time, for `secs`.
+async fn sync_publish_load(js: &jetstream::Context, prefix: &str, items: &[CorpusItem], tasks: usize, secs: u64) -> anyhow::Result<usize> {
+    let name = format!("{}_SYNC", prefix.to_uppercase());
+    js.create_stream(stream::Config {
+        name: name.clone(),
+        subjects: vec![format!("{prefix}.sync")],
+        storage: stream::StorageType::File,
+        duplicate_window: Duration::from_secs(120),
+        ..Default::default()
+    })
+    .await?;
+    let done = Arc::new(AtomicUsize::new(0));
+    let counter = Arc::new(AtomicUsize::new(0));
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(secs);
+    let handles: Vec<_> = (0..tasks)
+        .map(|_| {
+            let (js, done, counter) = (js.clone(), done.clone(), counter.clone());
+            let items = items.to_vec();
+            let subject = format!("{prefix}.sync");
+            tokio::spawn(async move {
+                while tokio::time::Instant::now() < deadline {
+                    let i = counter.fetch_add(1, Ordering::Relaxed);
+                    let key = format!("sync-{i}");
+                    let payload = relay_payload(&items[i % items.len()], &key);
+                    let msg = jetstream::message::PublishMessage::build().payload(payload).message_id(key);
+                    if let Ok(ack) = js.send_publish(subject.clone(), msg).await
+                        && ack.await.is_ok()
+                    {
+                        done.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+            })
+        })
+        .collect();
+    for h in handles {
+        let _ = h.await;
+    }
+    let _ = js.delete_stream(&name).await;
+    Ok(done.load(Ordering::Relaxed))
+}
+
+fn ratio(a: f64, b: f64) -> f64 {
+    if b > 0.0 { a / b } else { f64::NAN }
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    halakha_common::install_crypto_provider();
+    let started = Instant::now();
+    let items: Vec<CorpusItem> = corpus();
+    let avg_bytes = items.iter().map(|i| i.text.len()).sum::<usize>() / items.len().max(1);
+    println!("Corpus: {} texts, {avg_bytes} bytes on average; stages: release build, CONCURRENCY={}, RUST_LOG={}", items.len(), args.concurrency, args.log);
+    let mut rows = Vec::new();
+    let mut report = serde_json::Map::new();
+
+    // 1 and 2: throughput.
+    let env = TestEnv::new().await;
+    let prefix = format!("{}_relay", env.names.namespace());
+    println!("1. Raw 3-hop JetStream relay, {} messages...", args.messages);
+    let base_burst = relay(&env.js, &prefix, &items, Load::Burst(args.messages)).await?;
+    println!("   {:.0} msg/s", base_burst.per_second());
+    let (openai, _) = fakes::openai(Model::Faithful).await;
+    let stages = start_stages(&env, &args, &openai.uri(), None, true).await;
+    let idle: Vec<(&str, (u64, u64))> = [&stages.ingest, &stages.enrich]
+        .into_iter()
+        .chain(stages.publish.as_ref())
+        .map(|p| (p.name, p.rss().unwrap_or_default()))
+        .collect();
+    println!("2. Pipeline, {} messages from submitted to published (Notion off)...", args.messages);
+    let pipe_burst = through_pipeline(&env, &items, "burst", Load::Burst(args.messages), S::Published).await?;
+    println!("   {:.0} msg/s", pipe_burst.per_second());
+    let r = ratio(pipe_burst.per_second(), base_burst.per_second());
+    rows.push(row("relay throughput (baseline)", format!("{:.0} msg/s", base_burst.per_second()), "1".into(), "", None));
+    rows.push(row("pipeline throughput", format!("{:.0} msg/s", pipe_burst.per_second()), format!("{r:.3} × relay"), "≥ 0.25 × relay", Some(r >= 0.25)));
+    rows.push(row("pipeline latency p50 / p99 / max (burst)", format!("{:.0} / {:.0} / {:.0} ms", pipe_burst.percentile_ms(50.0), pipe_burst.percentile_ms(99.0), pipe_burst.percentile_ms(100.0)), String::new(), "", None));
+    report.insert("relay_burst".into(), base_burst.json());
+    report.insert("pipeline_burst".into(), pipe_burst.json());
+
+    // 3: latency at a fixed rate.
+    let load = Load::Rate { per_second: args.rate, seconds: args.rate_secs };
+    println!("3. Fixed rate: {} msg/s for {} s, relay then pipeline...", args.rate, args.rate_secs);
+    let base_rate = relay(&env.js, &format!("{prefix}2"), &items, load).await?;
+    let pipe_rate = through_pipeline(&env, &items, "rate", load, S::Published).await?;
+    let added = pipe_rate.percentile_ms(99.0) - base_rate.percentile_ms(99.0);
+    rows.push(row(
+        &format!("p99 at {} msg/s: relay / pipeline", args.rate),
+        format!("{:.1} / {:.1} ms", base_rate.percentile_ms(99.0), pipe_rate.percentile_ms(99.0)),
+        format!("+{added:.1} ms"),
+        "added p99 ≤ 10 ms",
+        Some(added <= 10.0),
+    ));
+    report.insert("relay_rate".into(), base_rate.json());
+    report.insert("pipeline_rate".into(), pipe_rate.json());
+
+    // 6: ingest HTTP against raw synchronous publishes.
+    println!("6. HTTP: {} connections for {} s, then raw synchronous publishes...", args.connections, args.http_secs);
+    let api = format!("http://{}", stages.ingest.http_addr.unwrap_or_else(|| ([127, 0, 0, 1], 8000).into()));
+    let (ok, failed) = http_load(&api, &items, args.connections, args.http_secs).await;
+    let http_rate = ok as f64 / args.http_secs as f64;
+    let raw = sync_publish_load(&env.js, &format!("{prefix}3"), &items, args.connections, args.http_secs).await?;
+    let raw_rate = raw as f64 / args.http_secs as f64;
+    let r = ratio(http_rate, raw_rate);
+    rows.push(row("raw synchronous JetStream publish (baseline)", format!("{raw_rate:.0} msg/s"), "1".into(), "", None));
+    rows.push(row("ingest POST /v1/halakhot", format!("{http_rate:.0} req/s ({failed} failed)"), format!("{r:.3} × raw"), "≥ 0.5 × raw", Some(r >= 0.5)));
+    report.insert("http".into(), json!({"accepted_per_second": http_rate, "failed": failed, "raw_publish_per_second": raw_rate, "ratio": r}));
+
+    // 7: memory of each stage.
+    let all: Vec<&StageProcess> = [&stages.ingest, &stages.enrich].into_iter().chain(stages.publish.as_ref()).collect();
+    let mut memory = serde_json::Map::new();
+    for (p, (name, (idle_rss, _))) in all.iter().zip(&idle) {
+        let (_, peak) = p.rss().unwrap_or_default();
+        rows.push(row(&format!("{name} RSS idle / peak"), format!("{:.1} / {:.1} MB", mb(*idle_rss), mb(peak)), String::new(), "idle ≤ 30 MB", Some(mb(*idle_rss) <= 30.0)));
+        memory.insert((*name).into(), json!({"idle_mb": mb(*idle_rss), "peak_mb": mb(peak)}));
+    }
+    report.insert("memory".into(), Value::Object(memory));
+    let Stages { ingest, enrich, publish } = stages;
+    for p in [Some(ingest), Some(enrich), publish].into_iter().flatten() {
+        p.terminate(Duration::from_secs(60)).await;
+    }
+
+    // 4: a slow provider.
+    println!("4. Slow provider: {} ms per completion, {} waiting, measured for {} s...", args.provider_ms, args.backlog, args.slow_secs);
+    let env4 = TestEnv::new().await;
+    let (slow, _) = fakes::openai(Model::Delayed(args.provider_ms)).await;
+    let stages4 = start_stages(&env4, &args, &slow.uri(), None, false).await;
+    let mut enriched = env4.nats.subscribe(env4.names.subject(S::Enriched)).await?;
+    env4.nats.flush().await?;
+    produce(&env4.js, Load::Burst(args.backlog), |i| {
+        let key = format!("bench-slow-{i}");
+        let body = json!({"content": items[i % items.len()].text, "idempotency_key": key});
+        (env4.names.subject(S::Submitted), key, Bytes::from(serde_json::to_vec(&body).unwrap_or_default()), async_nats::HeaderMap::new())
+    })
+    .await?;
+    // Warm up for two provider round trips, then count.
+    let warm = Duration::from_millis(args.provider_ms * 2);
+    let warm_end = tokio::time::Instant::now() + warm;
+    while tokio::time::timeout_at(warm_end, enriched.next()).await.is_ok() {}
+    let window_end = tokio::time::Instant::now() + Duration::from_secs(args.slow_secs);
+    let mut count = 0usize;
+    let mut peak_rss = 0u64;
+    let mut sample = tokio::time::interval(Duration::from_millis(250));
+    loop {
+        tokio::select! {
+            () = tokio::time::sleep_until(window_end) => break,
+            m = enriched.next() => if m.is_some() { count += 1 },
+            _ = sample.tick() => peak_rss = peak_rss.max(stages4.enrich.rss().map(|r| r.0).unwrap_or(0)),
+        }
+    }
+    let slow_rate = count as f64 / args.slow_secs as f64;
+    let ideal = args.concurrency as f64 / (args.provider_ms as f64 / 1000.0);
+    let r = ratio(slow_rate, ideal);
+    rows.push(row(&format!("slow provider ({} ms), enrich throughput", args.provider_ms), format!("{slow_rate:.1} msg/s (ideal {ideal:.0})"), format!("{r:.3} × ideal"), "≥ 0.9 × ideal", Some(r >= 0.9)));
+    rows.push(row(&format!("enrich RSS with {} waiting", args.backlog), format!("{:.1} MB", mb(peak_rss)), String::new(), "≤ 150 MB", Some(mb(peak_rss) <= 150.0)));
+    report.insert("slow_provider".into(), json!({"per_second": slow_rate, "ideal": ideal, "ratio": r, "enrich_rss_mb": mb(peak_rss), "backlog": args.backlog}));
+    for p in [stages4.ingest, stages4.enrich] {
+        p.terminate(Duration::from_secs(60)).await;
+    }
+
+    // 5: Notion at its limit.
+    println!("5. Notion at 3 requests/s: {} pages...", args.notion_pages);
+    let env5 = TestEnv::new().await;
+    let (openai5, _) = fakes::openai(Model::Faithful).await;
+    let (notion, state) = fakes::notion_with(Some(3)).await;
+    let stages5 = start_stages(&env5, &args, &openai5.uri(), Some(&notion.uri()), true).await;
+    let pages = through_pipeline(&env5, &items, "notion", Load::Burst(args.notion_pages), S::Published).await?;
+    let creates = state.creates.load(Ordering::SeqCst);
+    let limited = state.rate_limited.load(Ordering::SeqCst);
+    // Creates per second from the first page to the last.
+    let mut done: Vec<u64> = pages.latencies_us.clone();
+    done.sort_unstable();
+    let span = (done.last().copied().unwrap_or(0).saturating_sub(done.first().copied().unwrap_or(0))) as f64 / 1e6;
+    let per_second = if span > 0.0 { (creates.saturating_sub(1)) as f64 / span } else { f64::NAN };
+    rows.push(row("Notion page creates at 3 req/s", format!("{per_second:.2} creates/s, {limited} × 429"), String::new(), "≥ 2.8/s, no 429", Some(per_second >= 2.8 && limited == 0)));
+    report.insert("notion".into(), json!({"creates": creates, "creates_per_second": per_second, "rate_limited": limited}));
+    for p in [Some(stages5.ingest), Some(stages5.enrich), stages5.publish].into_iter().flatten() {
+        p.terminate(Duration::from_secs(60)).await;
+    }
+
+    // The table.
+    println!();
+    println!("| measure | value | ratio | target | met |");
+    println!("|---|---|---|---|---|");
+    for r in &rows {
+        let met = match r.met {
+            Some(true) => "yes",
+            Some(false) => "**no**",
+            None => "",
+        };
+        println!("| {} | {} | {} | {} | {} |", r.what, r.value, r.ratio, r.target, met);
+    }
+    let total = started.elapsed();
+    println!("\nBenchmark took {:.0} s", total.as_secs_f64());
+    report.insert("seconds".into(), json!(total.as_secs_f64()));
+    report.insert("args".into(), json!({"messages": args.messages, "rate": args.rate, "rate_secs": args.rate_secs, "concurrency": args.concurrency, "backlog": args.backlog, "provider_ms": args.provider_ms, "log": args.log}));
+    if let Some(dir) = args.out.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    std::fs::write(&args.out, serde_json::to_vec_pretty(&Value::Object(report))?)?;
+    println!("JSON: {}", args.out.display());
+    Ok(())
+}
