@@ -48,17 +48,27 @@ impl Handler for PublishHandler {
     type Output = Published;
 
     async fn handle(&self, input: Enriched, _delivery: &Delivery) -> Result<Handled<Published>, StageError> {
-        let state = store::upsert(&self.pool, &input).await.map_err(|e| db_error("store the halakha", e))?;
-        metrics::counter!(m::DB_WRITES_TOTAL, "status" => "enriched").increment(1);
+        // Without the Notion sink the row is published by its upsert: one
+        // transaction per halakha. With it: the row, then the page, then
+        // the row marked published.
         let page = match &self.notion {
-            None => None,
-            Some(notion) => Some(self.page(notion, &input, state).await?),
+            None => {
+                store::upsert(&self.pool, &input, true).await.map_err(|e| db_error("store the halakha", e))?;
+                None
+            }
+            Some(notion) => {
+                let state =
+                    store::upsert(&self.pool, &input, false).await.map_err(|e| db_error("store the halakha", e))?;
+                metrics::counter!(m::DB_WRITES_TOTAL, "status" => "enriched").increment(1);
+                let page = self.page(notion, &input, state).await?;
+                store::mark_published(&self.pool, &input.id, Some(&page.id), Some(&page.url))
+                    .await
+                    .map_err(|e| db_error("mark the halakha published", e))?;
+                Some(page)
+            }
         };
-        let (page_id, page_url) = (page.as_ref().map(|p| p.id.clone()), page.as_ref().map(|p| p.url.clone()));
-        store::mark_published(&self.pool, &input.id, page_id.as_deref(), page_url.as_deref())
-            .await
-            .map_err(|e| db_error("mark the halakha published", e))?;
         metrics::counter!(m::DB_WRITES_TOTAL, "status" => "published").increment(1);
+        let (page_id, page_url) = (page.as_ref().map(|p| p.id.clone()), page.as_ref().map(|p| p.url.clone()));
         tracing::info!(id = %input.id, notion_page = page_id.as_deref().unwrap_or("-"), "Published");
         Ok(Handled::Publish(Published {
             schema_version: SCHEMA_VERSION,

@@ -17,33 +17,58 @@ pub struct NotionState {
     pub page_url: Option<String>,
 }
 
-/// Upsert the enriched halakha and its tags, themes and sources.
-/// A row already `published` stays `published`.
-pub async fn upsert(pool: &Pool, m: &Enriched) -> Result<NotionState, DbError> {
+/// Upsert the enriched halakha and its tags, themes and sources, in one
+/// transaction of two statements (the row and any new names, then the
+/// links): the publish stage's cost is mostly Postgres' work per statement.
+/// A row already `published` stays `published`; `published` makes the row
+/// published at once (no Notion page to wait for).
+pub async fn upsert(pool: &Pool, m: &Enriched, published: bool) -> Result<NotionState, DbError> {
     let mut conn = pool.get().await?;
     let tx = conn.transaction().await?;
     let h = &m.halakha;
     let e = &m.enrichment;
     let to_i32 = |v: u32| i32::try_from(v).unwrap_or(i32::MAX);
     let lang = h.lang.map(|l| l.as_str());
+    let clean = |v: &[String]| -> Vec<String> {
+        let mut out: Vec<String> = v.iter().map(|x| x.trim().to_owned()).filter(|x| !x.is_empty()).collect();
+        out.sort();
+        out.dedup();
+        out
+    };
+    let (tags, themes) = (clean(&e.tags), clean(&e.themes));
+    let names: Vec<&str> = e.sources.iter().map(|s| s.name.trim()).collect();
+    let refs: Vec<&str> = e.sources.iter().map(|s| s.reference.as_deref().unwrap_or("").trim()).collect();
+    // New tag, theme and source names are inserted here, in their own
+    // statement: the links (next statement) then see them, and names a
+    // concurrent transaction inserted (this one waited for it) too.
     let row = tx
         .query_typed_one(
-            "INSERT INTO halakhot (id, status, content, source, lang, schedule_days, received_at, date_post,
-                 title, question, answer, difficulty_level, text_post, legend, language,
-                 model, prompt_version, schema_version, prompt_tokens, completion_tokens, total_tokens, image_url)
-             VALUES ($1, 'enriched', $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18, $19, $20, $21)
-             ON CONFLICT (id) DO UPDATE SET
-                 status = CASE WHEN halakhot.status = 'published' THEN 'published' ELSE 'enriched' END,
-                 content = EXCLUDED.content, source = EXCLUDED.source, lang = EXCLUDED.lang,
-                 schedule_days = EXCLUDED.schedule_days, date_post = EXCLUDED.date_post,
-                 title = EXCLUDED.title, question = EXCLUDED.question, answer = EXCLUDED.answer,
-                 difficulty_level = EXCLUDED.difficulty_level, text_post = EXCLUDED.text_post,
-                 legend = EXCLUDED.legend, language = EXCLUDED.language, model = EXCLUDED.model,
-                 prompt_version = EXCLUDED.prompt_version, schema_version = EXCLUDED.schema_version,
-                 prompt_tokens = EXCLUDED.prompt_tokens, completion_tokens = EXCLUDED.completion_tokens,
-                 total_tokens = EXCLUDED.total_tokens, image_url = EXCLUDED.image_url,
-                 error = NULL, updated_at = now()
-             RETURNING notion_page_id, notion_page_url",
+            "WITH h AS (
+                 INSERT INTO halakhot (id, status, content, source, lang, schedule_days, received_at, date_post,
+                     title, question, answer, difficulty_level, text_post, legend, language,
+                     model, prompt_version, schema_version, prompt_tokens, completion_tokens, total_tokens, image_url,
+                     published_at)
+                 VALUES ($1, CASE WHEN $26 THEN 'published' ELSE 'enriched' END, $2, $3, $4, $5, $6, $7, $8, $9, $10,
+                     $11, $12, $13, $14, $15, $16, $17, $18, $19, $20, $21, CASE WHEN $26 THEN now() END)
+                 ON CONFLICT (id) DO UPDATE SET
+                     status = CASE WHEN halakhot.status = 'published' OR $26 THEN 'published' ELSE 'enriched' END,
+                     published_at = CASE WHEN $26 THEN COALESCE(halakhot.published_at, now()) ELSE halakhot.published_at END,
+                     content = EXCLUDED.content, source = EXCLUDED.source, lang = EXCLUDED.lang,
+                     schedule_days = EXCLUDED.schedule_days, date_post = EXCLUDED.date_post,
+                     title = EXCLUDED.title, question = EXCLUDED.question, answer = EXCLUDED.answer,
+                     difficulty_level = EXCLUDED.difficulty_level, text_post = EXCLUDED.text_post,
+                     legend = EXCLUDED.legend, language = EXCLUDED.language, model = EXCLUDED.model,
+                     prompt_version = EXCLUDED.prompt_version, schema_version = EXCLUDED.schema_version,
+                     prompt_tokens = EXCLUDED.prompt_tokens, completion_tokens = EXCLUDED.completion_tokens,
+                     total_tokens = EXCLUDED.total_tokens, image_url = EXCLUDED.image_url,
+                     error = NULL, updated_at = now()
+                 RETURNING notion_page_id, notion_page_url),
+             t AS (INSERT INTO tags (name) SELECT unnest($22::text[]) ON CONFLICT (name) DO NOTHING),
+             th AS (INSERT INTO themes (name) SELECT unnest($23::text[]) ON CONFLICT (name) DO NOTHING),
+             s AS (INSERT INTO sources (name, reference)
+                   SELECT DISTINCT n, r FROM unnest($24::text[], $25::text[]) AS u(n, r) WHERE n <> ''
+                   ON CONFLICT (name, reference) DO NOTHING)
+             SELECT notion_page_id, notion_page_url FROM h",
             &[
                 (&m.id, Type::TEXT),
                 (&h.content, Type::TEXT),
@@ -66,65 +91,43 @@ pub async fn upsert(pool: &Pool, m: &Enriched) -> Result<NotionState, DbError> {
                 (&to_i32(m.usage.completion_tokens), Type::INT4),
                 (&to_i32(m.usage.total_tokens), Type::INT4),
                 (&h.image_url, Type::TEXT),
+                (&tags, Type::TEXT_ARRAY),
+                (&themes, Type::TEXT_ARRAY),
+                (&names, Type::TEXT_ARRAY),
+                (&refs, Type::TEXT_ARRAY),
+                (&published, Type::BOOL),
             ],
         )
         .await?;
-    link_names(&tx, "tags", "halakha_tags", "tag_id", &m.id, &e.tags).await?;
-    link_names(&tx, "themes", "halakha_themes", "theme_id", &m.id, &e.themes).await?;
-    let names: Vec<&str> = e.sources.iter().map(|s| s.name.trim()).collect();
-    let refs: Vec<&str> = e.sources.iter().map(|s| s.reference.as_deref().unwrap_or("").trim()).collect();
+    // The links hold exactly this enrichment's names (a redelivery or a
+    // replay with other names replaces them).
     tx.execute_typed(
-        "INSERT INTO sources (name, reference)
-         SELECT DISTINCT n, r FROM unnest($1::text[], $2::text[]) AS u(n, r) WHERE n <> ''
-         ON CONFLICT (name, reference) DO NOTHING",
-        &[(&names, Type::TEXT_ARRAY), (&refs, Type::TEXT_ARRAY)],
-    )
-    .await?;
-    tx.execute_typed(
-        "DELETE FROM halakha_sources WHERE halakha_id = $3 AND source_id NOT IN (
-             SELECT s.id FROM sources s JOIN unnest($1::text[], $2::text[]) AS u(n, r) ON s.name = u.n AND s.reference = u.r)",
-        &[(&names, Type::TEXT_ARRAY), (&refs, Type::TEXT_ARRAY), (&m.id, Type::TEXT)],
-    )
-    .await?;
-    tx.execute_typed(
-        "INSERT INTO halakha_sources (halakha_id, source_id)
-         SELECT DISTINCT $3, s.id FROM sources s JOIN unnest($1::text[], $2::text[]) AS u(n, r) ON s.name = u.n AND s.reference = u.r
-         ON CONFLICT DO NOTHING",
-        &[(&names, Type::TEXT_ARRAY), (&refs, Type::TEXT_ARRAY), (&m.id, Type::TEXT)],
+        "WITH dt AS (DELETE FROM halakha_tags WHERE halakha_id = $1
+                     AND tag_id NOT IN (SELECT id FROM tags WHERE name = ANY($2))),
+              it AS (INSERT INTO halakha_tags (halakha_id, tag_id)
+                     SELECT $1, id FROM tags WHERE name = ANY($2) ON CONFLICT DO NOTHING),
+              dth AS (DELETE FROM halakha_themes WHERE halakha_id = $1
+                      AND theme_id NOT IN (SELECT id FROM themes WHERE name = ANY($3))),
+              ith AS (INSERT INTO halakha_themes (halakha_id, theme_id)
+                      SELECT $1, id FROM themes WHERE name = ANY($3) ON CONFLICT DO NOTHING),
+              ds AS (DELETE FROM halakha_sources WHERE halakha_id = $1 AND source_id NOT IN (
+                         SELECT s.id FROM sources s JOIN unnest($4::text[], $5::text[]) AS u(n, r)
+                         ON s.name = u.n AND s.reference = u.r)),
+              isrc AS (INSERT INTO halakha_sources (halakha_id, source_id)
+                       SELECT DISTINCT $1, s.id FROM sources s JOIN unnest($4::text[], $5::text[]) AS u(n, r)
+                       ON s.name = u.n AND s.reference = u.r ON CONFLICT DO NOTHING)
+         SELECT 1",
+        &[
+            (&m.id, Type::TEXT),
+            (&tags, Type::TEXT_ARRAY),
+            (&themes, Type::TEXT_ARRAY),
+            (&names, Type::TEXT_ARRAY),
+            (&refs, Type::TEXT_ARRAY),
+        ],
     )
     .await?;
     tx.commit().await?;
     Ok(NotionState { page_id: row.get(0), page_url: row.get(1) })
-}
-
-/// Make the link table of `id` hold exactly `values` (created if needed).
-async fn link_names(
-    tx: &deadpool_postgres::Transaction<'_>,
-    table: &str,
-    link: &str,
-    column: &str,
-    id: &str,
-    values: &[String],
-) -> Result<(), DbError> {
-    let values: Vec<&str> = values.iter().map(|v| v.trim()).filter(|v| !v.is_empty()).collect();
-    tx.execute_typed(
-        &format!("INSERT INTO {table} (name) SELECT DISTINCT unnest($1::text[]) ON CONFLICT (name) DO NOTHING"),
-        &[(&values, Type::TEXT_ARRAY)],
-    )
-    .await?;
-    tx.execute_typed(
-        &format!(
-            "DELETE FROM {link} WHERE halakha_id = $2 AND {column} NOT IN (SELECT id FROM {table} WHERE name = ANY($1))"
-        ),
-        &[(&values, Type::TEXT_ARRAY), (&id, Type::TEXT)],
-    )
-    .await?;
-    tx.execute_typed(
-        &format!("INSERT INTO {link} (halakha_id, {column}) SELECT $2, id FROM {table} WHERE name = ANY($1) ON CONFLICT DO NOTHING"),
-        &[(&values, Type::TEXT_ARRAY), (&id, Type::TEXT)],
-    )
-    .await?;
-    Ok(())
 }
 
 /// Store the page right after it was created, before anything else can

@@ -227,7 +227,7 @@ async fn every_statement_of_the_stages_is_unnamed_so_a_transaction_pooler_works(
         prompt_version: "v".into(),
         usage: halakha_common::Usage::default(),
     };
-    halakha_publish::store::upsert(&fresh, &enriched).await.unwrap();
+    halakha_publish::store::upsert(&fresh, &enriched, false).await.unwrap();
     halakha_publish::store::store_page(&fresh, &enriched.id, "page", "https://www.notion.so/page").await.unwrap();
     halakha_publish::store::mark_published(&fresh, &enriched.id, Some("page"), None).await.unwrap();
     halakha_ingest::store::mark_failed(&fresh, &enriched.id, "x", time::OffsetDateTime::now_utc()).await.unwrap();
