@@ -384,7 +384,8 @@ async fn start_stages(env: &TestEnv, args: &Args, openai: &str, notion: Option<&
     // the enrichment cache would answer the repeats without one.
     base.0.remove("REDIS_URL");
     base.set("CONCURRENCY", args.concurrency.to_string())
-        .set("RUST_LOG", args.log.as_str())
+        // The start line (which names the bound addresses) is always kept.
+        .set("RUST_LOG", format!("{},halakha_nats::stage=info", args.log))
         .set("ACK_WAIT_SECS", "60")
         .set("DATABASE_POOL_SIZE", "16");
     let mut v = base.clone();
@@ -406,6 +407,29 @@ async fn start_stages(env: &TestEnv, args: &Args, openai: &str, notion: Option<&
         None
     };
     Stages { ingest, enrich, publish }
+}
+
+/// The mean time one message spends in each stage (delivery to ack), from
+/// its `/metrics`: where the pipeline's time goes.
+async fn stage_means(stages: &[&StageProcess]) -> serde_json::Map<String, Value> {
+    let mut out = serde_json::Map::new();
+    let client = reqwest::Client::new();
+    for p in stages {
+        let Ok(resp) = client.get(format!("http://{}/metrics", p.metrics_addr)).send().await else { continue };
+        let text = resp.text().await.unwrap_or_default();
+        let value = |series: &str| -> f64 {
+            text.lines()
+                .filter(|l| l.starts_with(series) && l.contains(&format!("stage=\"{}\"", p.name)))
+                .filter_map(|l| l.rsplit(' ').next().and_then(|v| v.parse::<f64>().ok()))
+                .sum()
+        };
+        let sum = value("halakha_stage_processing_duration_seconds_sum");
+        let count = value("halakha_stage_processing_duration_seconds_count");
+        let mean_ms = if count > 0.0 { sum / count * 1000.0 } else { f64::NAN };
+        println!("   {}: {count:.0} messages, {mean_ms:.1} ms each from delivery to ack", p.name);
+        out.insert(p.name.into(), json!({"messages": count, "mean_ms": mean_ms}));
+    }
+    out
 }
 
 fn mb(bytes: u64) -> f64 {
@@ -518,6 +542,8 @@ async fn main() -> anyhow::Result<()> {
     println!("2. Pipeline, {} messages from submitted to published (Notion off)...", args.messages);
     let pipe_burst = through_pipeline(&env, &items, "burst", Load::Burst(args.messages), S::Published).await?;
     println!("   {:.0} msg/s", pipe_burst.per_second());
+    let procs: Vec<&StageProcess> = [&stages.ingest, &stages.enrich].into_iter().chain(stages.publish.as_ref()).collect();
+    report.insert("pipeline_stage_means".into(), Value::Object(stage_means(&procs).await));
     let r = ratio(pipe_burst.per_second(), base_burst.per_second());
     rows.push(row("relay throughput (baseline)", format!("{:.0} msg/s", base_burst.per_second()), "1".into(), "", None));
     rows.push(row("pipeline throughput", format!("{:.0} msg/s", pipe_burst.per_second()), format!("{r:.3} × relay"), "≥ 0.25 × relay", Some(r >= 0.25)));
