@@ -832,9 +832,10 @@ impl StageProcess {
     pub fn rss(&self) -> Option<(u64, u64)> {
         let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid()?)).ok()?;
         let field = |name: &str| {
-            status.lines().find_map(|l| l.strip_prefix(name)).and_then(|v| {
-                v.trim().trim_end_matches("kB").trim().parse::<u64>().ok().map(|kb| kb * 1024)
-            })
+            status
+                .lines()
+                .find_map(|l| l.strip_prefix(name))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok().map(|kb| kb * 1024))
         };
         Some((field("VmRSS:")?, field("VmHWM:")?))
     }

@@ -273,7 +273,12 @@ async fn relay(js: &jetstream::Context, prefix: &str, items: &[CorpusItem], load
             while n < expected {
                 let Some(m) = messages.next().await else { break };
                 let m = m.map_err(|e| anyhow::anyhow!("{e}"))?;
-                let sent: u64 = m.headers.as_ref().and_then(|h| h.get("Bench-Sent")).and_then(|v| v.as_str().parse().ok()).unwrap_or(0);
+                let sent: u64 = m
+                    .headers
+                    .as_ref()
+                    .and_then(|h| h.get("Bench-Sent"))
+                    .and_then(|v| v.as_str().parse().ok())
+                    .unwrap_or(0);
                 let now = now_nanos();
                 received.lock().map_err(|_| anyhow::anyhow!("poisoned"))?.push((sent, now));
                 let _ = m.ack().await;
@@ -313,13 +318,7 @@ fn to_run(got: &[(u64, u64)], first_sent: u64) -> Run {
 
 /// 2 and 3: submissions on `<ns>.submitted` until each one's `published`
 /// event (or `enriched`, for the slow provider) arrives.
-async fn through_pipeline(
-    env: &TestEnv,
-    items: &[CorpusItem],
-    run: &str,
-    load: Load,
-    until: S,
-) -> anyhow::Result<Run> {
+async fn through_pipeline(env: &TestEnv, items: &[CorpusItem], run: &str, load: Load, until: S) -> anyhow::Result<Run> {
     let expected = load.count();
     let sent: Arc<Mutex<HashMap<String, u64>>> = Arc::new(Mutex::new(HashMap::with_capacity(expected)));
     let events = env.nats.subscribe(env.names.subject(until)).await?;
@@ -336,7 +335,8 @@ async fn through_pipeline(
             while got.len() + failed < expected {
                 let Some((ok, m)) = both.next().await else { break };
                 let now = now_nanos();
-                let id = serde_json::from_slice::<Value>(&m.payload).ok().and_then(|v| v["id"].as_str().map(String::from));
+                let id =
+                    serde_json::from_slice::<Value>(&m.payload).ok().and_then(|v| v["id"].as_str().map(String::from));
                 if let Some(id) = id
                     && let Some(at) = sent.lock().ok().and_then(|mut s| s.remove(&id))
                 {
@@ -469,7 +469,13 @@ async fn http_load(base: &str, items: &[CorpusItem], connections: usize, secs: u
 
 /// 6's baseline: `tasks` tasks each publishing and awaiting its PubAck,
 /// one message at a time, for `secs`.
-async fn sync_publish_load(js: &jetstream::Context, prefix: &str, items: &[CorpusItem], tasks: usize, secs: u64) -> anyhow::Result<usize> {
+async fn sync_publish_load(
+    js: &jetstream::Context,
+    prefix: &str,
+    items: &[CorpusItem],
+    tasks: usize,
+    secs: u64,
+) -> anyhow::Result<usize> {
     let name = format!("{}_SYNC", prefix.to_uppercase());
     js.create_stream(stream::Config {
         name: name.clone(),
@@ -522,7 +528,12 @@ async fn main() -> anyhow::Result<()> {
     // Hebrew, English and French): they would be dead letters, not load.
     let items: Vec<CorpusItem> = corpus().into_iter().filter(|i| i.lang != "ru").collect();
     let avg_bytes = items.iter().map(|i| i.text.len()).sum::<usize>() / items.len().max(1);
-    println!("Corpus: {} texts, {avg_bytes} bytes on average; stages: release build, CONCURRENCY={}, RUST_LOG={}", items.len(), args.concurrency, args.log);
+    println!(
+        "Corpus: {} texts, {avg_bytes} bytes on average; stages: release build, CONCURRENCY={}, RUST_LOG={}",
+        items.len(),
+        args.concurrency,
+        args.log
+    );
     let mut rows = Vec::new();
     let mut report = serde_json::Map::new();
 
@@ -542,12 +553,36 @@ async fn main() -> anyhow::Result<()> {
     println!("2. Pipeline, {} messages from submitted to published (Notion off)...", args.messages);
     let pipe_burst = through_pipeline(&env, &items, "burst", Load::Burst(args.messages), S::Published).await?;
     println!("   {:.0} msg/s", pipe_burst.per_second());
-    let procs: Vec<&StageProcess> = [&stages.ingest, &stages.enrich].into_iter().chain(stages.publish.as_ref()).collect();
+    let procs: Vec<&StageProcess> =
+        [&stages.ingest, &stages.enrich].into_iter().chain(stages.publish.as_ref()).collect();
     report.insert("pipeline_stage_means".into(), Value::Object(stage_means(&procs).await));
     let r = ratio(pipe_burst.per_second(), base_burst.per_second());
-    rows.push(row("relay throughput (baseline)", format!("{:.0} msg/s", base_burst.per_second()), "1".into(), "", None));
-    rows.push(row("pipeline throughput", format!("{:.0} msg/s", pipe_burst.per_second()), format!("{r:.3} × relay"), "≥ 0.25 × relay", Some(r >= 0.25)));
-    rows.push(row("pipeline latency p50 / p99 / max (burst)", format!("{:.0} / {:.0} / {:.0} ms", pipe_burst.percentile_ms(50.0), pipe_burst.percentile_ms(99.0), pipe_burst.percentile_ms(100.0)), String::new(), "", None));
+    rows.push(row(
+        "relay throughput (baseline)",
+        format!("{:.0} msg/s", base_burst.per_second()),
+        "1".into(),
+        "",
+        None,
+    ));
+    rows.push(row(
+        "pipeline throughput",
+        format!("{:.0} msg/s", pipe_burst.per_second()),
+        format!("{r:.3} × relay"),
+        "≥ 0.25 × relay",
+        Some(r >= 0.25),
+    ));
+    rows.push(row(
+        "pipeline latency p50 / p99 / max (burst)",
+        format!(
+            "{:.0} / {:.0} / {:.0} ms",
+            pipe_burst.percentile_ms(50.0),
+            pipe_burst.percentile_ms(99.0),
+            pipe_burst.percentile_ms(100.0)
+        ),
+        String::new(),
+        "",
+        None,
+    ));
     report.insert("relay_burst".into(), base_burst.json());
     report.insert("pipeline_burst".into(), pipe_burst.json());
 
@@ -575,16 +610,37 @@ async fn main() -> anyhow::Result<()> {
     let raw = sync_publish_load(&env.js, &format!("{prefix}3"), &items, args.connections, args.http_secs).await?;
     let raw_rate = raw as f64 / args.http_secs as f64;
     let r = ratio(http_rate, raw_rate);
-    rows.push(row("raw synchronous JetStream publish (baseline)", format!("{raw_rate:.0} msg/s"), "1".into(), "", None));
-    rows.push(row("ingest POST /v1/halakhot", format!("{http_rate:.0} req/s ({failed} failed)"), format!("{r:.3} × raw"), "≥ 0.5 × raw", Some(r >= 0.5)));
-    report.insert("http".into(), json!({"accepted_per_second": http_rate, "failed": failed, "raw_publish_per_second": raw_rate, "ratio": r}));
+    rows.push(row(
+        "raw synchronous JetStream publish (baseline)",
+        format!("{raw_rate:.0} msg/s"),
+        "1".into(),
+        "",
+        None,
+    ));
+    rows.push(row(
+        "ingest POST /v1/halakhot",
+        format!("{http_rate:.0} req/s ({failed} failed)"),
+        format!("{r:.3} × raw"),
+        "≥ 0.5 × raw",
+        Some(r >= 0.5),
+    ));
+    report.insert(
+        "http".into(),
+        json!({"accepted_per_second": http_rate, "failed": failed, "raw_publish_per_second": raw_rate, "ratio": r}),
+    );
 
     // 7: memory of each stage.
     let all: Vec<&StageProcess> = [&stages.ingest, &stages.enrich].into_iter().chain(stages.publish.as_ref()).collect();
     let mut memory = serde_json::Map::new();
     for (p, (name, (idle_rss, _))) in all.iter().zip(&idle) {
         let (_, peak) = p.rss().unwrap_or_default();
-        rows.push(row(&format!("{name} RSS idle / peak"), format!("{:.1} / {:.1} MB", mb(*idle_rss), mb(peak)), String::new(), "idle ≤ 30 MB", Some(mb(*idle_rss) <= 30.0)));
+        rows.push(row(
+            &format!("{name} RSS idle / peak"),
+            format!("{:.1} / {:.1} MB", mb(*idle_rss), mb(peak)),
+            String::new(),
+            "idle ≤ 30 MB",
+            Some(mb(*idle_rss) <= 30.0),
+        ));
         memory.insert((*name).into(), json!({"idle_mb": mb(*idle_rss), "peak_mb": mb(peak)}));
     }
     report.insert("memory".into(), Value::Object(memory));
@@ -594,7 +650,10 @@ async fn main() -> anyhow::Result<()> {
     }
 
     // 4: a slow provider.
-    println!("4. Slow provider: {} ms per completion, {} waiting, measured for {} s...", args.provider_ms, args.backlog, args.slow_secs);
+    println!(
+        "4. Slow provider: {} ms per completion, {} waiting, measured for {} s...",
+        args.provider_ms, args.backlog, args.slow_secs
+    );
     let env4 = TestEnv::new().await;
     let (slow, _) = fakes::openai(Model::Delayed(args.provider_ms)).await;
     let stages4 = start_stages(&env4, &args, &slow.uri(), None, false).await;
@@ -603,7 +662,12 @@ async fn main() -> anyhow::Result<()> {
     produce(&env4.js, Load::Burst(args.backlog), |i| {
         let key = format!("bench-slow-{i}");
         let body = json!({"content": items[i % items.len()].text, "idempotency_key": key});
-        (env4.names.subject(S::Submitted), key, Bytes::from(serde_json::to_vec(&body).unwrap_or_default()), async_nats::HeaderMap::new())
+        (
+            env4.names.subject(S::Submitted),
+            key,
+            Bytes::from(serde_json::to_vec(&body).unwrap_or_default()),
+            async_nats::HeaderMap::new(),
+        )
     })
     .await?;
     // Warm up for two provider round trips, then count.
@@ -624,8 +688,20 @@ async fn main() -> anyhow::Result<()> {
     let slow_rate = count as f64 / args.slow_secs as f64;
     let ideal = args.concurrency as f64 / (args.provider_ms as f64 / 1000.0);
     let r = ratio(slow_rate, ideal);
-    rows.push(row(&format!("slow provider ({} ms), enrich throughput", args.provider_ms), format!("{slow_rate:.1} msg/s (ideal {ideal:.0})"), format!("{r:.3} × ideal"), "≥ 0.9 × ideal", Some(r >= 0.9)));
-    rows.push(row(&format!("enrich RSS with {} waiting", args.backlog), format!("{:.1} MB", mb(peak_rss)), String::new(), "≤ 150 MB", Some(mb(peak_rss) <= 150.0)));
+    rows.push(row(
+        &format!("slow provider ({} ms), enrich throughput", args.provider_ms),
+        format!("{slow_rate:.1} msg/s (ideal {ideal:.0})"),
+        format!("{r:.3} × ideal"),
+        "≥ 0.9 × ideal",
+        Some(r >= 0.9),
+    ));
+    rows.push(row(
+        &format!("enrich RSS with {} waiting", args.backlog),
+        format!("{:.1} MB", mb(peak_rss)),
+        String::new(),
+        "≤ 150 MB",
+        Some(mb(peak_rss) <= 150.0),
+    ));
     report.insert("slow_provider".into(), json!({"per_second": slow_rate, "ideal": ideal, "ratio": r, "enrich_rss_mb": mb(peak_rss), "backlog": args.backlog}));
     for p in [stages4.ingest, stages4.enrich] {
         p.terminate(Duration::from_secs(60)).await;
@@ -645,8 +721,17 @@ async fn main() -> anyhow::Result<()> {
     done.sort_unstable();
     let span = (done.last().copied().unwrap_or(0).saturating_sub(done.first().copied().unwrap_or(0))) as f64 / 1e6;
     let per_second = if span > 0.0 { (creates.saturating_sub(1)) as f64 / span } else { f64::NAN };
-    rows.push(row("Notion page creates at 3 req/s", format!("{per_second:.2} creates/s, {limited} × 429"), String::new(), "≥ 2.8/s, no 429", Some(per_second >= 2.8 && limited == 0)));
-    report.insert("notion".into(), json!({"creates": creates, "creates_per_second": per_second, "rate_limited": limited}));
+    rows.push(row(
+        "Notion page creates at 3 req/s",
+        format!("{per_second:.2} creates/s, {limited} × 429"),
+        String::new(),
+        "≥ 2.8/s, no 429",
+        Some(per_second >= 2.8 && limited == 0),
+    ));
+    report.insert(
+        "notion".into(),
+        json!({"creates": creates, "creates_per_second": per_second, "rate_limited": limited}),
+    );
     for p in [Some(stages5.ingest), Some(stages5.enrich), stages5.publish].into_iter().flatten() {
         p.terminate(Duration::from_secs(60)).await;
     }
