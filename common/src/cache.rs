@@ -86,13 +86,22 @@ impl Cache {
         redis::cmd("PING").query_async::<String>(&mut conn).await.map(|_| ()).map_err(|e| e.to_string())
     }
 
-    /// The readiness probe of this cache.
-    pub fn probe(self: &Arc<Self>) -> crate::health::Probe {
+    /// Report this cache in `/health/ready`: probed when configured (not
+    /// required: the stages work on without it), else `disabled`.
+    pub fn report_health(self: &Arc<Self>, readiness: &crate::health::Readiness) {
+        if !self.is_on() {
+            readiness.info("redis", serde_json::json!({"status": "disabled"}));
+            return;
+        }
         let cache = self.clone();
-        Arc::new(move || {
-            let cache = cache.clone();
-            Box::pin(async move { cache.ping().await })
-        })
+        readiness.probe(
+            "redis",
+            false,
+            Arc::new(move || {
+                let cache = cache.clone();
+                Box::pin(async move { cache.ping().await })
+            }),
+        );
     }
 
     fn count(outcome: &'static str) {

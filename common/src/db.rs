@@ -202,20 +202,26 @@ pub fn pool(config: &DatabaseConfig) -> Result<Pool, DbError> {
         .build()?)
 }
 
-/// The readiness probe of the pool: a connection and `SELECT 1`.
-pub fn probe(pool: &Pool) -> crate::health::Probe {
-    let pool = pool.clone();
-    Arc::new(move || {
-        let pool = pool.clone();
-        Box::pin(async move {
-            let client = pool.get().await.map_err(|e| crate::error::chain(&e))?;
-            client.simple_query("SELECT 1").await.map(|_| ()).map_err(|e| crate::error::chain(&e))
-        })
-    })
+/// Report the pool in `/health/ready` (required: a connection and
+/// `SELECT 1`) and in `/metrics` (`halakha_db_pool_*`, read at each scrape).
+pub fn report_health(pool: &Pool, readiness: &crate::health::Readiness) {
+    let probed = pool.clone();
+    readiness.probe(
+        "postgres",
+        true,
+        Arc::new(move || {
+            let pool = probed.clone();
+            Box::pin(async move {
+                let client = pool.get().await.map_err(|e| crate::error::chain(&e))?;
+                client.simple_query("SELECT 1").await.map(|_| ()).map_err(|e| crate::error::chain(&e))
+            })
+        }),
+    );
+    report_pool_metrics(pool);
 }
 
 /// Export the pool's use at each scrape (`halakha_db_pool_*`).
-pub fn report_pool_metrics(pool: &Pool) {
+fn report_pool_metrics(pool: &Pool) {
     let pool = pool.clone();
     crate::metrics::on_scrape(move || {
         let s = pool.status();

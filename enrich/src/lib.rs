@@ -116,11 +116,7 @@ impl App {
         let llm = llm::Llm::new(&config, limits)?;
         let cache_prefix = format!("{}:enrich", config.stage.namespace);
         let stage = Prepared::new(Stage::Enrich, &config.stage).await?;
-        if cache.is_on() {
-            stage.readiness.probe("redis", false, cache.probe());
-        } else {
-            stage.readiness.info("redis", serde_json::json!({"status": "disabled"}));
-        }
+        cache.report_health(&stage.readiness);
         stage.readiness.info(
             "openai",
             serde_json::json!({"status": "configured", "base_url": config.openai_base_url, "model": config.openai_model}),

@@ -71,16 +71,6 @@ async fn keep_the_books(
     }
 }
 
-/// Redis in `/health/ready`: probed when configured (not required: the
-/// stage works on without it), else reported disabled.
-pub fn redis_health(readiness: &Readiness, cache: &Arc<Cache>) {
-    if cache.is_on() {
-        readiness.probe("redis", false, cache.probe());
-    } else {
-        readiness.info("redis", serde_json::json!({"status": "disabled"}));
-    }
-}
-
 /// A started stage: bound, connected, not yet serving.
 pub struct App {
     stage: Prepared,
@@ -134,15 +124,14 @@ impl App {
             Some(url) => Cache::new(url, std::time::Duration::from_secs(120))?,
             None => Cache::off(),
         });
-        stage.readiness.probe("postgres", true, db::probe(&books_pool));
+        db::report_health(&books_pool, &stage.readiness);
         for via in ["http", "nats"] {
             for duplicate in ["true", "false"] {
                 metrics::counter!(halakha_common::metrics::INGEST_ACCEPTED_TOTAL, "via" => via, "duplicate" => duplicate)
                     .increment(0);
             }
         }
-        db::report_pool_metrics(&books_pool);
-        redis_health(&stage.readiness, &shared);
+        shared.report_health(&stage.readiness);
         let guard = Arc::new(guard::Guard {
             keys: guard::ApiKeys::new(&config.api_keys),
             limiter: guard::RateLimiter::new(

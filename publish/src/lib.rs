@@ -147,8 +147,7 @@ impl App {
             Some(c) => serde_json::json!({"status": "configured", "base_url": c.base_url, "version": c.version}),
             None => serde_json::json!({"status": "disabled"}),
         };
-        let redis_info = (!shared.is_on()).then(|| serde_json::json!({"status": "disabled"}));
-        let redis_probe = shared.is_on().then(|| shared.probe());
+        let redis = shared.clone();
         let notion = match config.notion.clone() {
             Some(c) => {
                 let rate = notion::RateLimit::new(c.requests_per_second, shared, config.stage.namespace.as_str());
@@ -164,14 +163,8 @@ impl App {
             db::migrate(&pool).await?;
         }
         let stage = Prepared::new(Stage::Publish, &config.stage).await?;
-        stage.readiness.probe("postgres", true, db::probe(&pool));
-        db::report_pool_metrics(&pool);
-        if let Some(probe) = redis_probe {
-            stage.readiness.probe("redis", false, probe);
-        }
-        if let Some(info) = redis_info {
-            stage.readiness.info("redis", info);
-        }
+        db::report_health(&pool, &stage.readiness);
+        redis.report_health(&stage.readiness);
         stage.readiness.info("notion", notion_info);
         Ok(Self { stage, handler: Arc::new(PublishHandler { pool, notion }) })
     }
