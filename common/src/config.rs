@@ -312,7 +312,16 @@ impl DatabaseConfig {
             migrate_on_start: r.parse_or("DATABASE_MIGRATE_ON_START", true),
         }
     }
+
+    /// Batches of the group commit written at once: half the pool, so
+    /// reads (status, readiness) always find a connection.
+    pub fn batch_workers(&self) -> usize {
+        (self.pool_size / 2).max(1)
+    }
 }
+
+/// The most messages one group-commit statement writes.
+pub const MAX_BATCH: usize = 128;
 
 /// The optional Redis settings (`REDIS_URL` unset = no Redis).
 #[derive(Debug, Clone)]

@@ -31,6 +31,8 @@ pub enum DbError {
     Migration(#[from] refinery::Error),
     #[error("could not set up TLS to Postgres: {0}")]
     Tls(String),
+    #[error(transparent)]
+    Stopped(#[from] crate::batch::Stopped),
 }
 
 impl DbError {

@@ -4,6 +4,7 @@
 //!
 //! Every stage binary depends on this crate; it depends on no stage.
 
+pub mod batch;
 pub mod cache;
 pub mod config;
 pub mod db;

@@ -70,6 +70,7 @@ pub const DB_WRITES_TOTAL: &str = "halakha_publish_db_writes_total";
 pub const DB_POOL_CONNECTIONS: &str = "halakha_db_pool_connections";
 pub const DB_POOL_MAX_CONNECTIONS: &str = "halakha_db_pool_max_connections";
 pub const DB_POOL_WAITING: &str = "halakha_db_pool_waiting_requests";
+pub const DB_BATCH_SIZE: &str = "halakha_db_batch_rows";
 
 /// The outcomes of [`STAGE_PROCESSED_TOTAL`]. A retried message is counted
 /// `retried` each time it is handed back, and once more with its final
@@ -358,7 +359,18 @@ pub const CATALOG: &[Metric] = &[
         served_by: DB,
         help: "Tasks waiting for a Postgres connection, read at each scrape.",
     },
+    Metric {
+        name: DB_BATCH_SIZE,
+        kind: Kind::Histogram,
+        labels: &[],
+        served_by: DB,
+        help: "Messages written per statement by the group commit (ingest's claims, publish's upserts): \
+               1 when idle, larger under load.",
+    },
 ];
+
+/// The buckets of [`DB_BATCH_SIZE`] (rows).
+pub const BATCH_BUCKETS: [f64; 9] = [1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0];
 
 /// The buckets of every `_seconds` histogram: from 5 ms (a cache hit) to
 /// two minutes (a slow completion).
@@ -377,6 +389,7 @@ pub fn install_recorder() -> PrometheusHandle {
         .get_or_init(|| {
             let builder = PrometheusBuilder::new()
                 .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), &SECONDS_BUCKETS)
+                .and_then(|b| b.set_buckets_for_metric(Matcher::Full(DB_BATCH_SIZE.into()), &BATCH_BUCKETS))
                 .unwrap_or_else(|_| PrometheusBuilder::new());
             let recorder = builder.build_recorder();
             let handle = recorder.handle();
@@ -452,7 +465,9 @@ pub fn catalog_markdown() -> String {
          Every `_seconds` histogram has the buckets ",
     );
     let buckets: Vec<String> = SECONDS_BUCKETS.iter().map(|b| b.to_string()).collect();
-    out.push_str(&format!("{} (seconds).\n\n", buckets.join(", ")));
+    out.push_str(&format!("{} (seconds); `{DB_BATCH_SIZE}` has ", buckets.join(", ")));
+    let rows: Vec<String> = BATCH_BUCKETS.iter().map(|b| b.to_string()).collect();
+    out.push_str(&format!("{} (rows).\n\n", rows.join(", ")));
     out.push_str("| metric | type | labels | served by | meaning |\n|---|---|---|---|---|\n");
     for m in CATALOG {
         let labels = if m.labels.is_empty() {
@@ -515,7 +530,11 @@ mod tests {
                 m.name
             );
             if m.kind == Kind::Histogram {
-                assert!(m.name.ends_with("_seconds"), "{}: histograms are in seconds", m.name);
+                assert!(
+                    m.name.ends_with("_seconds") || m.name.ends_with("_rows"),
+                    "{}: histograms are in seconds (or rows)",
+                    m.name
+                );
             }
             assert!(!m.served_by.is_empty() && !m.help.is_empty(), "{}", m.name);
         }

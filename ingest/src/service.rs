@@ -45,6 +45,8 @@ pub enum Decision {
 #[derive(Clone)]
 pub struct Ingestor {
     pub pool: Pool,
+    /// The claims, written in batches.
+    pub claims: store::Claims,
     pub publisher: Publisher,
     pub ingested_subject: String,
     pub max_content_chars: usize,
@@ -58,7 +60,7 @@ impl Ingestor {
 
     /// Claim the id in Postgres: the durable half of idempotency.
     pub async fn record(&self, message: Ingested, via: Via) -> Result<Decision, DbError> {
-        let claim = store::claim(&self.pool, &message).await?;
+        let (message, claim) = self.claims.claim(message).await?;
         let decision = match claim {
             Claim::New => Decision::Publish { message, duplicate: false },
             Claim::Pending => Decision::Publish { message, duplicate: true },

@@ -24,33 +24,112 @@ pub enum Claim {
 
 /// Record the submission as `accepted` unless the id is already known.
 pub async fn claim(pool: &Pool, m: &Ingested) -> Result<Claim, DbError> {
+    let mut claims = claim_many(pool, std::slice::from_ref(m)).await?;
+    Ok(claims.pop().unwrap_or(Claim::Pending))
+}
+
+/// [`claim`] for many submissions in one statement (one parse, one plan,
+/// one commit), answered in order. An id twice in `items` is `New` once
+/// and `Pending` after.
+pub async fn claim_many(pool: &Pool, items: &[Ingested]) -> Result<Vec<Claim>, DbError> {
     let conn = pool.get().await?;
-    let h = &m.halakha;
-    let lang = h.lang.map(|l| l.as_str());
-    let inserted = conn
-        .query_typed_opt(
-            "INSERT INTO halakhot (id, status, content, source, lang, schedule_days, received_at, date_post, image_url)
-             VALUES ($1, 'accepted', $2, $3, $4, $5, $6, $7, $8)
-             ON CONFLICT (id) DO NOTHING
-             RETURNING id",
+    let ids: Vec<&str> = items.iter().map(|m| m.id.as_str()).collect();
+    let contents: Vec<&str> = items.iter().map(|m| m.halakha.content.as_str()).collect();
+    let sources: Vec<Option<&str>> = items.iter().map(|m| m.halakha.source.as_deref()).collect();
+    let langs: Vec<Option<&str>> = items.iter().map(|m| m.halakha.lang.map(|l| l.as_str())).collect();
+    let days: Vec<i32> = items.iter().map(|m| i32::from(m.halakha.schedule_days)).collect();
+    let received: Vec<time::OffsetDateTime> = items.iter().map(|m| m.halakha.received_at).collect();
+    let dates: Vec<time::Date> = items.iter().map(|m| m.halakha.date_post()).collect();
+    let images: Vec<Option<&str>> = items.iter().map(|m| m.halakha.image_url.as_deref()).collect();
+    // The statement's snapshot does not see the rows it inserts: a new id
+    // comes back from `ins`, a known one with its status from `halakhot`.
+    let rows = conn
+        .query_typed(
+            "WITH input AS (
+                 SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::int4[],
+                                      $6::timestamptz[], $7::date[], $8::text[])
+                     WITH ORDINALITY AS u(id, content, source, lang, schedule_days, received_at, date_post, image_url, ord)),
+             ins AS (
+                 INSERT INTO halakhot (id, status, content, source, lang, schedule_days, received_at, date_post, image_url)
+                 SELECT id, 'accepted', content, source, lang, schedule_days, received_at, date_post, image_url
+                 FROM input ORDER BY ord
+                 ON CONFLICT (id) DO NOTHING
+                 RETURNING id)
+             SELECT i.ord, ins.id IS NOT NULL, h.status
+             FROM input i LEFT JOIN ins ON ins.id = i.id LEFT JOIN halakhot h ON h.id = i.id
+             ORDER BY i.ord",
             &[
-                (&m.id, Type::TEXT),
-                (&h.content, Type::TEXT),
-                (&h.source, Type::TEXT),
-                (&lang, Type::TEXT),
-                (&i32::from(h.schedule_days), Type::INT4),
-                (&h.received_at, Type::TIMESTAMPTZ),
-                (&h.date_post(), Type::DATE),
-                (&h.image_url, Type::TEXT),
+                (&ids, Type::TEXT_ARRAY),
+                (&contents, Type::TEXT_ARRAY),
+                (&sources, Type::TEXT_ARRAY),
+                (&langs, Type::TEXT_ARRAY),
+                (&days, Type::INT4_ARRAY),
+                (&received, Type::TIMESTAMPTZ_ARRAY),
+                (&dates, Type::DATE_ARRAY),
+                (&images, Type::TEXT_ARRAY),
             ],
         )
         .await?;
-    if inserted.is_some() {
-        return Ok(Claim::New);
+    let mut claimed = std::collections::HashSet::new();
+    let mut out = Vec::with_capacity(items.len());
+    for (m, row) in items.iter().zip(&rows) {
+        let inserted: bool = row.get(1);
+        let status: Option<String> = row.get(2);
+        out.push(if inserted && claimed.insert(m.id.as_str()) {
+            Claim::New
+        } else {
+            // Inserted by an earlier item of this batch, or by a
+            // transaction this statement's snapshot does not see yet:
+            // still `accepted`.
+            match status {
+                Some(status) if status != "accepted" => Claim::Done { status },
+                _ => Claim::Pending,
+            }
+        });
     }
-    let row = conn.query_typed_opt("SELECT status FROM halakhot WHERE id = $1", &[(&m.id, Type::TEXT)]).await?;
-    let status: String = row.map(|r| r.get(0)).unwrap_or_else(|| "accepted".into());
-    Ok(if status == "accepted" { Claim::Pending } else { Claim::Done { status } })
+    Ok(out)
+}
+
+/// Claims written in batches: each submission waits for its own answer,
+/// the ones waiting together share one statement.
+#[derive(Clone)]
+pub struct Claims {
+    batcher: halakha_common::batch::Batcher<Ingested, (Ingested, Result<Claim, DbError>)>,
+}
+
+impl Claims {
+    /// Up to `workers` statements at once (each holds a connection), of at
+    /// most `max_batch` submissions each.
+    pub fn new(pool: Pool, workers: usize, max_batch: usize) -> Self {
+        let batcher = halakha_common::batch::Batcher::spawn(workers, max_batch, move |items: Vec<Ingested>| {
+            let pool = pool.clone();
+            async move {
+                match claim_many(&pool, &items).await {
+                    Ok(claims) if claims.len() == items.len() => {
+                        items.into_iter().zip(claims.into_iter().map(Ok)).collect()
+                    }
+                    Err(e) if items.len() == 1 => items.into_iter().zip([Err(e)]).collect(),
+                    // The statement failed: each item alone, so an error
+                    // belongs to the item that caused it.
+                    _ => {
+                        let mut out = Vec::with_capacity(items.len());
+                        for m in items {
+                            let claim = claim(&pool, &m).await;
+                            out.push((m, claim));
+                        }
+                        out
+                    }
+                }
+            }
+        });
+        Self { batcher }
+    }
+
+    /// Claim one submission; the message comes back with its claim.
+    pub async fn claim(&self, m: Ingested) -> Result<(Ingested, Claim), DbError> {
+        let (m, claim) = self.batcher.call(m).await?;
+        Ok((m, claim?))
+    }
 }
 
 /// Mark a dead-lettered halakha `failed` with the reason, unless it was

@@ -40,6 +40,8 @@ fn db_error(what: &str, e: db::DbError) -> StageError {
 /// Row first, then the page, then the row marked `published`.
 pub struct PublishHandler {
     pool: Pool,
+    /// The upserts, written in batches.
+    rows: store::Rows,
     notion: Option<notion::Notion>,
 }
 
@@ -51,20 +53,20 @@ impl Handler for PublishHandler {
         // Without the Notion sink the row is published by its upsert: one
         // transaction per halakha. With it: the row, then the page, then
         // the row marked published.
-        let page = match &self.notion {
+        let (input, page) = match &self.notion {
             None => {
-                store::upsert(&self.pool, &input, true).await.map_err(|e| db_error("store the halakha", e))?;
-                None
+                let (input, _) = self.rows.upsert(input, true).await.map_err(|e| db_error("store the halakha", e))?;
+                (input, None)
             }
             Some(notion) => {
-                let state =
-                    store::upsert(&self.pool, &input, false).await.map_err(|e| db_error("store the halakha", e))?;
+                let (input, state) =
+                    self.rows.upsert(input, false).await.map_err(|e| db_error("store the halakha", e))?;
                 metrics::counter!(m::DB_WRITES_TOTAL, "status" => "enriched").increment(1);
                 let page = self.page(notion, &input, state).await?;
                 store::mark_published(&self.pool, &input.id, Some(&page.id), Some(&page.url))
                     .await
                     .map_err(|e| db_error("mark the halakha published", e))?;
-                Some(page)
+                (input, Some(page))
             }
         };
         metrics::counter!(m::DB_WRITES_TOTAL, "status" => "published").increment(1);
@@ -166,7 +168,8 @@ impl App {
         db::report_health(&pool, &stage.readiness);
         redis.report_health(&stage.readiness);
         stage.readiness.info("notion", notion_info);
-        Ok(Self { stage, handler: Arc::new(PublishHandler { pool, notion }) })
+        let rows = store::Rows::new(pool.clone(), config.database.batch_workers(), halakha_common::config::MAX_BATCH);
+        Ok(Self { stage, handler: Arc::new(PublishHandler { pool, rows, notion }) })
     }
 
     pub fn metrics_addr(&self) -> SocketAddr {

@@ -17,42 +17,142 @@ pub struct NotionState {
     pub page_url: Option<String>,
 }
 
-/// Upsert the enriched halakha and its tags, themes and sources, in one
-/// transaction of two statements (the row and any new names, then the
-/// links): the publish stage's cost is mostly Postgres' work per statement.
-/// A row already `published` stays `published`; `published` makes the row
-/// published at once (no Notion page to wait for).
+/// Upsert the enriched halakha and its tags, themes and sources (see
+/// [`upsert_many`]).
 pub async fn upsert(pool: &Pool, m: &Enriched, published: bool) -> Result<NotionState, DbError> {
+    let mut states = upsert_many(pool, &[(m, published)]).await?;
+    Ok(states.pop().unwrap_or_default())
+}
+
+fn clean(v: &[String]) -> Vec<&str> {
+    let mut out: Vec<&str> = v.iter().map(|x| x.trim()).filter(|x| !x.is_empty()).collect();
+    out.sort_unstable();
+    out.dedup();
+    out
+}
+
+/// Upsert enriched halakhot with their tags, themes and sources, in one
+/// transaction of two multi-row statements (the rows and any new names,
+/// then the links), answered in order: the cost of a statement in Postgres
+/// (parse, plan, commit) is paid once per batch, not once per message.
+/// A row already `published` stays `published`; `published` makes the row
+/// published at once (no Notion page to wait for). An id twice in `items`
+/// is written twice, in order, by a second pair of statements.
+pub async fn upsert_many(pool: &Pool, items: &[(&Enriched, bool)]) -> Result<Vec<NotionState>, DbError> {
     let mut conn = pool.get().await?;
     let tx = conn.transaction().await?;
-    let h = &m.halakha;
-    let e = &m.enrichment;
+    let mut states: Vec<NotionState> = vec![NotionState::default(); items.len()];
+    // Rounds of distinct ids: one statement cannot update a row twice.
+    let mut rounds: Vec<Vec<usize>> = Vec::new();
+    {
+        let mut seen: std::collections::HashMap<&str, usize> = std::collections::HashMap::new();
+        for (i, (m, _)) in items.iter().enumerate() {
+            let round = seen.entry(m.id.as_str()).and_modify(|r| *r += 1).or_insert(0);
+            if rounds.len() <= *round {
+                rounds.push(Vec::new());
+            }
+            rounds[*round].push(i);
+        }
+    }
+    for round in rounds {
+        let found = upsert_round(&tx, items, &round).await?;
+        for i in round {
+            if let Some(state) = found.get(items[i].0.id.as_str()) {
+                states[i] = state.clone();
+            }
+        }
+    }
+    tx.commit().await?;
+    Ok(states)
+}
+
+/// One round of [`upsert_many`]: the items at `which`, distinct ids.
+async fn upsert_round(
+    tx: &deadpool_postgres::Transaction<'_>,
+    items: &[(&Enriched, bool)],
+    which: &[usize],
+) -> Result<std::collections::HashMap<String, NotionState>, DbError> {
+    // Rows in id order: concurrent batches lock them in the same order.
+    let mut which = which.to_vec();
+    which.sort_by(|a, b| items[*a].0.id.cmp(&items[*b].0.id));
+    let sel: Vec<&Enriched> = which.iter().map(|i| items[*i].0).collect();
     let to_i32 = |v: u32| i32::try_from(v).unwrap_or(i32::MAX);
-    let lang = h.lang.map(|l| l.as_str());
-    let clean = |v: &[String]| -> Vec<String> {
-        let mut out: Vec<String> = v.iter().map(|x| x.trim().to_owned()).filter(|x| !x.is_empty()).collect();
-        out.sort();
+    let ids: Vec<&str> = sel.iter().map(|m| m.id.as_str()).collect();
+    let contents: Vec<&str> = sel.iter().map(|m| m.halakha.content.as_str()).collect();
+    let sources: Vec<Option<&str>> = sel.iter().map(|m| m.halakha.source.as_deref()).collect();
+    let langs: Vec<Option<&str>> = sel.iter().map(|m| m.halakha.lang.map(|l| l.as_str())).collect();
+    let days: Vec<i32> = sel.iter().map(|m| i32::from(m.halakha.schedule_days)).collect();
+    let received: Vec<time::OffsetDateTime> = sel.iter().map(|m| m.halakha.received_at).collect();
+    let dates: Vec<time::Date> = sel.iter().map(|m| m.halakha.date_post()).collect();
+    let titles: Vec<&str> = sel.iter().map(|m| m.enrichment.title.as_str()).collect();
+    let questions: Vec<&str> = sel.iter().map(|m| m.enrichment.question.as_str()).collect();
+    let answers: Vec<&str> = sel.iter().map(|m| m.enrichment.answer.as_str()).collect();
+    let levels: Vec<i16> = sel.iter().map(|m| i16::from(m.enrichment.difficulty_level)).collect();
+    let posts: Vec<&str> = sel.iter().map(|m| m.enrichment.text_post.as_str()).collect();
+    let legends: Vec<&str> = sel.iter().map(|m| m.enrichment.legend.as_str()).collect();
+    let languages: Vec<&str> = sel.iter().map(|m| m.enrichment.language.as_str()).collect();
+    let models: Vec<&str> = sel.iter().map(|m| m.model.as_str()).collect();
+    let prompts: Vec<&str> = sel.iter().map(|m| m.prompt_version.as_str()).collect();
+    let versions: Vec<i32> = sel.iter().map(|m| i32::try_from(m.schema_version).unwrap_or(i32::MAX)).collect();
+    let prompt_tokens: Vec<i32> = sel.iter().map(|m| to_i32(m.usage.prompt_tokens)).collect();
+    let completion_tokens: Vec<i32> = sel.iter().map(|m| to_i32(m.usage.completion_tokens)).collect();
+    let total_tokens: Vec<i32> = sel.iter().map(|m| to_i32(m.usage.total_tokens)).collect();
+    let images: Vec<Option<&str>> = sel.iter().map(|m| m.halakha.image_url.as_deref()).collect();
+    let published: Vec<bool> = which.iter().map(|i| items[*i].1).collect();
+    // The links, as (halakha id, name) pairs; the names, each once, sorted
+    // (concurrent batches insert them in the same order).
+    let (mut tag_ids, mut tag_names, mut theme_ids, mut theme_names) = (vec![], vec![], vec![], vec![]);
+    let (mut src_ids, mut src_names, mut src_refs) = (vec![], vec![], vec![]);
+    for m in &sel {
+        for t in clean(&m.enrichment.tags) {
+            tag_ids.push(m.id.as_str());
+            tag_names.push(t);
+        }
+        for t in clean(&m.enrichment.themes) {
+            theme_ids.push(m.id.as_str());
+            theme_names.push(t);
+        }
+        for s in &m.enrichment.sources {
+            src_ids.push(m.id.as_str());
+            src_names.push(s.name.trim());
+            src_refs.push(s.reference.as_deref().unwrap_or("").trim());
+        }
+    }
+    let sorted = |v: &[&str]| -> Vec<String> {
+        let mut out: Vec<String> = v.iter().map(|s| (*s).to_owned()).collect();
+        out.sort_unstable();
         out.dedup();
         out
     };
-    let (tags, themes) = (clean(&e.tags), clean(&e.themes));
-    let names: Vec<&str> = e.sources.iter().map(|s| s.name.trim()).collect();
-    let refs: Vec<&str> = e.sources.iter().map(|s| s.reference.as_deref().unwrap_or("").trim()).collect();
+    let (all_tags, all_themes) = (sorted(&tag_names), sorted(&theme_names));
     // New tag, theme and source names are inserted here, in their own
     // statement: the links (next statement) then see them, and names a
     // concurrent transaction inserted (this one waited for it) too.
-    let row = tx
-        .query_typed_one(
-            "WITH h AS (
+    let rows = tx
+        .query_typed(
+            "WITH input AS (
+                 SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::int4[], $6::timestamptz[],
+                     $7::date[], $8::text[], $9::text[], $10::text[], $11::int2[], $12::text[], $13::text[],
+                     $14::text[], $15::text[], $16::text[], $17::int4[], $18::int4[], $19::int4[], $20::int4[],
+                     $21::text[], $26::bool[])
+                 AS u(id, content, source, lang, schedule_days, received_at, date_post, title, question, answer,
+                      difficulty_level, text_post, legend, language, model, prompt_version, schema_version,
+                      prompt_tokens, completion_tokens, total_tokens, image_url, published)),
+             h AS (
                  INSERT INTO halakhot (id, status, content, source, lang, schedule_days, received_at, date_post,
                      title, question, answer, difficulty_level, text_post, legend, language,
                      model, prompt_version, schema_version, prompt_tokens, completion_tokens, total_tokens, image_url,
                      published_at)
-                 VALUES ($1, CASE WHEN $26 THEN 'published' ELSE 'enriched' END, $2, $3, $4, $5, $6, $7, $8, $9, $10,
-                     $11, $12, $13, $14, $15, $16, $17, $18, $19, $20, $21, CASE WHEN $26 THEN now() END)
+                 SELECT id, CASE WHEN published THEN 'published' ELSE 'enriched' END, content, source, lang,
+                     schedule_days, received_at, date_post, title, question, answer, difficulty_level, text_post,
+                     legend, language, model, prompt_version, schema_version, prompt_tokens, completion_tokens,
+                     total_tokens, image_url, CASE WHEN published THEN now() END
+                 FROM input ORDER BY id
                  ON CONFLICT (id) DO UPDATE SET
-                     status = CASE WHEN halakhot.status = 'published' OR $26 THEN 'published' ELSE 'enriched' END,
-                     published_at = CASE WHEN $26 THEN COALESCE(halakhot.published_at, now()) ELSE halakhot.published_at END,
+                     status = CASE WHEN halakhot.status = 'published' OR EXCLUDED.status = 'published'
+                                   THEN 'published' ELSE 'enriched' END,
+                     published_at = CASE WHEN EXCLUDED.status = 'published'
+                                         THEN COALESCE(halakhot.published_at, now()) ELSE halakhot.published_at END,
                      content = EXCLUDED.content, source = EXCLUDED.source, lang = EXCLUDED.lang,
                      schedule_days = EXCLUDED.schedule_days, date_post = EXCLUDED.date_post,
                      title = EXCLUDED.title, question = EXCLUDED.question, answer = EXCLUDED.answer,
@@ -62,72 +162,128 @@ pub async fn upsert(pool: &Pool, m: &Enriched, published: bool) -> Result<Notion
                      prompt_tokens = EXCLUDED.prompt_tokens, completion_tokens = EXCLUDED.completion_tokens,
                      total_tokens = EXCLUDED.total_tokens, image_url = EXCLUDED.image_url,
                      error = NULL, updated_at = now()
-                 RETURNING notion_page_id, notion_page_url),
+                 RETURNING id, notion_page_id, notion_page_url),
              t AS (INSERT INTO tags (name) SELECT unnest($22::text[]) ON CONFLICT (name) DO NOTHING),
              th AS (INSERT INTO themes (name) SELECT unnest($23::text[]) ON CONFLICT (name) DO NOTHING),
              s AS (INSERT INTO sources (name, reference)
                    SELECT DISTINCT n, r FROM unnest($24::text[], $25::text[]) AS u(n, r) WHERE n <> ''
+                   ORDER BY n, r
                    ON CONFLICT (name, reference) DO NOTHING)
-             SELECT notion_page_id, notion_page_url FROM h",
+             SELECT id, notion_page_id, notion_page_url FROM h",
             &[
-                (&m.id, Type::TEXT),
-                (&h.content, Type::TEXT),
-                (&h.source, Type::TEXT),
-                (&lang, Type::TEXT),
-                (&i32::from(h.schedule_days), Type::INT4),
-                (&h.received_at, Type::TIMESTAMPTZ),
-                (&h.date_post(), Type::DATE),
-                (&e.title, Type::TEXT),
-                (&e.question, Type::TEXT),
-                (&e.answer, Type::TEXT),
-                (&i16::from(e.difficulty_level), Type::INT2),
-                (&e.text_post, Type::TEXT),
-                (&e.legend, Type::TEXT),
-                (&e.language.as_str(), Type::TEXT),
-                (&m.model, Type::TEXT),
-                (&m.prompt_version, Type::TEXT),
-                (&i32::try_from(m.schema_version).unwrap_or(i32::MAX), Type::INT4),
-                (&to_i32(m.usage.prompt_tokens), Type::INT4),
-                (&to_i32(m.usage.completion_tokens), Type::INT4),
-                (&to_i32(m.usage.total_tokens), Type::INT4),
-                (&h.image_url, Type::TEXT),
-                (&tags, Type::TEXT_ARRAY),
-                (&themes, Type::TEXT_ARRAY),
-                (&names, Type::TEXT_ARRAY),
-                (&refs, Type::TEXT_ARRAY),
-                (&published, Type::BOOL),
+                (&ids, Type::TEXT_ARRAY),
+                (&contents, Type::TEXT_ARRAY),
+                (&sources, Type::TEXT_ARRAY),
+                (&langs, Type::TEXT_ARRAY),
+                (&days, Type::INT4_ARRAY),
+                (&received, Type::TIMESTAMPTZ_ARRAY),
+                (&dates, Type::DATE_ARRAY),
+                (&titles, Type::TEXT_ARRAY),
+                (&questions, Type::TEXT_ARRAY),
+                (&answers, Type::TEXT_ARRAY),
+                (&levels, Type::INT2_ARRAY),
+                (&posts, Type::TEXT_ARRAY),
+                (&legends, Type::TEXT_ARRAY),
+                (&languages, Type::TEXT_ARRAY),
+                (&models, Type::TEXT_ARRAY),
+                (&prompts, Type::TEXT_ARRAY),
+                (&versions, Type::INT4_ARRAY),
+                (&prompt_tokens, Type::INT4_ARRAY),
+                (&completion_tokens, Type::INT4_ARRAY),
+                (&total_tokens, Type::INT4_ARRAY),
+                (&images, Type::TEXT_ARRAY),
+                (&all_tags, Type::TEXT_ARRAY),
+                (&all_themes, Type::TEXT_ARRAY),
+                (&src_names, Type::TEXT_ARRAY),
+                (&src_refs, Type::TEXT_ARRAY),
+                (&published, Type::BOOL_ARRAY),
             ],
         )
         .await?;
     // The links hold exactly this enrichment's names (a redelivery or a
     // replay with other names replaces them).
     tx.execute_typed(
-        "WITH dt AS (DELETE FROM halakha_tags WHERE halakha_id = $1
-                     AND tag_id NOT IN (SELECT id FROM tags WHERE name = ANY($2))),
-              it AS (INSERT INTO halakha_tags (halakha_id, tag_id)
-                     SELECT $1, id FROM tags WHERE name = ANY($2) ON CONFLICT DO NOTHING),
-              dth AS (DELETE FROM halakha_themes WHERE halakha_id = $1
-                      AND theme_id NOT IN (SELECT id FROM themes WHERE name = ANY($3))),
-              ith AS (INSERT INTO halakha_themes (halakha_id, theme_id)
-                      SELECT $1, id FROM themes WHERE name = ANY($3) ON CONFLICT DO NOTHING),
-              ds AS (DELETE FROM halakha_sources WHERE halakha_id = $1 AND source_id NOT IN (
-                         SELECT s.id FROM sources s JOIN unnest($4::text[], $5::text[]) AS u(n, r)
-                         ON s.name = u.n AND s.reference = u.r)),
-              isrc AS (INSERT INTO halakha_sources (halakha_id, source_id)
-                       SELECT DISTINCT $1, s.id FROM sources s JOIN unnest($4::text[], $5::text[]) AS u(n, r)
-                       ON s.name = u.n AND s.reference = u.r ON CONFLICT DO NOTHING)
+        "WITH tp AS (SELECT DISTINCT u.hid, t.id AS tag_id
+                     FROM unnest($2::text[], $3::text[]) AS u(hid, n) JOIN tags t ON t.name = u.n),
+              dt AS (DELETE FROM halakha_tags x WHERE x.halakha_id = ANY($1)
+                     AND NOT EXISTS (SELECT 1 FROM tp WHERE tp.hid = x.halakha_id AND tp.tag_id = x.tag_id)),
+              it AS (INSERT INTO halakha_tags (halakha_id, tag_id) SELECT hid, tag_id FROM tp
+                     ORDER BY hid, tag_id ON CONFLICT DO NOTHING),
+              thp AS (SELECT DISTINCT u.hid, t.id AS theme_id
+                      FROM unnest($4::text[], $5::text[]) AS u(hid, n) JOIN themes t ON t.name = u.n),
+              dth AS (DELETE FROM halakha_themes x WHERE x.halakha_id = ANY($1)
+                      AND NOT EXISTS (SELECT 1 FROM thp WHERE thp.hid = x.halakha_id AND thp.theme_id = x.theme_id)),
+              ith AS (INSERT INTO halakha_themes (halakha_id, theme_id) SELECT hid, theme_id FROM thp
+                      ORDER BY hid, theme_id ON CONFLICT DO NOTHING),
+              sp AS (SELECT DISTINCT u.hid, s.id AS source_id
+                     FROM unnest($6::text[], $7::text[], $8::text[]) AS u(hid, n, r)
+                     JOIN sources s ON s.name = u.n AND s.reference = u.r),
+              ds AS (DELETE FROM halakha_sources x WHERE x.halakha_id = ANY($1)
+                     AND NOT EXISTS (SELECT 1 FROM sp WHERE sp.hid = x.halakha_id AND sp.source_id = x.source_id)),
+              isrc AS (INSERT INTO halakha_sources (halakha_id, source_id) SELECT hid, source_id FROM sp
+                       ORDER BY hid, source_id ON CONFLICT DO NOTHING)
          SELECT 1",
         &[
-            (&m.id, Type::TEXT),
-            (&tags, Type::TEXT_ARRAY),
-            (&themes, Type::TEXT_ARRAY),
-            (&names, Type::TEXT_ARRAY),
-            (&refs, Type::TEXT_ARRAY),
+            (&ids, Type::TEXT_ARRAY),
+            (&tag_ids, Type::TEXT_ARRAY),
+            (&tag_names, Type::TEXT_ARRAY),
+            (&theme_ids, Type::TEXT_ARRAY),
+            (&theme_names, Type::TEXT_ARRAY),
+            (&src_ids, Type::TEXT_ARRAY),
+            (&src_names, Type::TEXT_ARRAY),
+            (&src_refs, Type::TEXT_ARRAY),
         ],
     )
     .await?;
-    tx.commit().await?;
-    Ok(NotionState { page_id: row.get(0), page_url: row.get(1) })
+    Ok(rows
+        .into_iter()
+        .map(|r| (r.get::<_, String>(0), NotionState { page_id: r.get(1), page_url: r.get(2) }))
+        .collect())
+}
+
+/// Upserts written in batches: each message waits for its own answer, the
+/// ones waiting together share one transaction.
+#[derive(Clone)]
+pub struct Rows {
+    batcher: halakha_common::batch::Batcher<(Enriched, bool), (Enriched, Result<NotionState, DbError>)>,
+}
+
+impl Rows {
+    /// Up to `workers` transactions at once (each holds a connection), of
+    /// at most `max_batch` messages each.
+    pub fn new(pool: Pool, workers: usize, max_batch: usize) -> Self {
+        let batcher = halakha_common::batch::Batcher::spawn(workers, max_batch, move |items: Vec<(Enriched, bool)>| {
+            let pool = pool.clone();
+            async move {
+                let refs: Vec<(&Enriched, bool)> = items.iter().map(|(m, p)| (m, *p)).collect();
+                let result = upsert_many(&pool, &refs).await;
+                drop(refs);
+                match result {
+                    Ok(states) if states.len() == items.len() => {
+                        items.into_iter().map(|(m, _)| m).zip(states.into_iter().map(Ok)).collect()
+                    }
+                    Err(e) if items.len() == 1 => items.into_iter().map(|(m, _)| m).zip([Err(e)]).collect(),
+                    // The transaction failed: each item alone, so an
+                    // error belongs to the item that caused it.
+                    _ => {
+                        let mut out = Vec::with_capacity(items.len());
+                        for (m, published) in items {
+                            let state = upsert(&pool, &m, published).await;
+                            out.push((m, state));
+                        }
+                        out
+                    }
+                }
+            }
+        });
+        Self { batcher }
+    }
+
+    /// Upsert one message; it comes back with the row's Notion state.
+    pub async fn upsert(&self, m: Enriched, published: bool) -> Result<(Enriched, NotionState), DbError> {
+        let (m, state) = self.batcher.call((m, published)).await?;
+        Ok((m, state?))
+    }
 }
 
 /// Store the page right after it was created, before anything else can

@@ -72,6 +72,16 @@ struct Args {
     /// Where the JSON report goes.
     #[arg(long, default_value = "target/bench/latest.json")]
     out: std::path::PathBuf,
+    /// Run only these sections (comma-separated numbers; 1, 2 and 7 always
+    /// run: the others compare with them). All by default.
+    #[arg(long, value_delimiter = ',')]
+    only: Vec<u8>,
+}
+
+impl Args {
+    fn wants(&self, section: u8) -> bool {
+        self.only.is_empty() || self.only.contains(&section)
+    }
 }
 
 fn now_nanos() -> u64 {
@@ -587,47 +597,54 @@ async fn main() -> anyhow::Result<()> {
     report.insert("pipeline_burst".into(), pipe_burst.json());
 
     // 3: latency at a fixed rate.
-    let load = Load::Rate { per_second: args.rate, seconds: args.rate_secs };
-    println!("3. Fixed rate: {} msg/s for {} s, relay then pipeline...", args.rate, args.rate_secs);
-    let base_rate = relay(&env.js, &format!("{prefix}2"), &items, load).await?;
-    let pipe_rate = through_pipeline(&env, &items, "rate", load, S::Published).await?;
-    let added = pipe_rate.percentile_ms(99.0) - base_rate.percentile_ms(99.0);
-    rows.push(row(
-        &format!("p99 at {} msg/s: relay / pipeline", args.rate),
-        format!("{:.1} / {:.1} ms", base_rate.percentile_ms(99.0), pipe_rate.percentile_ms(99.0)),
-        format!("+{added:.1} ms"),
-        "added p99 ≤ 10 ms",
-        Some(added <= 10.0),
-    ));
-    report.insert("relay_rate".into(), base_rate.json());
-    report.insert("pipeline_rate".into(), pipe_rate.json());
+    if args.wants(3) {
+        let load = Load::Rate { per_second: args.rate, seconds: args.rate_secs };
+        println!("3. Fixed rate: {} msg/s for {} s, relay then pipeline...", args.rate, args.rate_secs);
+        let base_rate = relay(&env.js, &format!("{prefix}2"), &items, load).await?;
+        let pipe_rate = through_pipeline(&env, &items, "rate", load, S::Published).await?;
+        let added = pipe_rate.percentile_ms(99.0) - base_rate.percentile_ms(99.0);
+        rows.push(row(
+            &format!("p99 at {} msg/s: relay / pipeline", args.rate),
+            format!("{:.1} / {:.1} ms", base_rate.percentile_ms(99.0), pipe_rate.percentile_ms(99.0)),
+            format!("+{added:.1} ms"),
+            "added p99 ≤ 10 ms",
+            Some(added <= 10.0),
+        ));
+        report.insert("relay_rate".into(), base_rate.json());
+        report.insert("pipeline_rate".into(), pipe_rate.json());
+    }
 
     // 6: ingest HTTP against raw synchronous publishes.
-    println!("6. HTTP: {} connections for {} s, then raw synchronous publishes...", args.connections, args.http_secs);
-    let api = format!("http://{}", stages.ingest.http_addr.unwrap_or_else(|| ([127, 0, 0, 1], 8000).into()));
-    let (ok, failed) = http_load(&api, &items, args.connections, args.http_secs).await;
-    let http_rate = ok as f64 / args.http_secs as f64;
-    let raw = sync_publish_load(&env.js, &format!("{prefix}3"), &items, args.connections, args.http_secs).await?;
-    let raw_rate = raw as f64 / args.http_secs as f64;
-    let r = ratio(http_rate, raw_rate);
-    rows.push(row(
-        "raw synchronous JetStream publish (baseline)",
-        format!("{raw_rate:.0} msg/s"),
-        "1".into(),
-        "",
-        None,
-    ));
-    rows.push(row(
-        "ingest POST /v1/halakhot",
-        format!("{http_rate:.0} req/s ({failed} failed)"),
-        format!("{r:.3} × raw"),
-        "≥ 0.5 × raw",
-        Some(r >= 0.5),
-    ));
-    report.insert(
-        "http".into(),
-        json!({"accepted_per_second": http_rate, "failed": failed, "raw_publish_per_second": raw_rate, "ratio": r}),
-    );
+    if args.wants(6) {
+        println!(
+            "6. HTTP: {} connections for {} s, then raw synchronous publishes...",
+            args.connections, args.http_secs
+        );
+        let api = format!("http://{}", stages.ingest.http_addr.unwrap_or_else(|| ([127, 0, 0, 1], 8000).into()));
+        let (ok, failed) = http_load(&api, &items, args.connections, args.http_secs).await;
+        let http_rate = ok as f64 / args.http_secs as f64;
+        let raw = sync_publish_load(&env.js, &format!("{prefix}3"), &items, args.connections, args.http_secs).await?;
+        let raw_rate = raw as f64 / args.http_secs as f64;
+        let r = ratio(http_rate, raw_rate);
+        rows.push(row(
+            "raw synchronous JetStream publish (baseline)",
+            format!("{raw_rate:.0} msg/s"),
+            "1".into(),
+            "",
+            None,
+        ));
+        rows.push(row(
+            "ingest POST /v1/halakhot",
+            format!("{http_rate:.0} req/s ({failed} failed)"),
+            format!("{r:.3} × raw"),
+            "≥ 0.5 × raw",
+            Some(r >= 0.5),
+        ));
+        report.insert(
+            "http".into(),
+            json!({"accepted_per_second": http_rate, "failed": failed, "raw_publish_per_second": raw_rate, "ratio": r}),
+        );
+    }
 
     // 7: memory of each stage.
     let all: Vec<&StageProcess> = [&stages.ingest, &stages.enrich].into_iter().chain(stages.publish.as_ref()).collect();
@@ -650,90 +667,94 @@ async fn main() -> anyhow::Result<()> {
     }
 
     // 4: a slow provider.
-    println!(
-        "4. Slow provider: {} ms per completion, {} waiting, measured for {} s...",
-        args.provider_ms, args.backlog, args.slow_secs
-    );
-    let env4 = TestEnv::new().await;
-    let (slow, _) = fakes::openai(Model::Delayed(args.provider_ms)).await;
-    let stages4 = start_stages(&env4, &args, &slow.uri(), None, false).await;
-    let mut enriched = env4.nats.subscribe(env4.names.subject(S::Enriched)).await?;
-    env4.nats.flush().await?;
-    produce(&env4.js, Load::Burst(args.backlog), |i| {
-        let key = format!("bench-slow-{i}");
-        let body = json!({"content": items[i % items.len()].text, "idempotency_key": key});
-        (
-            env4.names.subject(S::Submitted),
-            key,
-            Bytes::from(serde_json::to_vec(&body).unwrap_or_default()),
-            async_nats::HeaderMap::new(),
-        )
-    })
-    .await?;
-    // Warm up for two provider round trips, then count.
-    let warm = Duration::from_millis(args.provider_ms * 2);
-    let warm_end = tokio::time::Instant::now() + warm;
-    while tokio::time::timeout_at(warm_end, enriched.next()).await.is_ok() {}
-    let window_end = tokio::time::Instant::now() + Duration::from_secs(args.slow_secs);
-    let mut count = 0usize;
-    let mut peak_rss = 0u64;
-    let mut sample = tokio::time::interval(Duration::from_millis(250));
-    loop {
-        tokio::select! {
-            () = tokio::time::sleep_until(window_end) => break,
-            m = enriched.next() => if m.is_some() { count += 1 },
-            _ = sample.tick() => peak_rss = peak_rss.max(stages4.enrich.rss().map(|r| r.0).unwrap_or(0)),
+    if args.wants(4) {
+        println!(
+            "4. Slow provider: {} ms per completion, {} waiting, measured for {} s...",
+            args.provider_ms, args.backlog, args.slow_secs
+        );
+        let env4 = TestEnv::new().await;
+        let (slow, _) = fakes::openai(Model::Delayed(args.provider_ms)).await;
+        let stages4 = start_stages(&env4, &args, &slow.uri(), None, false).await;
+        let mut enriched = env4.nats.subscribe(env4.names.subject(S::Enriched)).await?;
+        env4.nats.flush().await?;
+        produce(&env4.js, Load::Burst(args.backlog), |i| {
+            let key = format!("bench-slow-{i}");
+            let body = json!({"content": items[i % items.len()].text, "idempotency_key": key});
+            (
+                env4.names.subject(S::Submitted),
+                key,
+                Bytes::from(serde_json::to_vec(&body).unwrap_or_default()),
+                async_nats::HeaderMap::new(),
+            )
+        })
+        .await?;
+        // Warm up for two provider round trips, then count.
+        let warm = Duration::from_millis(args.provider_ms * 2);
+        let warm_end = tokio::time::Instant::now() + warm;
+        while tokio::time::timeout_at(warm_end, enriched.next()).await.is_ok() {}
+        let window_end = tokio::time::Instant::now() + Duration::from_secs(args.slow_secs);
+        let mut count = 0usize;
+        let mut peak_rss = 0u64;
+        let mut sample = tokio::time::interval(Duration::from_millis(250));
+        loop {
+            tokio::select! {
+                () = tokio::time::sleep_until(window_end) => break,
+                m = enriched.next() => if m.is_some() { count += 1 },
+                _ = sample.tick() => peak_rss = peak_rss.max(stages4.enrich.rss().map(|r| r.0).unwrap_or(0)),
+            }
         }
-    }
-    let slow_rate = count as f64 / args.slow_secs as f64;
-    let ideal = args.concurrency as f64 / (args.provider_ms as f64 / 1000.0);
-    let r = ratio(slow_rate, ideal);
-    rows.push(row(
-        &format!("slow provider ({} ms), enrich throughput", args.provider_ms),
-        format!("{slow_rate:.1} msg/s (ideal {ideal:.0})"),
-        format!("{r:.3} × ideal"),
-        "≥ 0.9 × ideal",
-        Some(r >= 0.9),
-    ));
-    rows.push(row(
-        &format!("enrich RSS with {} waiting", args.backlog),
-        format!("{:.1} MB", mb(peak_rss)),
-        String::new(),
-        "≤ 150 MB",
-        Some(mb(peak_rss) <= 150.0),
-    ));
-    report.insert("slow_provider".into(), json!({"per_second": slow_rate, "ideal": ideal, "ratio": r, "enrich_rss_mb": mb(peak_rss), "backlog": args.backlog}));
-    for p in [stages4.ingest, stages4.enrich] {
-        p.terminate(Duration::from_secs(60)).await;
+        let slow_rate = count as f64 / args.slow_secs as f64;
+        let ideal = args.concurrency as f64 / (args.provider_ms as f64 / 1000.0);
+        let r = ratio(slow_rate, ideal);
+        rows.push(row(
+            &format!("slow provider ({} ms), enrich throughput", args.provider_ms),
+            format!("{slow_rate:.1} msg/s (ideal {ideal:.0})"),
+            format!("{r:.3} × ideal"),
+            "≥ 0.9 × ideal",
+            Some(r >= 0.9),
+        ));
+        rows.push(row(
+            &format!("enrich RSS with {} waiting", args.backlog),
+            format!("{:.1} MB", mb(peak_rss)),
+            String::new(),
+            "≤ 150 MB",
+            Some(mb(peak_rss) <= 150.0),
+        ));
+        report.insert("slow_provider".into(), json!({"per_second": slow_rate, "ideal": ideal, "ratio": r, "enrich_rss_mb": mb(peak_rss), "backlog": args.backlog}));
+        for p in [stages4.ingest, stages4.enrich] {
+            p.terminate(Duration::from_secs(60)).await;
+        }
     }
 
     // 5: Notion at its limit.
-    println!("5. Notion at 3 requests/s: {} pages...", args.notion_pages);
-    let env5 = TestEnv::new().await;
-    let (openai5, _) = fakes::openai(Model::Faithful).await;
-    let (notion, state) = fakes::notion_with(Some(3)).await;
-    let stages5 = start_stages(&env5, &args, &openai5.uri(), Some(&notion.uri()), true).await;
-    let pages = through_pipeline(&env5, &items, "notion", Load::Burst(args.notion_pages), S::Published).await?;
-    let creates = state.creates.load(Ordering::SeqCst);
-    let limited = state.rate_limited.load(Ordering::SeqCst);
-    // Creates per second from the first page to the last.
-    let mut done: Vec<u64> = pages.latencies_us.clone();
-    done.sort_unstable();
-    let span = (done.last().copied().unwrap_or(0).saturating_sub(done.first().copied().unwrap_or(0))) as f64 / 1e6;
-    let per_second = if span > 0.0 { (creates.saturating_sub(1)) as f64 / span } else { f64::NAN };
-    rows.push(row(
-        "Notion page creates at 3 req/s",
-        format!("{per_second:.2} creates/s, {limited} × 429"),
-        String::new(),
-        "≥ 2.8/s, no 429",
-        Some(per_second >= 2.8 && limited == 0),
-    ));
-    report.insert(
-        "notion".into(),
-        json!({"creates": creates, "creates_per_second": per_second, "rate_limited": limited}),
-    );
-    for p in [Some(stages5.ingest), Some(stages5.enrich), stages5.publish].into_iter().flatten() {
-        p.terminate(Duration::from_secs(60)).await;
+    if args.wants(5) {
+        println!("5. Notion at 3 requests/s: {} pages...", args.notion_pages);
+        let env5 = TestEnv::new().await;
+        let (openai5, _) = fakes::openai(Model::Faithful).await;
+        let (notion, state) = fakes::notion_with(Some(3)).await;
+        let stages5 = start_stages(&env5, &args, &openai5.uri(), Some(&notion.uri()), true).await;
+        let pages = through_pipeline(&env5, &items, "notion", Load::Burst(args.notion_pages), S::Published).await?;
+        let creates = state.creates.load(Ordering::SeqCst);
+        let limited = state.rate_limited.load(Ordering::SeqCst);
+        // Creates per second from the first page to the last.
+        let mut done: Vec<u64> = pages.latencies_us.clone();
+        done.sort_unstable();
+        let span = (done.last().copied().unwrap_or(0).saturating_sub(done.first().copied().unwrap_or(0))) as f64 / 1e6;
+        let per_second = if span > 0.0 { (creates.saturating_sub(1)) as f64 / span } else { f64::NAN };
+        rows.push(row(
+            "Notion page creates at 3 req/s",
+            format!("{per_second:.2} creates/s, {limited} × 429"),
+            String::new(),
+            "≥ 2.8/s, no 429",
+            Some(per_second >= 2.8 && limited == 0),
+        ));
+        report.insert(
+            "notion".into(),
+            json!({"creates": creates, "creates_per_second": per_second, "rate_limited": limited}),
+        );
+        for p in [Some(stages5.ingest), Some(stages5.enrich), stages5.publish].into_iter().flatten() {
+            p.terminate(Duration::from_secs(60)).await;
+        }
     }
 
     // The table.
