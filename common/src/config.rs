@@ -313,10 +313,12 @@ impl DatabaseConfig {
         }
     }
 
-    /// Batches of the group commit written at once: half the pool, so
-    /// reads (status, readiness) always find a connection.
+    /// Batches of the group commit written at once: two (one gathers
+    /// while the other is written; more would only make the batches
+    /// smaller), never more than half the pool, so reads (status,
+    /// readiness) always find a connection.
     pub fn batch_workers(&self) -> usize {
-        (self.pool_size / 2).max(1)
+        (self.pool_size / 2).clamp(1, 2)
     }
 }
 

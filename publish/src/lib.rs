@@ -87,11 +87,11 @@ impl Handler for PublishHandler {
 
 impl PublishHandler {
     /// Exactly one complete page per id. Notion has no idempotency key, so:
-    /// a page id stored in Postgres is reused; else a page whose
-    /// `Halakha ID` is this id is looked up and reused (a crash after the
-    /// create, before the store); else the page is created and its id
-    /// stored at once. Blocks beyond the first 100 are appended, resuming
-    /// after the ones a page already has.
+    /// a page id stored in Postgres is reused; else, when a create was set
+    /// out on before (its answer may have been lost), a page whose
+    /// `Halakha ID` is this id is looked up and reused; else the page is
+    /// created (one request) and its id stored at once. Blocks beyond the
+    /// first 100 are appended, resuming after the ones a page already has.
     async fn page(
         &self,
         notion: &notion::Notion,
@@ -99,24 +99,26 @@ impl PublishHandler {
         state: store::NotionState,
     ) -> Result<notion::Page, StageError> {
         let blocks = notion::blocks(input);
-        let (page, complete_up_to) = match state.page_id {
-            Some(id) => (notion::Page { id, url: state.page_url.unwrap_or_default() }, None),
-            None => match notion.find(&input.id).await? {
-                Some(found) => {
-                    tracing::info!(id = %input.id, page = %found.id, "Notion page found by Halakha ID; reusing it");
-                    store::store_page(&self.pool, &input.id, &found.id, &found.url)
-                        .await
-                        .map_err(|e| db_error("store the Notion page", e))?;
-                    (found, None)
-                }
-                None => {
-                    let created = notion.create(input, &blocks).await?;
-                    store::store_page(&self.pool, &input.id, &created.id, &created.url)
-                        .await
-                        .map_err(|e| db_error("store the Notion page", e))?;
-                    (created, Some(blocks.len().min(notion::MAX_ITEMS)))
-                }
-            },
+        let found = match (&state.page_id, state.create_started) {
+            (None, true) => notion.find(&input.id).await?,
+            _ => None,
+        };
+        let (page, complete_up_to) = match (state.page_id, found) {
+            (Some(id), _) => (notion::Page { id, url: state.page_url.unwrap_or_default() }, None),
+            (None, Some(found)) => {
+                tracing::info!(id = %input.id, page = %found.id, "Notion page found by Halakha ID; reusing it");
+                store::store_page(&self.pool, &input.id, &found.id, &found.url)
+                    .await
+                    .map_err(|e| db_error("store the Notion page", e))?;
+                (found, None)
+            }
+            (None, None) => {
+                let created = notion.create(input, &blocks).await?;
+                store::store_page(&self.pool, &input.id, &created.id, &created.url)
+                    .await
+                    .map_err(|e| db_error("store the Notion page", e))?;
+                (created, Some(blocks.len().min(notion::MAX_ITEMS)))
+            }
         };
         if blocks.len() > notion::MAX_ITEMS {
             let existing = match complete_up_to {

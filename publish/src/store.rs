@@ -15,6 +15,9 @@ use tokio_postgres::types::Type;
 pub struct NotionState {
     pub page_id: Option<String>,
     pub page_url: Option<String>,
+    /// A create of its page was set out on before this upsert (a page may
+    /// exist that the row does not know): look it up before creating.
+    pub create_started: bool,
 }
 
 /// Upsert the enriched halakha and its tags, themes and sources (see
@@ -142,11 +145,12 @@ async fn upsert_round(
                  INSERT INTO halakhot (id, status, content, source, lang, schedule_days, received_at, date_post,
                      title, question, answer, difficulty_level, text_post, legend, language,
                      model, prompt_version, schema_version, prompt_tokens, completion_tokens, total_tokens, image_url,
-                     published_at)
+                     published_at, notion_create_started_at)
                  SELECT id, CASE WHEN published THEN 'published' ELSE 'enriched' END, content, source, lang,
                      schedule_days, received_at, date_post, title, question, answer, difficulty_level, text_post,
                      legend, language, model, prompt_version, schema_version, prompt_tokens, completion_tokens,
-                     total_tokens, image_url, CASE WHEN published THEN now() END
+                     total_tokens, image_url, CASE WHEN published THEN now() END,
+                     CASE WHEN published THEN NULL ELSE now() END
                  FROM input ORDER BY id
                  ON CONFLICT (id) DO UPDATE SET
                      status = CASE WHEN halakhot.status = 'published' OR EXCLUDED.status = 'published'
@@ -161,6 +165,12 @@ async fn upsert_round(
                      prompt_version = EXCLUDED.prompt_version, schema_version = EXCLUDED.schema_version,
                      prompt_tokens = EXCLUDED.prompt_tokens, completion_tokens = EXCLUDED.completion_tokens,
                      total_tokens = EXCLUDED.total_tokens, image_url = EXCLUDED.image_url,
+                     -- The Notion path (not published by this upsert) is
+                     -- about to create the page unless the row has one.
+                     notion_create_started_at = CASE
+                         WHEN EXCLUDED.status = 'enriched' AND halakhot.notion_page_id IS NULL
+                         THEN COALESCE(halakhot.notion_create_started_at, now())
+                         ELSE halakhot.notion_create_started_at END,
                      error = NULL, updated_at = now()
                  RETURNING id, notion_page_id, notion_page_url),
              t AS (INSERT INTO tags (name) SELECT unnest($22::text[]) ON CONFLICT (name) DO NOTHING),
@@ -169,7 +179,10 @@ async fn upsert_round(
                    SELECT DISTINCT n, r FROM unnest($24::text[], $25::text[]) AS u(n, r) WHERE n <> ''
                    ORDER BY n, r
                    ON CONFLICT (name, reference) DO NOTHING)
-             SELECT id, notion_page_id, notion_page_url FROM h",
+             -- `before` is the row as the statement found it (the snapshot
+             -- does not see the upsert).
+             SELECT h.id, h.notion_page_id, h.notion_page_url, before.notion_create_started_at IS NOT NULL
+             FROM h LEFT JOIN halakhot before ON before.id = h.id",
             &[
                 (&ids, Type::TEXT_ARRAY),
                 (&contents, Type::TEXT_ARRAY),
@@ -237,7 +250,9 @@ async fn upsert_round(
     .await?;
     Ok(rows
         .into_iter()
-        .map(|r| (r.get::<_, String>(0), NotionState { page_id: r.get(1), page_url: r.get(2) }))
+        .map(|r| {
+            (r.get::<_, String>(0), NotionState { page_id: r.get(1), page_url: r.get(2), create_started: r.get(3) })
+        })
         .collect())
 }
 

@@ -371,6 +371,8 @@ impl FakePage {
 pub struct NotionState {
     pub pages: std::sync::Mutex<Vec<FakePage>>,
     pub creates: Arc<AtomicUsize>,
+    /// Database (or data source) queries: the lookups by `Halakha ID`.
+    pub queries: AtomicUsize,
     pub rejected_400: AtomicUsize,
     pub rate_limited: AtomicUsize,
     /// Requests allowed per wall-clock second (None: no limit).
@@ -495,6 +497,7 @@ impl Respond for NotionFake {
                 }
             }
             ("POST", ["v1", "databases" | "data_sources", _, "query"]) => {
+                state.queries.fetch_add(1, Ordering::SeqCst);
                 let wanted = body["filter"]["rich_text"]["equals"].as_str().unwrap_or_default().to_owned();
                 let results: Vec<Value> = state.pages_for(&wanted).iter().map(page_json).collect();
                 ResponseTemplate::new(200).set_body_json(

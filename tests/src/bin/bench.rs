@@ -436,8 +436,21 @@ async fn stage_means(stages: &[&StageProcess]) -> serde_json::Map<String, Value>
         let sum = value("halakha_stage_processing_duration_seconds_sum");
         let count = value("halakha_stage_processing_duration_seconds_count");
         let mean_ms = if count > 0.0 { sum / count * 1000.0 } else { f64::NAN };
-        println!("   {}: {count:.0} messages, {mean_ms:.1} ms each from delivery to ack", p.name);
-        out.insert(p.name.into(), json!({"messages": count, "mean_ms": mean_ms}));
+        // The group commit's batches (ingest and publish).
+        let unlabelled = |series: &str| -> f64 {
+            text.lines()
+                .filter(|l| l.starts_with(series))
+                .filter_map(|l| l.rsplit(' ').next().and_then(|v| v.parse::<f64>().ok()))
+                .sum()
+        };
+        let (rows, batches) = (unlabelled("halakha_db_batch_rows_sum"), unlabelled("halakha_db_batch_rows_count"));
+        let batch =
+            if batches > 0.0 { format!(", {:.1} rows per database batch", rows / batches) } else { String::new() };
+        println!("   {}: {count:.0} messages, {mean_ms:.1} ms each from delivery to ack{batch}", p.name);
+        out.insert(
+            p.name.into(),
+            json!({"messages": count, "mean_ms": mean_ms, "rows_per_batch": if batches > 0.0 { rows / batches } else { f64::NAN }}),
+        );
     }
     out
 }

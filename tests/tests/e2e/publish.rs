@@ -54,6 +54,8 @@ async fn the_twenty_longest_texts_each_become_exactly_one_whole_page_within_noti
     let longest = notion.pages_for(&ids[0]);
     assert!(longest[0].children.len() > 100, "the longest text needed appended blocks");
     assert_eq!(notion.rejected_400.load(std::sync::atomic::Ordering::SeqCst), 0, "never a 400 from Notion");
+    // A first create needs no lookup: one request per page, not two.
+    assert_eq!(notion.queries.load(std::sync::atomic::Ordering::SeqCst), 0, "no lookup before a first create");
     eprintln!("rate-limited answers: {}", notion.rate_limited.load(std::sync::atomic::Ordering::SeqCst));
     p.stop().await;
 }
@@ -87,6 +89,7 @@ async fn killing_publish_between_the_notion_create_and_its_store_leaves_exactly_
     let pages = notion.pages_for(&id);
     assert_eq!(pages.len(), 1, "exactly one page for the id");
     assert_eq!(p.creates(), 1);
+    assert_eq!(notion.queries.load(std::sync::atomic::Ordering::SeqCst), 1, "the interrupted create made a lookup");
     assert_eq!(published[0].notion_page_url.as_deref(), Some(pages[0].url.as_str()));
     let row = db.query_one("SELECT notion_page_id, status FROM halakhot WHERE id = $1", &[&id]).await.unwrap();
     assert_eq!(row.get::<_, Option<String>>(0).as_deref(), Some(pages[0].id.as_str()));
