@@ -277,6 +277,15 @@ pub async fn openai(model: Model) -> (MockServer, Arc<AtomicUsize>) {
     (server, calls)
 }
 
+/// A fake OpenAI server that keeps no record of the requests it answered:
+/// the benchmarks' load would make wiremock's record (and its copies of
+/// every body) a cost of the fake, not of the pipeline.
+pub async fn openai_unrecorded(model: Model) -> (MockServer, Arc<AtomicUsize>) {
+    let server = MockServer::builder().disable_request_recording().start().await;
+    let calls = mount_openai(&server, model).await;
+    (server, calls)
+}
+
 /// A fake OpenAI server with the chaos counts.
 pub async fn openai_counted(model: Model) -> (MockServer, Arc<AtomicUsize>, Arc<ChaosCounts>) {
     let server = MockServer::start().await;

@@ -72,6 +72,10 @@ struct Args {
     /// Where the JSON report goes.
     #[arg(long, default_value = "target/bench/latest.json")]
     out: std::path::PathBuf,
+    /// Extra variables for every stage (KEY=VALUE, repeatable), to compare
+    /// settings such as TOKIO_WORKER_THREADS.
+    #[arg(long = "stage-env")]
+    stage_env: Vec<String>,
     /// Run only these sections (comma-separated numbers; 1, 2 and 7 always
     /// run: the others compare with them). All by default.
     #[arg(long, value_delimiter = ',')]
@@ -388,7 +392,8 @@ struct Stages {
     publish: Option<StageProcess>,
 }
 
-async fn start_stages(env: &TestEnv, args: &Args, openai: &str, notion: Option<&str>, publish: bool) -> Stages {
+/// The variables every stage of a run gets.
+fn stage_vars(env: &TestEnv, args: &Args) -> Map {
     let mut base: Map = env.base_vars();
     // Every message makes its completion call: the corpus is cycled, and
     // the enrichment cache would answer the repeats without one.
@@ -398,9 +403,23 @@ async fn start_stages(env: &TestEnv, args: &Args, openai: &str, notion: Option<&
         .set("RUST_LOG", format!("{},halakha_nats::stage=info", args.log))
         .set("ACK_WAIT_SECS", "60")
         .set("DATABASE_POOL_SIZE", "16");
-    let mut v = base.clone();
+    for kv in &args.stage_env {
+        if let Some((k, v)) = kv.split_once('=') {
+            base.set(k, v);
+        }
+    }
+    base
+}
+
+async fn start_ingest(env: &TestEnv, args: &Args) -> StageProcess {
+    let mut v = stage_vars(env, args);
     v.set("API_KEYS", API_KEY).set("HTTP_ADDR", "127.0.0.1:0").set("RATE_LIMIT_PER_MINUTE", "0");
-    let ingest = StageProcess::start("ingest", "halakha-ingest", &v).await;
+    StageProcess::start("ingest", "halakha-ingest", &v).await
+}
+
+async fn start_stages(env: &TestEnv, args: &Args, openai: &str, notion: Option<&str>, publish: bool) -> Stages {
+    let base = stage_vars(env, args);
+    let ingest = start_ingest(env, args).await;
     let mut v = base.clone();
     v.set("OPENAI_API_KEY", OPENAI_KEY).set("OPENAI_BASE_URL", format!("{openai}/v1"));
     let enrich = StageProcess::start("enrich", "halakha-enrich", &v).await;
@@ -455,6 +474,38 @@ async fn stage_means(stages: &[&StageProcess]) -> serde_json::Map<String, Value>
     out
 }
 
+/// CPU seconds used so far by each kind of process on the machine (by
+/// command name, threads included), from `/proc`: where a run's CPU went.
+fn cpu_by_command() -> HashMap<String, f64> {
+    // Clock ticks per second: 100 on every Linux this runs on.
+    const TICKS: f64 = 100.0;
+    let mut out: HashMap<String, f64> = HashMap::new();
+    let Ok(dir) = std::fs::read_dir("/proc") else { return out };
+    for entry in dir.flatten() {
+        let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else { continue };
+        // pid (comm) state ppid ... utime(14) stime(15): comm may hold spaces.
+        let (Some(open), Some(close)) = (stat.find('('), stat.rfind(')')) else { continue };
+        let comm = stat[open + 1..close].to_owned();
+        let fields: Vec<&str> = stat[close + 2..].split(' ').collect();
+        let ticks = |i: usize| fields.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+        *out.entry(comm).or_default() += (ticks(11) + ticks(12)) / TICKS;
+    }
+    out
+}
+
+/// CPU milliseconds per message by process between two readings, largest
+/// first (only the processes of the pipeline and its services).
+fn cpu_per_message(before: &HashMap<String, f64>, after: &HashMap<String, f64>, messages: usize) -> Vec<(String, f64)> {
+    let mut out: Vec<(String, f64)> = after
+        .iter()
+        .filter(|(c, _)| ["halakha-", "postgres", "nats-server", "bench", "redis"].iter().any(|p| c.starts_with(p)))
+        .map(|(c, t)| (c.clone(), (t - before.get(c).copied().unwrap_or(0.0)) * 1000.0 / messages.max(1) as f64))
+        .filter(|(_, ms)| *ms > 0.0)
+        .collect();
+    out.sort_by(|a, b| b.1.total_cmp(&a.1));
+    out
+}
+
 fn mb(bytes: u64) -> f64 {
     bytes as f64 / (1024.0 * 1024.0)
 }
@@ -470,13 +521,17 @@ async fn http_load(base: &str, items: &[CorpusItem], connections: usize, secs: u
         .map(|_| {
             let (client, ok, failed, counter) = (client.clone(), ok.clone(), failed.clone(), counter.clone());
             let url = format!("{base}/v1/halakhot");
-            let items = items.to_vec();
+            // The texts as JSON strings once: the client's own work per
+            // request stays small beside the server's.
+            let texts: Vec<String> = items.iter().map(|i| serde_json::to_string(&i.text).unwrap_or_default()).collect();
             tokio::spawn(async move {
                 while tokio::time::Instant::now() < deadline {
                     let i = counter.fetch_add(1, Ordering::Relaxed);
-                    let item = &items[i % items.len()];
-                    let body = json!({"content": item.text, "idempotency_key": format!("bench-http-{i}")});
-                    match client.post(&url).bearer_auth(API_KEY).json(&body).send().await {
+                    let body =
+                        format!(r#"{{"content":{},"idempotency_key":"bench-http-{i}"}}"#, texts[i % texts.len()]);
+                    let request =
+                        client.post(&url).bearer_auth(API_KEY).header("content-type", "application/json").body(body);
+                    match request.send().await {
                         Ok(r) if r.status() == 202 => ok.fetch_add(1, Ordering::Relaxed),
                         _ => failed.fetch_add(1, Ordering::Relaxed),
                     };
@@ -538,6 +593,12 @@ async fn sync_publish_load(
     Ok(done.load(Ordering::Relaxed))
 }
 
+fn print_cpu(v: &[(String, f64)]) {
+    let total: f64 = v.iter().map(|(_, ms)| ms).sum();
+    let parts: Vec<String> = v.iter().map(|(c, ms)| format!("{c} {ms:.3}")).collect();
+    println!("   CPU per message: {total:.3} ms ({})", parts.join(", "));
+}
+
 fn ratio(a: f64, b: f64) -> f64 {
     if b > 0.0 { a / b } else { f64::NAN }
 }
@@ -564,9 +625,12 @@ async fn main() -> anyhow::Result<()> {
     let env = TestEnv::new().await;
     let prefix = format!("{}_relay", env.names.namespace());
     println!("1. Raw 3-hop JetStream relay, {} messages...", args.messages);
+    let cpu0 = cpu_by_command();
     let base_burst = relay(&env.js, &prefix, &items, Load::Burst(args.messages)).await?;
+    let relay_cpu = cpu_per_message(&cpu0, &cpu_by_command(), args.messages);
     println!("   {:.0} msg/s", base_burst.per_second());
-    let (openai, _) = fakes::openai(Model::Faithful).await;
+    print_cpu(&relay_cpu);
+    let (openai, _) = fakes::openai_unrecorded(Model::Faithful).await;
     let stages = start_stages(&env, &args, &openai.uri(), None, true).await;
     let idle: Vec<(&str, (u64, u64))> = [&stages.ingest, &stages.enrich]
         .into_iter()
@@ -574,8 +638,13 @@ async fn main() -> anyhow::Result<()> {
         .map(|p| (p.name, p.rss().unwrap_or_default()))
         .collect();
     println!("2. Pipeline, {} messages from submitted to published (Notion off)...", args.messages);
+    let cpu0 = cpu_by_command();
     let pipe_burst = through_pipeline(&env, &items, "burst", Load::Burst(args.messages), S::Published).await?;
+    let pipe_cpu = cpu_per_message(&cpu0, &cpu_by_command(), args.messages);
     println!("   {:.0} msg/s", pipe_burst.per_second());
+    print_cpu(&pipe_cpu);
+    let cpu_json = |v: &[(String, f64)]| Value::Object(v.iter().map(|(c, ms)| (c.clone(), json!(ms))).collect());
+    report.insert("cpu_ms_per_message".into(), json!({"relay": cpu_json(&relay_cpu), "pipeline": cpu_json(&pipe_cpu)}));
     let procs: Vec<&StageProcess> =
         [&stages.ingest, &stages.enrich].into_iter().chain(stages.publish.as_ref()).collect();
     report.insert("pipeline_stage_means".into(), Value::Object(stage_means(&procs).await));
@@ -615,6 +684,14 @@ async fn main() -> anyhow::Result<()> {
         println!("3. Fixed rate: {} msg/s for {} s, relay then pipeline...", args.rate, args.rate_secs);
         let base_rate = relay(&env.js, &format!("{prefix}2"), &items, load).await?;
         let pipe_rate = through_pipeline(&env, &items, "rate", load, S::Published).await?;
+        println!(
+            "   relay p50 {:.1} ms, p99 {:.1} ms; pipeline p50 {:.1} ms, p99 {:.1} ms; per stage since the start:",
+            base_rate.percentile_ms(50.0),
+            base_rate.percentile_ms(99.0),
+            pipe_rate.percentile_ms(50.0),
+            pipe_rate.percentile_ms(99.0)
+        );
+        report.insert("rate_stage_means".into(), Value::Object(stage_means(&procs).await));
         let added = pipe_rate.percentile_ms(99.0) - base_rate.percentile_ms(99.0);
         rows.push(row(
             &format!("p99 at {} msg/s: relay / pipeline", args.rate),
@@ -633,10 +710,20 @@ async fn main() -> anyhow::Result<()> {
             "6. HTTP: {} connections for {} s, then raw synchronous publishes...",
             args.connections, args.http_secs
         );
-        let api = format!("http://{}", stages.ingest.http_addr.unwrap_or_else(|| ([127, 0, 0, 1], 8000).into()));
+        // Ingest alone, in its own namespace, as its baseline runs alone:
+        // nothing downstream shares the machine.
+        let env6 = TestEnv::new().await;
+        let ingest6 = start_ingest(&env6, &args).await;
+        let api = format!("http://{}", ingest6.http_addr.unwrap_or_else(|| ([127, 0, 0, 1], 8000).into()));
+        let cpu0 = cpu_by_command();
         let (ok, failed) = http_load(&api, &items, args.connections, args.http_secs).await;
+        let http_cpu = cpu_per_message(&cpu0, &cpu_by_command(), ok);
+        print_cpu(&http_cpu);
+        ingest6.terminate(Duration::from_secs(60)).await;
         let http_rate = ok as f64 / args.http_secs as f64;
+        let cpu0 = cpu_by_command();
         let raw = sync_publish_load(&env.js, &format!("{prefix}3"), &items, args.connections, args.http_secs).await?;
+        print_cpu(&cpu_per_message(&cpu0, &cpu_by_command(), raw));
         let raw_rate = raw as f64 / args.http_secs as f64;
         let r = ratio(http_rate, raw_rate);
         rows.push(row(
@@ -686,7 +773,7 @@ async fn main() -> anyhow::Result<()> {
             args.provider_ms, args.backlog, args.slow_secs
         );
         let env4 = TestEnv::new().await;
-        let (slow, _) = fakes::openai(Model::Delayed(args.provider_ms)).await;
+        let (slow, _) = fakes::openai_unrecorded(Model::Delayed(args.provider_ms)).await;
         let stages4 = start_stages(&env4, &args, &slow.uri(), None, false).await;
         let mut enriched = env4.nats.subscribe(env4.names.subject(S::Enriched)).await?;
         env4.nats.flush().await?;
@@ -743,7 +830,7 @@ async fn main() -> anyhow::Result<()> {
     if args.wants(5) {
         println!("5. Notion at 3 requests/s: {} pages...", args.notion_pages);
         let env5 = TestEnv::new().await;
-        let (openai5, _) = fakes::openai(Model::Faithful).await;
+        let (openai5, _) = fakes::openai_unrecorded(Model::Faithful).await;
         let (notion, state) = fakes::notion_with(Some(3)).await;
         let stages5 = start_stages(&env5, &args, &openai5.uri(), Some(&notion.uri()), true).await;
         let pages = through_pipeline(&env5, &items, "notion", Load::Burst(args.notion_pages), S::Published).await?;
