@@ -283,3 +283,111 @@ async fn poison_on_every_subject_is_dead_lettered_with_a_reason_and_nothing_goes
     assert_eq!(p.creates(), 0);
     p.stop().await;
 }
+
+fn ingested_from(item: &halakha_tests::CorpusItem) -> halakha_common::Ingested {
+    let submission = halakha_common::Submission {
+        schema_version: 1,
+        content: item.text.clone(),
+        schedule_days: Some(1),
+        lang: None,
+        source: Some(item.source.clone()),
+        idempotency_key: None,
+        image_url: None,
+    };
+    halakha_ingest::validate::validate(submission, 100_000, 0, time::OffsetDateTime::now_utc()).unwrap()
+}
+
+fn enriched_with_tags(m: &halakha_common::Ingested, tags: &[&str]) -> halakha_common::Enriched {
+    halakha_common::Enriched {
+        schema_version: 1,
+        id: m.id.clone(),
+        halakha: m.halakha.clone(),
+        enrichment: halakha_common::Enrichment {
+            title: format!("title of {}", tags.join(",")),
+            question: "q".into(),
+            answer: "a".into(),
+            tags: tags.iter().map(|t| (*t).to_owned()).collect(),
+            themes: vec!["prayer".into()],
+            sources: vec![halakha_common::SourceRef { name: "Shulchan Arukh".into(), reference: Some(tags[0].into()) }],
+            difficulty_level: 2,
+            text_post: "p".into(),
+            legend: "l".into(),
+            language: halakha_common::Lang::He,
+        },
+        model: "m".into(),
+        prompt_version: "v".into(),
+        usage: halakha_common::Usage::default(),
+    }
+}
+
+async fn links(db: &tokio_postgres::Client, id: &str) -> (String, String, String) {
+    let row = db
+        .query_one(
+            "SELECT (SELECT string_agg(t.name, ',' ORDER BY t.name) FROM halakha_tags x JOIN tags t ON t.id = x.tag_id
+                     WHERE x.halakha_id = $1),
+                    (SELECT string_agg(s.reference, ',' ORDER BY s.reference) FROM halakha_sources x
+                     JOIN sources s ON s.id = x.source_id WHERE x.halakha_id = $1),
+                    (SELECT title FROM halakhot WHERE id = $1)",
+            &[&id],
+        )
+        .await
+        .unwrap();
+    (row.get(0), row.get(1), row.get(2))
+}
+
+/// The group commit writes many messages in one statement: each must come
+/// out as if written alone, in order, an id twice in a batch included.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_of_writes_answers_each_message_as_if_it_were_written_alone() {
+    use halakha_ingest::store::Claim;
+    let env = halakha_tests::TestEnv::new().await;
+    let pool = halakha_common::db::pool(&database(env.database_url.clone(), None)).unwrap();
+    halakha_common::db::migrate(&pool).await.unwrap();
+    let items: Vec<_> = corpus().into_iter().filter(|i| i.lang != "ru").take(5).collect();
+    let msgs: Vec<_> = items.iter().map(ingested_from).collect();
+
+    // Claims: five new ids and the first one again in the same statement.
+    let mut batch = msgs.clone();
+    batch.push(msgs[0].clone());
+    let claims = halakha_ingest::store::claim_many(&pool, &batch).await.unwrap();
+    assert_eq!(claims, [vec![Claim::New; 5], vec![Claim::Pending]].concat());
+    let db = env.db().await;
+    db.execute("UPDATE halakhot SET status = 'published' WHERE id = $1", &[&msgs[1].id]).await.unwrap();
+    let again = halakha_ingest::store::claim_many(&pool, &msgs[..3]).await.unwrap();
+    assert_eq!(again, vec![Claim::Pending, Claim::Done { status: "published".into() }, Claim::Pending]);
+
+    // Upserts: the first id twice (the later enrichment wins, as it would
+    // written after), the others once; every row published, its links its own.
+    let first = enriched_with_tags(&msgs[0], &["a", "b"]);
+    let second = enriched_with_tags(&msgs[2], &["c"]);
+    let first_again = enriched_with_tags(&msgs[0], &["d"]);
+    let states = halakha_publish::store::upsert_many(&pool, &[(&first, true), (&second, true), (&first_again, true)])
+        .await
+        .unwrap();
+    assert_eq!(states.len(), 3);
+    assert_eq!(links(&db, &msgs[0].id).await, ("d".into(), "d".into(), "title of d".into()));
+    assert_eq!(links(&db, &msgs[2].id).await, ("c".into(), "c".into(), "title of c".into()));
+    let published: i64 = db
+        .query_one(
+            "SELECT count(*) FROM halakhot WHERE status = 'published' AND id = ANY($1)",
+            &[&vec![msgs[0].id.clone(), msgs[2].id.clone()]],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(published, 2);
+    // A later enrichment replaces the links, in a batch as alone.
+    let replaced = enriched_with_tags(&msgs[2], &["c", "e"]);
+    halakha_publish::store::upsert_many(&pool, &[(&replaced, true), (&first, true)]).await.unwrap();
+    assert_eq!(links(&db, &msgs[2].id).await, ("c,e".into(), "c".into(), "title of c,e".into()));
+    assert_eq!(links(&db, &msgs[0].id).await, ("a,b".into(), "a".into(), "title of a,b".into()));
+
+    // The Notion path marks the create it sets out on: the first upsert of
+    // a row has no mark before it, the next one (a redelivery) has.
+    let notion_path = enriched_with_tags(&msgs[3], &["f"]);
+    let states = halakha_publish::store::upsert_many(&pool, &[(&notion_path, false)]).await.unwrap();
+    assert!(!states[0].create_started);
+    let states = halakha_publish::store::upsert_many(&pool, &[(&notion_path, false)]).await.unwrap();
+    assert!(states[0].create_started, "a redelivery looks the page up first");
+    env.cleanup().await;
+}
