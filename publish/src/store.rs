@@ -131,9 +131,36 @@ async fn upsert_round(
     // New tag, theme and source names are inserted here, in their own
     // statement: the links (next statement) then see them, and names a
     // concurrent transaction inserted (this one waited for it) too.
-    let rows = tx
-        .query_typed(
-            "WITH input AS (
+    let row_params: [(&(dyn tokio_postgres::types::ToSql + Sync), Type); 26] = [
+        (&ids, Type::TEXT_ARRAY),
+        (&contents, Type::TEXT_ARRAY),
+        (&sources, Type::TEXT_ARRAY),
+        (&langs, Type::TEXT_ARRAY),
+        (&days, Type::INT4_ARRAY),
+        (&received, Type::TIMESTAMPTZ_ARRAY),
+        (&dates, Type::DATE_ARRAY),
+        (&titles, Type::TEXT_ARRAY),
+        (&questions, Type::TEXT_ARRAY),
+        (&answers, Type::TEXT_ARRAY),
+        (&levels, Type::INT2_ARRAY),
+        (&posts, Type::TEXT_ARRAY),
+        (&legends, Type::TEXT_ARRAY),
+        (&languages, Type::TEXT_ARRAY),
+        (&models, Type::TEXT_ARRAY),
+        (&prompts, Type::TEXT_ARRAY),
+        (&versions, Type::INT4_ARRAY),
+        (&prompt_tokens, Type::INT4_ARRAY),
+        (&completion_tokens, Type::INT4_ARRAY),
+        (&total_tokens, Type::INT4_ARRAY),
+        (&images, Type::TEXT_ARRAY),
+        (&all_tags, Type::TEXT_ARRAY),
+        (&all_themes, Type::TEXT_ARRAY),
+        (&src_names, Type::TEXT_ARRAY),
+        (&src_refs, Type::TEXT_ARRAY),
+        (&published, Type::BOOL_ARRAY),
+    ];
+    let rows = tx.query_typed(
+        "WITH input AS (
                  SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::int4[], $6::timestamptz[],
                      $7::date[], $8::text[], $9::text[], $10::text[], $11::int2[], $12::text[], $13::text[],
                      $14::text[], $15::text[], $16::text[], $17::int4[], $18::int4[], $19::int4[], $20::int4[],
@@ -183,39 +210,21 @@ async fn upsert_round(
              -- does not see the upsert).
              SELECT h.id, h.notion_page_id, h.notion_page_url, before.notion_create_started_at IS NOT NULL
              FROM h LEFT JOIN halakhot before ON before.id = h.id",
-            &[
-                (&ids, Type::TEXT_ARRAY),
-                (&contents, Type::TEXT_ARRAY),
-                (&sources, Type::TEXT_ARRAY),
-                (&langs, Type::TEXT_ARRAY),
-                (&days, Type::INT4_ARRAY),
-                (&received, Type::TIMESTAMPTZ_ARRAY),
-                (&dates, Type::DATE_ARRAY),
-                (&titles, Type::TEXT_ARRAY),
-                (&questions, Type::TEXT_ARRAY),
-                (&answers, Type::TEXT_ARRAY),
-                (&levels, Type::INT2_ARRAY),
-                (&posts, Type::TEXT_ARRAY),
-                (&legends, Type::TEXT_ARRAY),
-                (&languages, Type::TEXT_ARRAY),
-                (&models, Type::TEXT_ARRAY),
-                (&prompts, Type::TEXT_ARRAY),
-                (&versions, Type::INT4_ARRAY),
-                (&prompt_tokens, Type::INT4_ARRAY),
-                (&completion_tokens, Type::INT4_ARRAY),
-                (&total_tokens, Type::INT4_ARRAY),
-                (&images, Type::TEXT_ARRAY),
-                (&all_tags, Type::TEXT_ARRAY),
-                (&all_themes, Type::TEXT_ARRAY),
-                (&src_names, Type::TEXT_ARRAY),
-                (&src_refs, Type::TEXT_ARRAY),
-                (&published, Type::BOOL_ARRAY),
-            ],
-        )
-        .await?;
+        &row_params,
+    );
     // The links hold exactly this enrichment's names (a redelivery or a
     // replay with other names replaces them).
-    tx.execute_typed(
+    let link_params: [(&(dyn tokio_postgres::types::ToSql + Sync), Type); 8] = [
+        (&ids, Type::TEXT_ARRAY),
+        (&tag_ids, Type::TEXT_ARRAY),
+        (&tag_names, Type::TEXT_ARRAY),
+        (&theme_ids, Type::TEXT_ARRAY),
+        (&theme_names, Type::TEXT_ARRAY),
+        (&src_ids, Type::TEXT_ARRAY),
+        (&src_names, Type::TEXT_ARRAY),
+        (&src_refs, Type::TEXT_ARRAY),
+    ];
+    let links = tx.execute_typed(
         "WITH tp AS (SELECT DISTINCT u.hid, t.id AS tag_id
                      FROM unnest($2::text[], $3::text[]) AS u(hid, n) JOIN tags t ON t.name = u.n),
               dt AS (DELETE FROM halakha_tags x WHERE x.halakha_id = ANY($1)
@@ -236,18 +245,11 @@ async fn upsert_round(
               isrc AS (INSERT INTO halakha_sources (halakha_id, source_id) SELECT hid, source_id FROM sp
                        ORDER BY hid, source_id ON CONFLICT DO NOTHING)
          SELECT 1",
-        &[
-            (&ids, Type::TEXT_ARRAY),
-            (&tag_ids, Type::TEXT_ARRAY),
-            (&tag_names, Type::TEXT_ARRAY),
-            (&theme_ids, Type::TEXT_ARRAY),
-            (&theme_names, Type::TEXT_ARRAY),
-            (&src_ids, Type::TEXT_ARRAY),
-            (&src_names, Type::TEXT_ARRAY),
-            (&src_refs, Type::TEXT_ARRAY),
-        ],
-    )
-    .await?;
+        &link_params,
+    );
+    // Both statements in one round trip: the connection runs them in
+    // order, so the links see the names the first one inserted.
+    let (rows, _) = tokio::try_join!(rows, links)?;
     Ok(rows
         .into_iter()
         .map(|r| {
