@@ -33,6 +33,9 @@ pub enum DbError {
     Tls(String),
     #[error(transparent)]
     Stopped(#[from] crate::batch::Stopped),
+    /// The statement of a whole batch could not reach the database.
+    #[error("the database is unreachable: {0}")]
+    Unreachable(String),
 }
 
 impl DbError {
@@ -40,7 +43,7 @@ impl DbError {
     /// refused or lost, pool timeout), as opposed to a statement it refused.
     pub fn is_unreachable(&self) -> bool {
         match self {
-            DbError::Pool(_) => true,
+            DbError::Pool(_) | DbError::Unreachable(_) => true,
             DbError::Postgres(e) => e.is_closed() || e.code().is_none(),
             _ => false,
         }
@@ -179,6 +182,39 @@ fn without_param(url: &str, name: &str) -> String {
     if kept.is_empty() { base.to_owned() } else { format!("{base}?{}", kept.join("&")) }
 }
 
+/// The answers of a group-commit batch: `result` (the batch written in one
+/// statement) split per item; if it failed, each item written alone by
+/// `one`, so an error belongs to the item that caused it, unless the
+/// database was unreachable: then every item fails at once (writing them
+/// one by one would only wait out the pool's timeout once per item).
+pub async fn answer_batch<T, R, F>(
+    items: Vec<T>,
+    result: Result<Vec<R>, DbError>,
+    one: impl Fn(T) -> F,
+) -> Vec<(T, Result<R, DbError>)>
+where
+    F: std::future::Future<Output = (T, Result<R, DbError>)>,
+{
+    match result {
+        Ok(answers) if answers.len() == items.len() => items.into_iter().zip(answers.into_iter().map(Ok)).collect(),
+        Err(e) if items.len() == 1 || e.is_unreachable() => {
+            let reason = crate::error::chain(&e);
+            let mut first = Some(e);
+            items
+                .into_iter()
+                .map(|m| (m, Err(first.take().unwrap_or_else(|| DbError::Unreachable(reason.clone())))))
+                .collect()
+        }
+        _ => {
+            let mut out = Vec::with_capacity(items.len());
+            for m in items {
+                out.push(one(m).await);
+            }
+            out
+        }
+    }
+}
+
 /// Build a pool; connections are opened lazily, each bounded by the
 /// configured timeout (connect, wait for a slot, and every statement).
 pub fn pool(config: &DatabaseConfig) -> Result<Pool, DbError> {
@@ -264,6 +300,31 @@ pub async fn migrate(pool: &Pool) -> Result<(), DbError> {
 
 #[cfg(test)]
 mod tests {
+
+    #[tokio::test]
+    async fn a_failed_batch_is_written_item_by_item_unless_the_database_is_unreachable() {
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        let calls = AtomicUsize::new(0);
+        let one = |m: u32| {
+            calls.fetch_add(1, Ordering::SeqCst);
+            async move { (m, if m == 2 { Err(DbError::Tls("bad item".into())) } else { Ok(m * 10) }) }
+        };
+        let ok = answer_batch(vec![1, 2, 3], Ok(vec![10, 20, 30]), one).await;
+        assert!(ok.iter().all(|(m, r)| r.as_ref().ok() == Some(&(m * 10))));
+        assert_eq!(calls.load(Ordering::SeqCst), 0);
+
+        // A statement error: each item alone, only the bad one fails.
+        let split = answer_batch(vec![1, 2, 3], Err(DbError::Tls("statement".into())), one).await;
+        assert_eq!(calls.load(Ordering::SeqCst), 3);
+        let failed: Vec<u32> = split.iter().filter(|(_, r)| r.is_err()).map(|(m, _)| *m).collect();
+        assert_eq!(failed, vec![2]);
+
+        // Unreachable: every item fails at once, none is tried alone.
+        let down = answer_batch(vec![1, 2, 3], Err(DbError::Unreachable("refused".into())), one).await;
+        assert_eq!(calls.load(Ordering::SeqCst), 3);
+        assert!(down.iter().all(|(_, r)| r.as_ref().is_err_and(DbError::is_unreachable)));
+    }
+
     use super::*;
 
     #[test]

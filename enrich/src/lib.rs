@@ -77,7 +77,7 @@ impl Handler for EnrichHandler {
                 if let Ok(bytes) = serde_json::to_vec(&enrichment) {
                     self.cache.set(&key, &bytes).await;
                 }
-                tracing::info!(id = %input.id, total_tokens = usage.total_tokens, "Enriched");
+                tracing::debug!(id = %input.id, total_tokens = usage.total_tokens, "Enriched");
                 (enrichment, usage)
             }
         };

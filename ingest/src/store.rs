@@ -104,22 +104,15 @@ impl Claims {
         let batcher = halakha_common::batch::Batcher::spawn(workers, max_batch, move |items: Vec<Ingested>| {
             let pool = pool.clone();
             async move {
-                match claim_many(&pool, &items).await {
-                    Ok(claims) if claims.len() == items.len() => {
-                        items.into_iter().zip(claims.into_iter().map(Ok)).collect()
+                let result = claim_many(&pool, &items).await;
+                halakha_common::db::answer_batch(items, result, |m| {
+                    let pool = pool.clone();
+                    async move {
+                        let claim = claim(&pool, &m).await;
+                        (m, claim)
                     }
-                    Err(e) if items.len() == 1 => items.into_iter().zip([Err(e)]).collect(),
-                    // The statement failed: each item alone, so an error
-                    // belongs to the item that caused it.
-                    _ => {
-                        let mut out = Vec::with_capacity(items.len());
-                        for m in items {
-                            let claim = claim(&pool, &m).await;
-                            out.push((m, claim));
-                        }
-                        out
-                    }
-                }
+                })
+                .await
             }
         });
         Self { batcher }

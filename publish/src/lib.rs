@@ -71,7 +71,7 @@ impl Handler for PublishHandler {
         };
         metrics::counter!(m::DB_WRITES_TOTAL, "status" => "published").increment(1);
         let (page_id, page_url) = (page.as_ref().map(|p| p.id.clone()), page.as_ref().map(|p| p.url.clone()));
-        tracing::info!(id = %input.id, notion_page = page_id.as_deref().unwrap_or("-"), "Published");
+        tracing::debug!(id = %input.id, notion_page = page_id.as_deref().unwrap_or("-"), "Published");
         Ok(Handled::Publish(Published {
             schema_version: SCHEMA_VERSION,
             date_post: input.halakha.date_post(),

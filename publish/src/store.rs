@@ -275,22 +275,17 @@ impl Rows {
                 let refs: Vec<(&Enriched, bool)> = items.iter().map(|(m, p)| (m, *p)).collect();
                 let result = upsert_many(&pool, &refs).await;
                 drop(refs);
-                match result {
-                    Ok(states) if states.len() == items.len() => {
-                        items.into_iter().map(|(m, _)| m).zip(states.into_iter().map(Ok)).collect()
+                halakha_common::db::answer_batch(items, result, |(m, published)| {
+                    let pool = pool.clone();
+                    async move {
+                        let state = upsert(&pool, &m, published).await;
+                        ((m, published), state)
                     }
-                    Err(e) if items.len() == 1 => items.into_iter().map(|(m, _)| m).zip([Err(e)]).collect(),
-                    // The transaction failed: each item alone, so an
-                    // error belongs to the item that caused it.
-                    _ => {
-                        let mut out = Vec::with_capacity(items.len());
-                        for (m, published) in items {
-                            let state = upsert(&pool, &m, published).await;
-                            out.push((m, state));
-                        }
-                        out
-                    }
-                }
+                })
+                .await
+                .into_iter()
+                .map(|((m, _), state)| (m, state))
+                .collect()
             }
         });
         Self { batcher }
