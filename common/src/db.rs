@@ -182,6 +182,46 @@ fn without_param(url: &str, name: &str) -> String {
     if kept.is_empty() { base.to_owned() } else { format!("{base}?{}", kept.join("&")) }
 }
 
+/// The `halakhot` columns of submitted texts, one array per column, for a
+/// multi-row statement (`unnest($1::text[], ...)`).
+pub struct HalakhaColumns<'a> {
+    pub ids: Vec<&'a str>,
+    pub contents: Vec<&'a str>,
+    pub sources: Vec<Option<&'a str>>,
+    pub langs: Vec<Option<&'a str>>,
+    pub days: Vec<i32>,
+    pub received: Vec<time::OffsetDateTime>,
+    pub dates: Vec<time::Date>,
+    pub images: Vec<Option<&'a str>>,
+}
+
+impl<'a> HalakhaColumns<'a> {
+    /// From `(id, halakha)` pairs, in order.
+    pub fn new(items: impl Iterator<Item = (&'a str, &'a crate::Halakha)>) -> Self {
+        let mut c = Self {
+            ids: Vec::new(),
+            contents: Vec::new(),
+            sources: Vec::new(),
+            langs: Vec::new(),
+            days: Vec::new(),
+            received: Vec::new(),
+            dates: Vec::new(),
+            images: Vec::new(),
+        };
+        for (id, h) in items {
+            c.ids.push(id);
+            c.contents.push(h.content.as_str());
+            c.sources.push(h.source.as_deref());
+            c.langs.push(h.lang.map(|l| l.as_str()));
+            c.days.push(i32::from(h.schedule_days));
+            c.received.push(h.received_at);
+            c.dates.push(h.date_post());
+            c.images.push(h.image_url.as_deref());
+        }
+        c
+    }
+}
+
 /// The answers of a group-commit batch: `result` (the batch written in one
 /// statement) split per item; if it failed, each item written alone by
 /// `one`, so an error belongs to the item that caused it, unless the

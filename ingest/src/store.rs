@@ -33,14 +33,7 @@ pub async fn claim(pool: &Pool, m: &Ingested) -> Result<Claim, DbError> {
 /// and `Pending` after.
 pub async fn claim_many(pool: &Pool, items: &[Ingested]) -> Result<Vec<Claim>, DbError> {
     let conn = pool.get().await?;
-    let ids: Vec<&str> = items.iter().map(|m| m.id.as_str()).collect();
-    let contents: Vec<&str> = items.iter().map(|m| m.halakha.content.as_str()).collect();
-    let sources: Vec<Option<&str>> = items.iter().map(|m| m.halakha.source.as_deref()).collect();
-    let langs: Vec<Option<&str>> = items.iter().map(|m| m.halakha.lang.map(|l| l.as_str())).collect();
-    let days: Vec<i32> = items.iter().map(|m| i32::from(m.halakha.schedule_days)).collect();
-    let received: Vec<time::OffsetDateTime> = items.iter().map(|m| m.halakha.received_at).collect();
-    let dates: Vec<time::Date> = items.iter().map(|m| m.halakha.date_post()).collect();
-    let images: Vec<Option<&str>> = items.iter().map(|m| m.halakha.image_url.as_deref()).collect();
+    let c = halakha_common::db::HalakhaColumns::new(items.iter().map(|m| (m.id.as_str(), &m.halakha)));
     // The statement's snapshot does not see the rows it inserts: a new id
     // comes back from `ins`, a known one with its status from `halakhot`.
     let rows = conn
@@ -59,14 +52,14 @@ pub async fn claim_many(pool: &Pool, items: &[Ingested]) -> Result<Vec<Claim>, D
              FROM input i LEFT JOIN ins ON ins.id = i.id LEFT JOIN halakhot h ON h.id = i.id
              ORDER BY i.ord",
             &[
-                (&ids, Type::TEXT_ARRAY),
-                (&contents, Type::TEXT_ARRAY),
-                (&sources, Type::TEXT_ARRAY),
-                (&langs, Type::TEXT_ARRAY),
-                (&days, Type::INT4_ARRAY),
-                (&received, Type::TIMESTAMPTZ_ARRAY),
-                (&dates, Type::DATE_ARRAY),
-                (&images, Type::TEXT_ARRAY),
+                (&c.ids, Type::TEXT_ARRAY),
+                (&c.contents, Type::TEXT_ARRAY),
+                (&c.sources, Type::TEXT_ARRAY),
+                (&c.langs, Type::TEXT_ARRAY),
+                (&c.days, Type::INT4_ARRAY),
+                (&c.received, Type::TIMESTAMPTZ_ARRAY),
+                (&c.dates, Type::DATE_ARRAY),
+                (&c.images, Type::TEXT_ARRAY),
             ],
         )
         .await?;

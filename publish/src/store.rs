@@ -80,13 +80,7 @@ async fn upsert_round(
     which.sort_by(|a, b| items[*a].0.id.cmp(&items[*b].0.id));
     let sel: Vec<&Enriched> = which.iter().map(|i| items[*i].0).collect();
     let to_i32 = |v: u32| i32::try_from(v).unwrap_or(i32::MAX);
-    let ids: Vec<&str> = sel.iter().map(|m| m.id.as_str()).collect();
-    let contents: Vec<&str> = sel.iter().map(|m| m.halakha.content.as_str()).collect();
-    let sources: Vec<Option<&str>> = sel.iter().map(|m| m.halakha.source.as_deref()).collect();
-    let langs: Vec<Option<&str>> = sel.iter().map(|m| m.halakha.lang.map(|l| l.as_str())).collect();
-    let days: Vec<i32> = sel.iter().map(|m| i32::from(m.halakha.schedule_days)).collect();
-    let received: Vec<time::OffsetDateTime> = sel.iter().map(|m| m.halakha.received_at).collect();
-    let dates: Vec<time::Date> = sel.iter().map(|m| m.halakha.date_post()).collect();
+    let c = halakha_common::db::HalakhaColumns::new(sel.iter().map(|m| (m.id.as_str(), &m.halakha)));
     let titles: Vec<&str> = sel.iter().map(|m| m.enrichment.title.as_str()).collect();
     let questions: Vec<&str> = sel.iter().map(|m| m.enrichment.question.as_str()).collect();
     let answers: Vec<&str> = sel.iter().map(|m| m.enrichment.answer.as_str()).collect();
@@ -100,7 +94,6 @@ async fn upsert_round(
     let prompt_tokens: Vec<i32> = sel.iter().map(|m| to_i32(m.usage.prompt_tokens)).collect();
     let completion_tokens: Vec<i32> = sel.iter().map(|m| to_i32(m.usage.completion_tokens)).collect();
     let total_tokens: Vec<i32> = sel.iter().map(|m| to_i32(m.usage.total_tokens)).collect();
-    let images: Vec<Option<&str>> = sel.iter().map(|m| m.halakha.image_url.as_deref()).collect();
     let published: Vec<bool> = which.iter().map(|i| items[*i].1).collect();
     // The links, as (halakha id, name) pairs; the names, each once, sorted
     // (concurrent batches insert them in the same order).
@@ -132,13 +125,13 @@ async fn upsert_round(
     // statement: the links (next statement) then see them, and names a
     // concurrent transaction inserted (this one waited for it) too.
     let row_params: [(&(dyn tokio_postgres::types::ToSql + Sync), Type); 26] = [
-        (&ids, Type::TEXT_ARRAY),
-        (&contents, Type::TEXT_ARRAY),
-        (&sources, Type::TEXT_ARRAY),
-        (&langs, Type::TEXT_ARRAY),
-        (&days, Type::INT4_ARRAY),
-        (&received, Type::TIMESTAMPTZ_ARRAY),
-        (&dates, Type::DATE_ARRAY),
+        (&c.ids, Type::TEXT_ARRAY),
+        (&c.contents, Type::TEXT_ARRAY),
+        (&c.sources, Type::TEXT_ARRAY),
+        (&c.langs, Type::TEXT_ARRAY),
+        (&c.days, Type::INT4_ARRAY),
+        (&c.received, Type::TIMESTAMPTZ_ARRAY),
+        (&c.dates, Type::DATE_ARRAY),
         (&titles, Type::TEXT_ARRAY),
         (&questions, Type::TEXT_ARRAY),
         (&answers, Type::TEXT_ARRAY),
@@ -152,7 +145,7 @@ async fn upsert_round(
         (&prompt_tokens, Type::INT4_ARRAY),
         (&completion_tokens, Type::INT4_ARRAY),
         (&total_tokens, Type::INT4_ARRAY),
-        (&images, Type::TEXT_ARRAY),
+        (&c.images, Type::TEXT_ARRAY),
         (&all_tags, Type::TEXT_ARRAY),
         (&all_themes, Type::TEXT_ARRAY),
         (&src_names, Type::TEXT_ARRAY),
@@ -215,7 +208,7 @@ async fn upsert_round(
     // The links hold exactly this enrichment's names (a redelivery or a
     // replay with other names replaces them).
     let link_params: [(&(dyn tokio_postgres::types::ToSql + Sync), Type); 8] = [
-        (&ids, Type::TEXT_ARRAY),
+        (&c.ids, Type::TEXT_ARRAY),
         (&tag_ids, Type::TEXT_ARRAY),
         (&tag_names, Type::TEXT_ARRAY),
         (&theme_ids, Type::TEXT_ARRAY),

@@ -204,16 +204,7 @@ async fn every_statement_of_the_stages_is_unnamed_so_a_transaction_pooler_works(
     // ...and the stages' statements leave none (one connection: pool of 1).
     let fresh = halakha_common::db::pool(&database(env.database_url.clone(), None)).unwrap();
     let item = corpus().into_iter().find(|i| i.lang == "he").unwrap();
-    let submission = halakha_common::Submission {
-        schema_version: 1,
-        content: item.text.clone(),
-        schedule_days: Some(1),
-        lang: None,
-        source: Some(item.source.clone()),
-        idempotency_key: None,
-        image_url: None,
-    };
-    let ingested = halakha_ingest::validate::validate(submission, 100_000, 0, time::OffsetDateTime::now_utc()).unwrap();
+    let ingested = ingested_from(&item);
     assert_eq!(halakha_ingest::store::claim(&fresh, &ingested).await.unwrap(), halakha_ingest::store::Claim::New);
     let enriched = halakha_common::Enriched {
         schema_version: 1,
