@@ -206,26 +206,7 @@ async fn every_statement_of_the_stages_is_unnamed_so_a_transaction_pooler_works(
     let item = corpus().into_iter().find(|i| i.lang == "he").unwrap();
     let ingested = ingested_from(&item);
     assert_eq!(halakha_ingest::store::claim(&fresh, &ingested).await.unwrap(), halakha_ingest::store::Claim::New);
-    let enriched = halakha_common::Enriched {
-        schema_version: 1,
-        id: ingested.id.clone(),
-        halakha: ingested.halakha.clone(),
-        enrichment: halakha_common::Enrichment {
-            title: "t".into(),
-            question: "q".into(),
-            answer: "a".into(),
-            tags: vec!["שבת".into()],
-            themes: vec!["prayer".into()],
-            sources: vec![halakha_common::SourceRef { name: "Shulchan Arukh".into(), reference: None }],
-            difficulty_level: 2,
-            text_post: "p".into(),
-            legend: "l".into(),
-            language: halakha_common::Lang::He,
-        },
-        model: "m".into(),
-        prompt_version: "v".into(),
-        usage: halakha_common::Usage::default(),
-    };
+    let enriched = enriched_with_tags(&ingested, &["שבת"]);
     halakha_publish::store::upsert(&fresh, &enriched, false).await.unwrap();
     halakha_publish::store::store_page(&fresh, &enriched.id, "page", "https://www.notion.so/page").await.unwrap();
     halakha_publish::store::mark_published(&fresh, &enriched.id, Some("page"), None).await.unwrap();
