@@ -69,7 +69,6 @@ impl<Req: Send + 'static, Resp: Send + 'static> Batcher<Req, Resp> {
                         }
                     }
                     let (requests, replies): (Vec<Req>, Vec<oneshot::Sender<Resp>>) = batch.drain(..).unzip();
-                    metrics::histogram!(crate::metrics::DB_BATCH_SIZE).record(requests.len() as f64);
                     let answers = write(requests).await;
                     debug_assert_eq!(answers.len(), replies.len(), "a batch function answers every request");
                     for (reply, answer) in replies.into_iter().zip(answers) {

@@ -220,6 +220,67 @@ impl<'a> HalakhaColumns<'a> {
         }
         c
     }
+
+    /// The columns as the first eight parameters of a statement, in the
+    /// order above: `$1::text[]` (ids) to `$8::text[]` (image URLs).
+    pub fn binds(&self) -> Vec<(&(dyn tokio_postgres::types::ToSql + Sync), tokio_postgres::types::Type)> {
+        use tokio_postgres::types::Type;
+        vec![
+            (&self.ids, Type::TEXT_ARRAY),
+            (&self.contents, Type::TEXT_ARRAY),
+            (&self.sources, Type::TEXT_ARRAY),
+            (&self.langs, Type::TEXT_ARRAY),
+            (&self.days, Type::INT4_ARRAY),
+            (&self.received, Type::TIMESTAMPTZ_ARRAY),
+            (&self.dates, Type::DATE_ARRAY),
+            (&self.images, Type::TEXT_ARRAY),
+        ]
+    }
+}
+
+/// One kind of write done as a group commit ([`crate::batch`]): `many`
+/// writes the requests waiting together in one statement, `one` writes a
+/// single request (to tell which request of a failed batch is at fault).
+/// Each takes its requests by value and hands them back with the answers.
+pub struct GroupCommit<T, R> {
+    batcher: crate::batch::Batcher<T, (T, Result<R, DbError>)>,
+}
+
+impl<T, R> Clone for GroupCommit<T, R> {
+    fn clone(&self) -> Self {
+        Self { batcher: self.batcher.clone() }
+    }
+}
+
+impl<T: Send + 'static, R: Send + 'static> GroupCommit<T, R> {
+    /// Start the writers: [`DatabaseConfig::batch_workers`] of them, with
+    /// batches of at most [`crate::config::MAX_BATCH`].
+    pub fn new<M, MF, O, OF>(pool: Pool, config: &DatabaseConfig, many: M, one: O) -> Self
+    where
+        M: Fn(Pool, Vec<T>) -> MF + Send + Sync + 'static,
+        MF: std::future::Future<Output = (Vec<T>, Result<Vec<R>, DbError>)> + Send + 'static,
+        O: Fn(Pool, T) -> OF + Send + Sync + 'static,
+        OF: std::future::Future<Output = (T, Result<R, DbError>)> + Send + 'static,
+    {
+        let (many, one) = (Arc::new(many), Arc::new(one));
+        let batcher =
+            crate::batch::Batcher::spawn(config.batch_workers(), crate::config::MAX_BATCH, move |items: Vec<T>| {
+                let (pool, many, one) = (pool.clone(), many.clone(), one.clone());
+                async move {
+                    metrics::histogram!(crate::metrics::DB_BATCH_SIZE).record(items.len() as f64);
+                    let (items, result) = many(pool.clone(), items).await;
+                    answer_batch(items, result, |item| one(pool.clone(), item)).await
+                }
+            });
+        Self { batcher }
+    }
+
+    /// Write `item` with the others waiting now; it comes back with its
+    /// answer.
+    pub async fn write(&self, item: T) -> Result<(T, R), DbError> {
+        let (item, answer) = self.batcher.call(item).await?;
+        Ok((item, answer?))
+    }
 }
 
 /// The answers of a group-commit batch: `result` (the batch written in one
@@ -227,7 +288,7 @@ impl<'a> HalakhaColumns<'a> {
 /// `one`, so an error belongs to the item that caused it, unless the
 /// database was unreachable: then every item fails at once (writing them
 /// one by one would only wait out the pool's timeout once per item).
-pub async fn answer_batch<T, R, F>(
+async fn answer_batch<T, R, F>(
     items: Vec<T>,
     result: Result<Vec<R>, DbError>,
     one: impl Fn(T) -> F,
@@ -340,6 +401,7 @@ pub async fn migrate(pool: &Pool) -> Result<(), DbError> {
 
 #[cfg(test)]
 mod tests {
+    use super::*;
 
     #[tokio::test]
     async fn a_failed_batch_is_written_item_by_item_unless_the_database_is_unreachable() {
@@ -364,8 +426,6 @@ mod tests {
         assert_eq!(calls.load(Ordering::SeqCst), 3);
         assert!(down.iter().all(|(_, r)| r.as_ref().is_err_and(DbError::is_unreachable)));
     }
-
-    use super::*;
 
     #[test]
     fn sslmode_maps_to_what_tokio_postgres_reads_and_a_tls_mode() {

@@ -115,11 +115,7 @@ impl App {
 
         let books_pool = pool.clone();
         let ingestor = service::Ingestor {
-            claims: store::Claims::new(
-                pool.clone(),
-                config.database.batch_workers(),
-                halakha_common::config::MAX_BATCH,
-            ),
+            claims: store::claims(pool.clone(), &config.database),
             pool,
             publisher: Publisher::new(stage.js.clone()),
             ingested_subject: stage.names.subject(Subject::Ingested),

@@ -60,7 +60,7 @@ impl Ingestor {
 
     /// Claim the id in Postgres: the durable half of idempotency.
     pub async fn record(&self, message: Ingested, via: Via) -> Result<Decision, DbError> {
-        let (message, claim) = self.claims.claim(message).await?;
+        let (message, claim) = self.claims.write(message).await?;
         let decision = match claim {
             Claim::New => Decision::Publish { message, duplicate: false },
             Claim::Pending => Decision::Publish { message, duplicate: true },

@@ -1,7 +1,8 @@
 //! The ingest stage's view of the `halakhot` table.
 
 use deadpool_postgres::Pool;
-use halakha_common::db::DbError;
+use halakha_common::config::DatabaseConfig;
+use halakha_common::db::{DbError, GroupCommit};
 use halakha_common::envelope::Ingested;
 use serde::Serialize;
 use tokio_postgres::types::Type;
@@ -48,26 +49,17 @@ pub async fn claim_many(pool: &Pool, items: &[Ingested]) -> Result<Vec<Claim>, D
                  FROM input ORDER BY ord
                  ON CONFLICT (id) DO NOTHING
                  RETURNING id)
-             SELECT i.ord, ins.id IS NOT NULL, h.status
+             SELECT ins.id IS NOT NULL, h.status
              FROM input i LEFT JOIN ins ON ins.id = i.id LEFT JOIN halakhot h ON h.id = i.id
              ORDER BY i.ord",
-            &[
-                (&c.ids, Type::TEXT_ARRAY),
-                (&c.contents, Type::TEXT_ARRAY),
-                (&c.sources, Type::TEXT_ARRAY),
-                (&c.langs, Type::TEXT_ARRAY),
-                (&c.days, Type::INT4_ARRAY),
-                (&c.received, Type::TIMESTAMPTZ_ARRAY),
-                (&c.dates, Type::DATE_ARRAY),
-                (&c.images, Type::TEXT_ARRAY),
-            ],
+            &c.binds(),
         )
         .await?;
     let mut claimed = std::collections::HashSet::new();
     let mut out = Vec::with_capacity(items.len());
     for (m, row) in items.iter().zip(&rows) {
-        let inserted: bool = row.get(1);
-        let status: Option<String> = row.get(2);
+        let inserted: bool = row.get(0);
+        let status: Option<String> = row.get(1);
         out.push(if inserted && claimed.insert(m.id.as_str()) {
             Claim::New
         } else {
@@ -83,39 +75,23 @@ pub async fn claim_many(pool: &Pool, items: &[Ingested]) -> Result<Vec<Claim>, D
     Ok(out)
 }
 
-/// Claims written in batches: each submission waits for its own answer,
-/// the ones waiting together share one statement.
-#[derive(Clone)]
-pub struct Claims {
-    batcher: halakha_common::batch::Batcher<Ingested, (Ingested, Result<Claim, DbError>)>,
-}
+/// Claims written as a group commit: each submission waits for its own
+/// answer, the ones waiting together share one statement.
+pub type Claims = GroupCommit<Ingested, Claim>;
 
-impl Claims {
-    /// Up to `workers` statements at once (each holds a connection), of at
-    /// most `max_batch` submissions each.
-    pub fn new(pool: Pool, workers: usize, max_batch: usize) -> Self {
-        let batcher = halakha_common::batch::Batcher::spawn(workers, max_batch, move |items: Vec<Ingested>| {
-            let pool = pool.clone();
-            async move {
-                let result = claim_many(&pool, &items).await;
-                halakha_common::db::answer_batch(items, result, |m| {
-                    let pool = pool.clone();
-                    async move {
-                        let claim = claim(&pool, &m).await;
-                        (m, claim)
-                    }
-                })
-                .await
-            }
-        });
-        Self { batcher }
-    }
-
-    /// Claim one submission; the message comes back with its claim.
-    pub async fn claim(&self, m: Ingested) -> Result<(Ingested, Claim), DbError> {
-        let (m, claim) = self.batcher.call(m).await?;
-        Ok((m, claim?))
-    }
+pub fn claims(pool: Pool, config: &DatabaseConfig) -> Claims {
+    GroupCommit::new(
+        pool,
+        config,
+        |pool, items: Vec<Ingested>| async move {
+            let claims = claim_many(&pool, &items).await;
+            (items, claims)
+        },
+        |pool, m: Ingested| async move {
+            let claim = claim(&pool, &m).await;
+            (m, claim)
+        },
+    )
 }
 
 /// Mark a dead-lettered halakha `failed` with the reason, unless it was

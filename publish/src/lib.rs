@@ -55,12 +55,13 @@ impl Handler for PublishHandler {
         // the row marked published.
         let (input, page) = match &self.notion {
             None => {
-                let (input, _) = self.rows.upsert(input, true).await.map_err(|e| db_error("store the halakha", e))?;
+                let ((input, _), _) =
+                    self.rows.write((input, true)).await.map_err(|e| db_error("store the halakha", e))?;
                 (input, None)
             }
             Some(notion) => {
-                let (input, state) =
-                    self.rows.upsert(input, false).await.map_err(|e| db_error("store the halakha", e))?;
+                let ((input, _), state) =
+                    self.rows.write((input, false)).await.map_err(|e| db_error("store the halakha", e))?;
                 metrics::counter!(m::DB_WRITES_TOTAL, "status" => "enriched").increment(1);
                 let page = self.page(notion, &input, state).await?;
                 store::mark_published(&self.pool, &input.id, Some(&page.id), Some(&page.url))
@@ -170,7 +171,7 @@ impl App {
         db::report_health(&pool, &stage.readiness);
         redis.report_health(&stage.readiness);
         stage.readiness.info("notion", notion_info);
-        let rows = store::Rows::new(pool.clone(), config.database.batch_workers(), halakha_common::config::MAX_BATCH);
+        let rows = store::rows(pool.clone(), &config.database);
         Ok(Self { stage, handler: Arc::new(PublishHandler { pool, rows, notion }) })
     }
 

@@ -2,7 +2,8 @@
 //! redelivery changes nothing.
 
 use deadpool_postgres::Pool;
-use halakha_common::db::DbError;
+use halakha_common::config::DatabaseConfig;
+use halakha_common::db::{DbError, GroupCommit};
 use halakha_common::envelope::Enriched;
 use tokio_postgres::types::Type;
 
@@ -124,14 +125,9 @@ async fn upsert_round(
     // New tag, theme and source names are inserted here, in their own
     // statement: the links (next statement) then see them, and names a
     // concurrent transaction inserted (this one waited for it) too.
-    let row_params: [(&(dyn tokio_postgres::types::ToSql + Sync), Type); 26] = [
-        (&c.ids, Type::TEXT_ARRAY),
-        (&c.contents, Type::TEXT_ARRAY),
-        (&c.sources, Type::TEXT_ARRAY),
-        (&c.langs, Type::TEXT_ARRAY),
-        (&c.days, Type::INT4_ARRAY),
-        (&c.received, Type::TIMESTAMPTZ_ARRAY),
-        (&c.dates, Type::DATE_ARRAY),
+    // $1..$8: the submitted text's columns; then the enrichment's.
+    let mut row_params = c.binds();
+    row_params.extend::<[(&(dyn tokio_postgres::types::ToSql + Sync), Type); 18]>([
         (&titles, Type::TEXT_ARRAY),
         (&questions, Type::TEXT_ARRAY),
         (&answers, Type::TEXT_ARRAY),
@@ -145,22 +141,21 @@ async fn upsert_round(
         (&prompt_tokens, Type::INT4_ARRAY),
         (&completion_tokens, Type::INT4_ARRAY),
         (&total_tokens, Type::INT4_ARRAY),
-        (&c.images, Type::TEXT_ARRAY),
         (&all_tags, Type::TEXT_ARRAY),
         (&all_themes, Type::TEXT_ARRAY),
         (&src_names, Type::TEXT_ARRAY),
         (&src_refs, Type::TEXT_ARRAY),
         (&published, Type::BOOL_ARRAY),
-    ];
+    ]);
     let rows = tx.query_typed(
         "WITH input AS (
                  SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::int4[], $6::timestamptz[],
-                     $7::date[], $8::text[], $9::text[], $10::text[], $11::int2[], $12::text[], $13::text[],
-                     $14::text[], $15::text[], $16::text[], $17::int4[], $18::int4[], $19::int4[], $20::int4[],
-                     $21::text[], $26::bool[])
-                 AS u(id, content, source, lang, schedule_days, received_at, date_post, title, question, answer,
-                      difficulty_level, text_post, legend, language, model, prompt_version, schema_version,
-                      prompt_tokens, completion_tokens, total_tokens, image_url, published)),
+                     $7::date[], $8::text[], $9::text[], $10::text[], $11::text[], $12::int2[], $13::text[],
+                     $14::text[], $15::text[], $16::text[], $17::text[], $18::int4[], $19::int4[], $20::int4[],
+                     $21::int4[], $26::bool[])
+                 AS u(id, content, source, lang, schedule_days, received_at, date_post, image_url, title, question,
+                      answer, difficulty_level, text_post, legend, language, model, prompt_version, schema_version,
+                      prompt_tokens, completion_tokens, total_tokens, published)),
              h AS (
                  INSERT INTO halakhot (id, status, content, source, lang, schedule_days, received_at, date_post,
                      title, question, answer, difficulty_level, text_post, legend, language,
@@ -203,7 +198,7 @@ async fn upsert_round(
              -- does not see the upsert).
              SELECT h.id, h.notion_page_id, h.notion_page_url, before.notion_create_started_at IS NOT NULL
              FROM h LEFT JOIN halakhot before ON before.id = h.id",
-        &row_params,
+        &row_params[..],
     );
     // The links hold exactly this enrichment's names (a redelivery or a
     // replay with other names replaces them).
@@ -251,44 +246,26 @@ async fn upsert_round(
         .collect())
 }
 
-/// Upserts written in batches: each message waits for its own answer, the
-/// ones waiting together share one transaction.
-#[derive(Clone)]
-pub struct Rows {
-    batcher: halakha_common::batch::Batcher<(Enriched, bool), (Enriched, Result<NotionState, DbError>)>,
-}
+/// Upserts written as a group commit: each message (with whether its
+/// upsert publishes the row) waits for its own answer, the ones waiting
+/// together share one transaction.
+pub type Rows = GroupCommit<(Enriched, bool), NotionState>;
 
-impl Rows {
-    /// Up to `workers` transactions at once (each holds a connection), of
-    /// at most `max_batch` messages each.
-    pub fn new(pool: Pool, workers: usize, max_batch: usize) -> Self {
-        let batcher = halakha_common::batch::Batcher::spawn(workers, max_batch, move |items: Vec<(Enriched, bool)>| {
-            let pool = pool.clone();
-            async move {
-                let refs: Vec<(&Enriched, bool)> = items.iter().map(|(m, p)| (m, *p)).collect();
-                let result = upsert_many(&pool, &refs).await;
-                drop(refs);
-                halakha_common::db::answer_batch(items, result, |(m, published)| {
-                    let pool = pool.clone();
-                    async move {
-                        let state = upsert(&pool, &m, published).await;
-                        ((m, published), state)
-                    }
-                })
-                .await
-                .into_iter()
-                .map(|((m, _), state)| (m, state))
-                .collect()
-            }
-        });
-        Self { batcher }
-    }
-
-    /// Upsert one message; it comes back with the row's Notion state.
-    pub async fn upsert(&self, m: Enriched, published: bool) -> Result<(Enriched, NotionState), DbError> {
-        let (m, state) = self.batcher.call((m, published)).await?;
-        Ok((m, state?))
-    }
+pub fn rows(pool: Pool, config: &DatabaseConfig) -> Rows {
+    GroupCommit::new(
+        pool,
+        config,
+        |pool, items: Vec<(Enriched, bool)>| async move {
+            let refs: Vec<(&Enriched, bool)> = items.iter().map(|(m, p)| (m, *p)).collect();
+            let states = upsert_many(&pool, &refs).await;
+            drop(refs);
+            (items, states)
+        },
+        |pool, (m, published): (Enriched, bool)| async move {
+            let state = upsert(&pool, &m, published).await;
+            ((m, published), state)
+        },
+    )
 }
 
 /// Store the page right after it was created, before anything else can
