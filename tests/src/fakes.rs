@@ -33,14 +33,16 @@ pub enum Model {
     Chaos,
     /// The first call answers 429 `insufficient_quota`; later calls succeed.
     QuotaOnce,
-    /// Never answers in time: every call hangs for a minute.
-    Hang,
-    /// Faithful, but each answer takes 150 ms (work is in flight long
-    /// enough for a crash to land in the middle of it).
-    Slow,
-    /// Faithful, each answer after this many milliseconds (benchmarks of a
-    /// slow provider).
+    /// Faithful, each answer after this many milliseconds.
     Delayed(u64),
+}
+
+impl Model {
+    /// Each answer takes 150 ms: work is in flight long enough for a crash
+    /// to land in the middle of it.
+    pub const SLOW: Model = Model::Delayed(150);
+    /// Never answers in time: every call hangs for a minute.
+    pub const HANG: Model = Model::Delayed(60_000);
 }
 
 /// What the chaos fake did, by kind.
@@ -160,14 +162,8 @@ impl Respond for ChatCompletions {
             pwned["language"] = if language(&text) == "he" { "en".into() } else { "he".into() };
             return completion(&body, pwned.to_string());
         }
-        if matches!(self.model, Model::Slow) {
-            return completion(&body, enrichment(&text).to_string()).set_delay(std::time::Duration::from_millis(150));
-        }
         if let Model::Delayed(ms) = self.model {
             return completion(&body, enrichment(&text).to_string()).set_delay(std::time::Duration::from_millis(ms));
-        }
-        if matches!(self.model, Model::Hang) {
-            return completion(&body, enrichment(&text).to_string()).set_delay(std::time::Duration::from_secs(60));
         }
         let call = self.calls.load(Ordering::SeqCst);
         if matches!(self.model, Model::QuotaOnce) && call == 1 {
@@ -215,9 +211,7 @@ impl Respond for ChatCompletions {
             }
         }
         let content = match self.model {
-            Model::Faithful | Model::Chaos | Model::QuotaOnce | Model::Hang | Model::Slow | Model::Delayed(_) => {
-                enrichment(&text).to_string()
-            }
+            Model::Faithful | Model::Chaos | Model::QuotaOnce | Model::Delayed(_) => enrichment(&text).to_string(),
             Model::MissingFieldOnce if is_repair(&body) => enrichment(&text).to_string(),
             Model::MissingFieldOnce => {
                 let mut v = enrichment(&text);

@@ -446,30 +446,25 @@ async fn stage_means(stages: &[&StageProcess]) -> serde_json::Map<String, Value>
     for p in stages {
         let Ok(resp) = client.get(format!("http://{}/metrics", p.metrics_addr)).send().await else { continue };
         let text = resp.text().await.unwrap_or_default();
-        let value = |series: &str| -> f64 {
+        // Series of this stage (labelled `stage`) or of its process (the
+        // group commit's batches, in ingest and publish).
+        let stage = format!("stage=\"{}\"", p.name);
+        let total = |series: &str| -> f64 {
             text.lines()
-                .filter(|l| l.starts_with(series) && l.contains(&format!("stage=\"{}\"", p.name)))
+                .filter(|l| l.starts_with(series) && (!l.contains("stage=") || l.contains(&stage)))
                 .filter_map(|l| l.rsplit(' ').next().and_then(|v| v.parse::<f64>().ok()))
                 .sum()
         };
-        let sum = value("halakha_stage_processing_duration_seconds_sum");
-        let count = value("halakha_stage_processing_duration_seconds_count");
-        let mean_ms = if count > 0.0 { sum / count * 1000.0 } else { f64::NAN };
-        // The group commit's batches (ingest and publish).
-        let unlabelled = |series: &str| -> f64 {
-            text.lines()
-                .filter(|l| l.starts_with(series))
-                .filter_map(|l| l.rsplit(' ').next().and_then(|v| v.parse::<f64>().ok()))
-                .sum()
+        let count = total("halakha_stage_processing_duration_seconds_count");
+        let mean_ms = ratio(total("halakha_stage_processing_duration_seconds_sum"), count) * 1000.0;
+        let rows_per_batch = ratio(total("halakha_db_batch_rows_sum"), total("halakha_db_batch_rows_count"));
+        let batch = if rows_per_batch.is_nan() {
+            String::new()
+        } else {
+            format!(", {rows_per_batch:.1} rows per database batch")
         };
-        let (rows, batches) = (unlabelled("halakha_db_batch_rows_sum"), unlabelled("halakha_db_batch_rows_count"));
-        let batch =
-            if batches > 0.0 { format!(", {:.1} rows per database batch", rows / batches) } else { String::new() };
         println!("   {}: {count:.0} messages, {mean_ms:.1} ms each from delivery to ack{batch}", p.name);
-        out.insert(
-            p.name.into(),
-            json!({"messages": count, "mean_ms": mean_ms, "rows_per_batch": if batches > 0.0 { rows / batches } else { f64::NAN }}),
-        );
+        out.insert(p.name.into(), json!({"messages": count, "mean_ms": mean_ms, "rows_per_batch": rows_per_batch}));
     }
     out
 }

@@ -211,7 +211,7 @@ async fn a_message_the_broker_gives_up_on_after_a_crash_becomes_a_dead_letter_wi
     // One delivery allowed; the worker takes it and dies mid-call.
     let vars = [("MAX_DELIVER", "1"), ("ACK_WAIT_SECS", "5")];
     let mut p =
-        Pipeline::start(Spec { model: Model::Hang, publish: false, enrich_vars: &vars, ..Spec::default() }).await;
+        Pipeline::start(Spec { model: Model::HANG, publish: false, enrich_vars: &vars, ..Spec::default() }).await;
     let item = corpus().into_iter().find(|i| i.lang == "he").unwrap();
     let id = p.submit(json!({"content": item.text})).await["id"].as_str().unwrap().to_owned();
     let deadline = tokio::time::Instant::now() + Duration::from_secs(30);

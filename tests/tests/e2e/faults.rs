@@ -100,7 +100,7 @@ async fn a_nats_server_killed_and_restarted_mid_stream_loses_nothing_and_duplica
 async fn each_stage_killed_mid_batch_and_restarted_loses_nothing_and_duplicates_nothing() {
     let vars = [("ACK_WAIT_SECS", "5")];
     let mut p = Pipeline::start(Spec {
-        model: halakha_tests::fakes::Model::Slow,
+        model: halakha_tests::fakes::Model::SLOW,
         ingest_vars: &vars,
         enrich_vars: &vars,
         publish_vars: &vars,
@@ -152,7 +152,7 @@ async fn postgres_unreachable_for_twenty_seconds_pauses_publish_and_loses_nothin
     // dead-letter messages.
     let proxy = halakha_tests::TcpProxy::start("127.0.0.1:5432").await;
     let mut p =
-        Pipeline::start(Spec { model: halakha_tests::fakes::Model::Slow, publish: false, ..Spec::default() }).await;
+        Pipeline::start(Spec { model: halakha_tests::fakes::Model::SLOW, publish: false, ..Spec::default() }).await;
     let proxied = p.env.database_url.replace("127.0.0.1:5432", &proxy.addr.to_string());
     p.add_publish(&[("DATABASE_URL", proxied.as_str()), ("NOTION_REQUESTS_PER_SECOND", "100"), ("MAX_DELIVER", "2")])
         .await;
@@ -199,7 +199,7 @@ async fn redis_stopped_mid_stream_leaves_enrichment_going_without_its_cache() {
     let redis = format!("redis://{}", proxy.addr);
     let vars = [("REDIS_URL", redis.as_str())];
     let p =
-        Pipeline::start(Spec { model: halakha_tests::fakes::Model::Slow, enrich_vars: &vars, ..Spec::default() }).await;
+        Pipeline::start(Spec { model: halakha_tests::fakes::Model::SLOW, enrich_vars: &vars, ..Spec::default() }).await;
     let ids = submit_retrying(&p, &texts(20, 60)).await;
     let _: Vec<Published> = p.env.collect(S::Published, 4, Duration::from_secs(60)).await;
     proxy.cut();
@@ -239,7 +239,7 @@ async fn bursts_of_429_and_529_from_notion_are_waited_out_and_each_page_is_made_
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_replicas_of_every_stage_share_the_work_and_nothing_is_done_twice() {
-    let mut p = Pipeline::start(Spec { model: halakha_tests::fakes::Model::Slow, ..Spec::default() }).await;
+    let mut p = Pipeline::start(Spec { model: halakha_tests::fakes::Model::SLOW, ..Spec::default() }).await;
     p.add_ingest(&[]).await;
     p.add_enrich(&[]).await;
     p.add_publish(&[("NOTION_REQUESTS_PER_SECOND", "100")]).await;
@@ -268,7 +268,7 @@ async fn a_stage_that_makes_no_progress_with_work_waiting_reports_not_ready() {
     // acks) and finishes none.
     let vars = [("WATCHDOG_SECS", "2"), ("OPENAI_TIMEOUT_MS", "600000")];
     let p = Pipeline::start(Spec {
-        model: halakha_tests::fakes::Model::Hang,
+        model: halakha_tests::fakes::Model::HANG,
         publish: false,
         enrich_vars: &vars,
         ..Spec::default()
@@ -340,7 +340,7 @@ async fn when_the_drain_runs_out_of_time_held_messages_are_handed_back_at_once()
     // A long ack_wait: without the hand-back, the message would wait 60 s.
     let vars = [("DRAIN_TIMEOUT_SECS", "1"), ("ACK_WAIT_SECS", "60"), ("OPENAI_TIMEOUT_MS", "600000")];
     let mut p = Pipeline::start(Spec {
-        model: halakha_tests::fakes::Model::Hang,
+        model: halakha_tests::fakes::Model::HANG,
         publish: false,
         enrich_vars: &vars,
         ..Spec::default()

@@ -100,7 +100,7 @@ async fn redriving_a_dead_letter_ends_with_the_item_published_and_the_entry_gone
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn status_matches_the_servers_consumer_info_and_the_topology_has_no_drift() {
-    let p = Pipeline::start(Spec { model: Model::Hang, publish: false, ..Spec::default() }).await;
+    let p = Pipeline::start(Spec { model: Model::HANG, publish: false, ..Spec::default() }).await;
     submit_batch(&p, 3).await;
     // enrich holds what it took (the model hangs): unacknowledged work.
     let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
