@@ -2,16 +2,14 @@
 
 use deadpool_postgres::Pool;
 use halakha_common::config::DatabaseConfig;
-use halakha_common::db::{DbError, GroupCommit, Statements};
+use halakha_common::db::{DbError, GroupCommit};
 use halakha_common::envelope::Ingested;
 use serde::Serialize;
 use tokio_postgres::types::Type;
 
-// The claim, run for every submission, is prepared once per connection
-// unless the pool goes through a transaction-mode pooler (Supabase port
-// 6543, PgBouncer), which cannot keep named statements between
-// transactions ([`Statements`]). The other statements are always unnamed
-// (`query_typed`).
+// Every statement here is unnamed (`query_typed`): it works through a
+// transaction-mode pooler (Supabase port 6543, PgBouncer), which cannot
+// keep named prepared statements between transactions.
 
 /// Result of recording a submission.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -26,23 +24,22 @@ pub enum Claim {
 }
 
 /// Record the submission as `accepted` unless the id is already known.
-pub async fn claim(pool: &Pool, how: Statements, m: &Ingested) -> Result<Claim, DbError> {
-    let mut claims = claim_many(pool, how, std::slice::from_ref(m)).await?;
+pub async fn claim(pool: &Pool, m: &Ingested) -> Result<Claim, DbError> {
+    let mut claims = claim_many(pool, std::slice::from_ref(m)).await?;
     Ok(claims.pop().unwrap_or(Claim::Pending))
 }
 
 /// [`claim`] for many submissions in one statement (one parse, one plan,
 /// one commit), answered in order. An id twice in `items` is `New` once
 /// and `Pending` after.
-pub async fn claim_many(pool: &Pool, how: Statements, items: &[Ingested]) -> Result<Vec<Claim>, DbError> {
+pub async fn claim_many(pool: &Pool, items: &[Ingested]) -> Result<Vec<Claim>, DbError> {
     let conn = pool.get().await?;
     let c = halakha_common::db::HalakhaColumns::new(items.iter().map(|m| (m.id.as_str(), &m.halakha)));
     // The statement's snapshot does not see the rows it inserts: a new id
     // comes back from `ins`, a known one with its status from `halakhot`.
-    let rows = halakha_common::db::query(
-        &conn,
-        how,
-        "WITH input AS (
+    let rows = conn
+        .query_typed(
+            "WITH input AS (
                  SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::int4[],
                                       $6::timestamptz[], $7::date[], $8::text[])
                      WITH ORDINALITY AS u(id, content, source, lang, schedule_days, received_at, date_post, image_url, ord)),
@@ -55,9 +52,9 @@ pub async fn claim_many(pool: &Pool, how: Statements, items: &[Ingested]) -> Res
              SELECT ins.id IS NOT NULL, h.status
              FROM input i LEFT JOIN ins ON ins.id = i.id LEFT JOIN halakhot h ON h.id = i.id
              ORDER BY i.ord",
-        &c.binds(),
-    )
-    .await?;
+            &c.binds(),
+        )
+        .await?;
     let mut claimed = std::collections::HashSet::new();
     let mut out = Vec::with_capacity(items.len());
     for (m, row) in items.iter().zip(&rows) {
@@ -83,16 +80,15 @@ pub async fn claim_many(pool: &Pool, how: Statements, items: &[Ingested]) -> Res
 pub type Claims = GroupCommit<Ingested, Claim>;
 
 pub fn claims(pool: Pool, config: &DatabaseConfig) -> Claims {
-    let how = config.statements();
     GroupCommit::new(
         pool,
         config,
-        move |pool, items: Vec<Ingested>| async move {
-            let claims = claim_many(&pool, how, &items).await;
+        |pool, items: Vec<Ingested>| async move {
+            let claims = claim_many(&pool, &items).await;
             (items, claims)
         },
-        move |pool, m: Ingested| async move {
-            let claim = claim(&pool, how, &m).await;
+        |pool, m: Ingested| async move {
+            let claim = claim(&pool, &m).await;
             (m, claim)
         },
     )
