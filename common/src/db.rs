@@ -184,6 +184,7 @@ fn without_param(url: &str, name: &str) -> String {
 
 /// The `halakhot` columns of submitted texts, one array per column, for a
 /// multi-row statement (`unnest($1::text[], ...)`).
+#[derive(Default)]
 pub struct HalakhaColumns<'a> {
     pub ids: Vec<&'a str>,
     pub contents: Vec<&'a str>,
@@ -198,16 +199,7 @@ pub struct HalakhaColumns<'a> {
 impl<'a> HalakhaColumns<'a> {
     /// From `(id, halakha)` pairs, in order.
     pub fn new(items: impl Iterator<Item = (&'a str, &'a crate::Halakha)>) -> Self {
-        let mut c = Self {
-            ids: Vec::new(),
-            contents: Vec::new(),
-            sources: Vec::new(),
-            langs: Vec::new(),
-            days: Vec::new(),
-            received: Vec::new(),
-            dates: Vec::new(),
-            images: Vec::new(),
-        };
+        let mut c = Self::default();
         for (id, h) in items {
             c.ids.push(id);
             c.contents.push(h.content.as_str());

@@ -258,7 +258,6 @@ pub fn rows(pool: Pool, config: &DatabaseConfig) -> Rows {
         |pool, items: Vec<(Enriched, bool)>| async move {
             let refs: Vec<(&Enriched, bool)> = items.iter().map(|(m, p)| (m, *p)).collect();
             let states = upsert_many(&pool, &refs).await;
-            drop(refs);
             (items, states)
         },
         |pool, (m, published): (Enriched, bool)| async move {
