@@ -289,6 +289,13 @@ pub struct DatabaseConfig {
 }
 
 impl DatabaseConfig {
+    /// How the write path's statements are sent: named unless the URL
+    /// names a transaction-mode pooler.
+    pub fn statements(&self) -> crate::db::Statements {
+        use secrecy::ExposeSecret;
+        crate::db::Statements::for_url(self.url.expose_secret())
+    }
+
     pub fn read(r: &mut Reader<'_>) -> Self {
         let url = r.secret("DATABASE_URL");
         {

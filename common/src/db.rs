@@ -168,12 +168,76 @@ fn tls_connector(mode: TlsMode, ca_file: Option<&std::path::Path>) -> Result<Mak
 }
 
 /// True for a transaction-mode pooler: Supabase's port 6543, or a URL
-/// marked `pgbouncer=true` (the convention Supabase's URLs use). Every
-/// statement of the stages is unnamed, so they work there unchanged.
+/// marked `pgbouncer=true` (the convention Supabase's and Prisma's URLs
+/// use). There every statement of the stages is unnamed
+/// ([`Statements::Unnamed`]), so they work unchanged.
 pub fn behind_transaction_pooler(url: &str) -> bool {
     let authority = url.split("://").nth(1).unwrap_or("").split(['/', '?']).next().unwrap_or("");
     let port = authority.rsplit_once(':').map(|(_, p)| p).unwrap_or("");
     port == "6543" || url.contains("pgbouncer=true")
+}
+
+/// How the write path's statements (a claim, an upsert: the ones run for
+/// every message) reach the server.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Statements {
+    /// Prepared once per connection and kept (named, in the pool's
+    /// statement cache): the server parses and plans them once, not at
+    /// every batch.
+    Named,
+    /// Sent unnamed every time: the only kind a transaction-mode pooler
+    /// passes, as it cannot keep a statement between transactions.
+    Unnamed,
+}
+
+impl Statements {
+    /// Unnamed behind a transaction-mode pooler, named otherwise.
+    pub fn for_url(url: &str) -> Self {
+        if behind_transaction_pooler(url) { Statements::Unnamed } else { Statements::Named }
+    }
+}
+
+/// A statement's parameters, each with its type.
+pub type Binds<'a> = [(&'a (dyn tokio_postgres::types::ToSql + Sync), tokio_postgres::types::Type)];
+
+/// A pooled connection or a transaction on one: what [`query`] runs on.
+pub trait Connection: deadpool_postgres::GenericClient {
+    /// The underlying client, for unnamed statements.
+    type Plain: tokio_postgres::GenericClient;
+    fn plain(&self) -> &Self::Plain;
+}
+
+impl Connection for deadpool_postgres::Client {
+    type Plain = tokio_postgres::Client;
+    fn plain(&self) -> &tokio_postgres::Client {
+        self
+    }
+}
+
+impl<'a> Connection for deadpool_postgres::Transaction<'a> {
+    type Plain = tokio_postgres::Transaction<'a>;
+    fn plain(&self) -> &tokio_postgres::Transaction<'a> {
+        self
+    }
+}
+
+/// Run a write-path statement (`sql` with `binds`), named or unnamed as
+/// `how` says, and return its rows.
+pub async fn query<C: Connection>(
+    client: &C,
+    how: Statements,
+    sql: &str,
+    binds: &Binds<'_>,
+) -> Result<Vec<tokio_postgres::Row>, tokio_postgres::Error> {
+    match how {
+        Statements::Unnamed => tokio_postgres::GenericClient::query_typed(client.plain(), sql, binds).await,
+        Statements::Named => {
+            let types: Vec<tokio_postgres::types::Type> = binds.iter().map(|(_, t)| t.clone()).collect();
+            let statement = client.prepare_typed_cached(sql, &types).await?;
+            let params: Vec<&(dyn tokio_postgres::types::ToSql + Sync)> = binds.iter().map(|(v, _)| *v).collect();
+            deadpool_postgres::GenericClient::query(client, &statement, &params).await
+        }
+    }
 }
 
 fn without_param(url: &str, name: &str) -> String {

@@ -21,6 +21,12 @@ pub const SCHEMA_NAME: &str = "halakha_enrichment";
 /// property required (optional values are `null`able), references inlined,
 /// and no keyword strict mode refuses.
 pub fn schema() -> Value {
+    // Built once: every completion request carries it.
+    static SCHEMA: std::sync::LazyLock<Value> = std::sync::LazyLock::new(build_schema);
+    SCHEMA.clone()
+}
+
+fn build_schema() -> Value {
     use utoipa::{PartialSchema, ToSchema};
     let mut deps = Vec::new();
     Enrichment::schemas(&mut deps);

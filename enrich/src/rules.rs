@@ -26,10 +26,15 @@ pub enum Script {
 
 pub fn script(text: &str) -> Script {
     let (mut hebrew, mut latin, mut other) = (0usize, 0usize, 0usize);
-    for c in text.chars().filter(|c| c.is_alphabetic()) {
+    for c in text.chars() {
+        // ASCII and the Hebrew letters answer without the Unicode tables
+        // (`is_alphabetic` looks the others up).
         match c {
+            c if c.is_ascii() => latin += usize::from(c.is_ascii_alphabetic()),
+            '\u{5d0}'..='\u{5ea}' => hebrew += 1,
+            c if !c.is_alphabetic() => {}
             '\u{591}'..='\u{5ff}' | '\u{fb1d}'..='\u{fb4f}' => hebrew += 1,
-            c if c.is_ascii_alphabetic() || ('\u{c0}'..='\u{24f}').contains(&c) => latin += 1,
+            '\u{c0}'..='\u{24f}' => latin += 1,
             _ => other += 1,
         }
     }
@@ -163,6 +168,34 @@ pub mod tests {
         let mut e = enrichment(Lang::He);
         e.sources = vec![SourceRef { name: "Shulchan Arukh".into(), reference: Some("1:1".into()) }];
         assert_eq!(check(&e, &input), Vec::<String>::new());
+    }
+
+    #[test]
+    fn every_character_counts_for_the_script_it_counted_for_before_the_fast_path() {
+        // The plain definition: alphabetic characters, by block.
+        fn reference(text: &str) -> Script {
+            let (mut hebrew, mut latin, mut other) = (0usize, 0usize, 0usize);
+            for c in text.chars().filter(|c| c.is_alphabetic()) {
+                match c {
+                    '\u{591}'..='\u{5ff}' | '\u{fb1d}'..='\u{fb4f}' => hebrew += 1,
+                    c if c.is_ascii_alphabetic() || ('\u{c0}'..='\u{24f}').contains(&c) => latin += 1,
+                    _ => other += 1,
+                }
+            }
+            if hebrew > latin && hebrew > other {
+                Script::Hebrew
+            } else if latin > other {
+                Script::Latin
+            } else {
+                Script::Other
+            }
+        }
+        // `c` alone and `c c a` together tell each character's class apart.
+        for c in ('\0'..='\u{ffff}').filter(|c| !c.is_control() || *c == '\n') {
+            for probe in [c.to_string(), format!("{c}{c}a")] {
+                assert_eq!(script(&probe), reference(&probe), "{:?}", c);
+            }
+        }
     }
 
     #[test]

@@ -2,14 +2,16 @@
 
 use deadpool_postgres::Pool;
 use halakha_common::config::DatabaseConfig;
-use halakha_common::db::{DbError, GroupCommit};
+use halakha_common::db::{DbError, GroupCommit, Statements};
 use halakha_common::envelope::Ingested;
 use serde::Serialize;
 use tokio_postgres::types::Type;
 
-// Every statement here is unnamed (`query_typed`): it works through a
-// transaction-mode pooler (Supabase port 6543, PgBouncer), which cannot
-// keep named prepared statements between transactions.
+// The claim, run for every submission, is prepared once per connection
+// unless the pool goes through a transaction-mode pooler (Supabase port
+// 6543, PgBouncer), which cannot keep named statements between
+// transactions ([`Statements`]). The other statements are always unnamed
+// (`query_typed`).
 
 /// Result of recording a submission.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -24,22 +26,23 @@ pub enum Claim {
 }
 
 /// Record the submission as `accepted` unless the id is already known.
-pub async fn claim(pool: &Pool, m: &Ingested) -> Result<Claim, DbError> {
-    let mut claims = claim_many(pool, std::slice::from_ref(m)).await?;
+pub async fn claim(pool: &Pool, how: Statements, m: &Ingested) -> Result<Claim, DbError> {
+    let mut claims = claim_many(pool, how, std::slice::from_ref(m)).await?;
     Ok(claims.pop().unwrap_or(Claim::Pending))
 }
 
 /// [`claim`] for many submissions in one statement (one parse, one plan,
 /// one commit), answered in order. An id twice in `items` is `New` once
 /// and `Pending` after.
-pub async fn claim_many(pool: &Pool, items: &[Ingested]) -> Result<Vec<Claim>, DbError> {
+pub async fn claim_many(pool: &Pool, how: Statements, items: &[Ingested]) -> Result<Vec<Claim>, DbError> {
     let conn = pool.get().await?;
     let c = halakha_common::db::HalakhaColumns::new(items.iter().map(|m| (m.id.as_str(), &m.halakha)));
     // The statement's snapshot does not see the rows it inserts: a new id
     // comes back from `ins`, a known one with its status from `halakhot`.
-    let rows = conn
-        .query_typed(
-            "WITH input AS (
+    let rows = halakha_common::db::query(
+        &conn,
+        how,
+        "WITH input AS (
                  SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::int4[],
                                       $6::timestamptz[], $7::date[], $8::text[])
                      WITH ORDINALITY AS u(id, content, source, lang, schedule_days, received_at, date_post, image_url, ord)),
@@ -52,9 +55,9 @@ pub async fn claim_many(pool: &Pool, items: &[Ingested]) -> Result<Vec<Claim>, D
              SELECT ins.id IS NOT NULL, h.status
              FROM input i LEFT JOIN ins ON ins.id = i.id LEFT JOIN halakhot h ON h.id = i.id
              ORDER BY i.ord",
-            &c.binds(),
-        )
-        .await?;
+        &c.binds(),
+    )
+    .await?;
     let mut claimed = std::collections::HashSet::new();
     let mut out = Vec::with_capacity(items.len());
     for (m, row) in items.iter().zip(&rows) {
@@ -80,15 +83,16 @@ pub async fn claim_many(pool: &Pool, items: &[Ingested]) -> Result<Vec<Claim>, D
 pub type Claims = GroupCommit<Ingested, Claim>;
 
 pub fn claims(pool: Pool, config: &DatabaseConfig) -> Claims {
+    let how = config.statements();
     GroupCommit::new(
         pool,
         config,
-        |pool, items: Vec<Ingested>| async move {
-            let claims = claim_many(&pool, &items).await;
+        move |pool, items: Vec<Ingested>| async move {
+            let claims = claim_many(&pool, how, &items).await;
             (items, claims)
         },
-        |pool, m: Ingested| async move {
-            let claim = claim(&pool, &m).await;
+        move |pool, m: Ingested| async move {
+            let claim = claim(&pool, how, &m).await;
             (m, claim)
         },
     )

@@ -3,13 +3,15 @@
 
 use deadpool_postgres::Pool;
 use halakha_common::config::DatabaseConfig;
-use halakha_common::db::{DbError, GroupCommit};
+use halakha_common::db::{DbError, GroupCommit, Statements};
 use halakha_common::envelope::Enriched;
 use tokio_postgres::types::Type;
 
-// Every statement here is unnamed (`query_typed`, `execute_typed`): it
-// works through a transaction-mode pooler (Supabase port 6543, PgBouncer),
-// which cannot keep named prepared statements between transactions.
+// The upsert's two statements, run for every batch, are prepared once per
+// connection unless the pool goes through a transaction-mode pooler
+// (Supabase port 6543, PgBouncer), which cannot keep named statements
+// between transactions ([`Statements`]). The other statements are always
+// unnamed (`execute_typed`).
 
 /// What the row says about the Notion page.
 #[derive(Debug, Clone, Default)]
@@ -23,8 +25,8 @@ pub struct NotionState {
 
 /// Upsert the enriched halakha and its tags, themes and sources (see
 /// [`upsert_many`]).
-pub async fn upsert(pool: &Pool, m: &Enriched, published: bool) -> Result<NotionState, DbError> {
-    let mut states = upsert_many(pool, &[(m, published)]).await?;
+pub async fn upsert(pool: &Pool, how: Statements, m: &Enriched, published: bool) -> Result<NotionState, DbError> {
+    let mut states = upsert_many(pool, how, &[(m, published)]).await?;
     Ok(states.pop().unwrap_or_default())
 }
 
@@ -42,7 +44,11 @@ fn clean(v: &[String]) -> Vec<&str> {
 /// A row already `published` stays `published`; `published` makes the row
 /// published at once (no Notion page to wait for). An id twice in `items`
 /// is written twice, in order, by a second pair of statements.
-pub async fn upsert_many(pool: &Pool, items: &[(&Enriched, bool)]) -> Result<Vec<NotionState>, DbError> {
+pub async fn upsert_many(
+    pool: &Pool,
+    how: Statements,
+    items: &[(&Enriched, bool)],
+) -> Result<Vec<NotionState>, DbError> {
     let mut conn = pool.get().await?;
     let tx = conn.transaction().await?;
     let mut states: Vec<NotionState> = vec![NotionState::default(); items.len()];
@@ -59,7 +65,7 @@ pub async fn upsert_many(pool: &Pool, items: &[(&Enriched, bool)]) -> Result<Vec
         }
     }
     for round in rounds {
-        let found = upsert_round(&tx, items, &round).await?;
+        let found = upsert_round(&tx, how, items, &round).await?;
         for i in round {
             if let Some(state) = found.get(items[i].0.id.as_str()) {
                 states[i] = state.clone();
@@ -73,6 +79,7 @@ pub async fn upsert_many(pool: &Pool, items: &[(&Enriched, bool)]) -> Result<Vec
 /// One round of [`upsert_many`]: the items at `which`, distinct ids.
 async fn upsert_round(
     tx: &deadpool_postgres::Transaction<'_>,
+    how: Statements,
     items: &[(&Enriched, bool)],
     which: &[usize],
 ) -> Result<std::collections::HashMap<String, NotionState>, DbError> {
@@ -147,7 +154,9 @@ async fn upsert_round(
         (&src_refs, Type::TEXT_ARRAY),
         (&published, Type::BOOL_ARRAY),
     ]);
-    let rows = tx.query_typed(
+    let rows = halakha_common::db::query(
+        tx,
+        how,
         "WITH input AS (
                  SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::int4[], $6::timestamptz[],
                      $7::date[], $8::text[], $9::text[], $10::text[], $11::text[], $12::int2[], $13::text[],
@@ -212,7 +221,9 @@ async fn upsert_round(
         (&src_names, Type::TEXT_ARRAY),
         (&src_refs, Type::TEXT_ARRAY),
     ];
-    let links = tx.execute_typed(
+    let links = halakha_common::db::query(
+        tx,
+        how,
         "WITH tp AS (SELECT DISTINCT u.hid, t.id AS tag_id
                      FROM unnest($2::text[], $3::text[]) AS u(hid, n) JOIN tags t ON t.name = u.n),
               dt AS (DELETE FROM halakha_tags x WHERE x.halakha_id = ANY($1)
@@ -252,16 +263,17 @@ async fn upsert_round(
 pub type Rows = GroupCommit<(Enriched, bool), NotionState>;
 
 pub fn rows(pool: Pool, config: &DatabaseConfig) -> Rows {
+    let how = config.statements();
     GroupCommit::new(
         pool,
         config,
-        |pool, items: Vec<(Enriched, bool)>| async move {
+        move |pool, items: Vec<(Enriched, bool)>| async move {
             let refs: Vec<(&Enriched, bool)> = items.iter().map(|(m, p)| (m, *p)).collect();
-            let states = upsert_many(&pool, &refs).await;
+            let states = upsert_many(&pool, how, &refs).await;
             (items, states)
         },
-        |pool, (m, published): (Enriched, bool)| async move {
-            let state = upsert(&pool, &m, published).await;
+        move |pool, (m, published): (Enriched, bool)| async move {
+            let state = upsert(&pool, how, &m, published).await;
             ((m, published), state)
         },
     )

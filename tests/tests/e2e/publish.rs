@@ -188,7 +188,8 @@ async fn the_database_is_reached_over_tls_when_the_url_asks_for_it_and_verificat
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn every_statement_of_the_stages_is_unnamed_so_a_transaction_pooler_works() {
+async fn behind_a_transaction_pooler_every_statement_is_unnamed_and_elsewhere_the_writes_are_prepared_once() {
+    use halakha_common::db::Statements;
     let env = halakha_tests::TestEnv::new().await;
     let pool = halakha_common::db::pool(&database(env.database_url.clone(), None)).unwrap();
     halakha_common::db::migrate(&pool).await.unwrap();
@@ -201,13 +202,17 @@ async fn every_statement_of_the_stages_is_unnamed_so_a_transaction_pooler_works(
         assert_eq!(scalar(&conn, count).await, "1");
         drop(named);
     }
-    // ...and the stages' statements leave none (one connection: pool of 1).
-    let fresh = halakha_common::db::pool(&database(env.database_url.clone(), None)).unwrap();
-    let item = corpus().into_iter().find(|i| i.lang == "he").unwrap();
-    let ingested = ingested_from(&item);
-    assert_eq!(halakha_ingest::store::claim(&fresh, &ingested).await.unwrap(), halakha_ingest::store::Claim::New);
+    // ...and, behind a pooler (the URL says so), the stages' statements
+    // leave none (one connection: pool of 1).
+    let pooled = database(format!("{}?pgbouncer=true", env.database_url), None);
+    assert_eq!(pooled.statements(), Statements::Unnamed);
+    let how = pooled.statements();
+    let fresh = halakha_common::db::pool(&pooled).unwrap();
+    let items: Vec<_> = corpus().into_iter().filter(|i| i.lang == "he").take(3).collect();
+    let ingested = ingested_from(&items[0]);
+    assert_eq!(halakha_ingest::store::claim(&fresh, how, &ingested).await.unwrap(), halakha_ingest::store::Claim::New);
     let enriched = enriched_with_tags(&ingested, &["שבת"]);
-    halakha_publish::store::upsert(&fresh, &enriched, false).await.unwrap();
+    halakha_publish::store::upsert(&fresh, how, &enriched, false).await.unwrap();
     halakha_publish::store::store_page(&fresh, &enriched.id, "page", "https://www.notion.so/page").await.unwrap();
     halakha_publish::store::mark_published(&fresh, &enriched.id, Some("page"), None).await.unwrap();
     halakha_ingest::store::mark_failed(&fresh, &enriched.id, "x", time::OffsetDateTime::now_utc()).await.unwrap();
@@ -215,6 +220,21 @@ async fn every_statement_of_the_stages_is_unnamed_so_a_transaction_pooler_works(
     assert_eq!(view.status, "published");
     let conn = fresh.get().await.unwrap();
     assert_eq!(scalar(&conn, count).await, "0", "no named prepared statement was left on the connection");
+    drop(conn);
+
+    // On a direct connection the write path's three statements (the claim,
+    // the upsert's rows and links) are prepared once and reused.
+    let direct = database(env.database_url.clone(), None);
+    assert_eq!(direct.statements(), Statements::Named);
+    let how = direct.statements();
+    let kept = halakha_common::db::pool(&direct).unwrap();
+    for item in &items[1..] {
+        let ingested = ingested_from(item);
+        assert_eq!(halakha_ingest::store::claim(&kept, how, &ingested).await.unwrap(), halakha_ingest::store::Claim::New);
+        halakha_publish::store::upsert(&kept, how, &enriched_with_tags(&ingested, &["שבת"]), true).await.unwrap();
+    }
+    let conn = kept.get().await.unwrap();
+    assert_eq!(scalar(&conn, count).await, "3", "one named statement per write-path statement");
     drop(conn);
     env.cleanup().await;
 }
@@ -316,6 +336,7 @@ async fn links(db: &tokio_postgres::Client, id: &str) -> (String, String, String
 /// out as if written alone, in order, an id twice in a batch included.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_batch_of_writes_answers_each_message_as_if_it_were_written_alone() {
+    use halakha_common::db::Statements;
     use halakha_ingest::store::Claim;
     let env = halakha_tests::TestEnv::new().await;
     let pool = halakha_common::db::pool(&database(env.database_url.clone(), None)).unwrap();
@@ -326,11 +347,11 @@ async fn a_batch_of_writes_answers_each_message_as_if_it_were_written_alone() {
     // Claims: five new ids and the first one again in the same statement.
     let mut batch = msgs.clone();
     batch.push(msgs[0].clone());
-    let claims = halakha_ingest::store::claim_many(&pool, &batch).await.unwrap();
+    let claims = halakha_ingest::store::claim_many(&pool, Statements::Named, &batch).await.unwrap();
     assert_eq!(claims, [vec![Claim::New; 5], vec![Claim::Pending]].concat());
     let db = env.db().await;
     db.execute("UPDATE halakhot SET status = 'published' WHERE id = $1", &[&msgs[1].id]).await.unwrap();
-    let again = halakha_ingest::store::claim_many(&pool, &msgs[..3]).await.unwrap();
+    let again = halakha_ingest::store::claim_many(&pool, Statements::Named, &msgs[..3]).await.unwrap();
     assert_eq!(again, vec![Claim::Pending, Claim::Done { status: "published".into() }, Claim::Pending]);
 
     // Upserts: the first id twice (the later enrichment wins, as it would
@@ -338,7 +359,7 @@ async fn a_batch_of_writes_answers_each_message_as_if_it_were_written_alone() {
     let first = enriched_with_tags(&msgs[0], &["a", "b"]);
     let second = enriched_with_tags(&msgs[2], &["c"]);
     let first_again = enriched_with_tags(&msgs[0], &["d"]);
-    let states = halakha_publish::store::upsert_many(&pool, &[(&first, true), (&second, true), (&first_again, true)])
+    let states = halakha_publish::store::upsert_many(&pool, Statements::Named, &[(&first, true), (&second, true), (&first_again, true)])
         .await
         .unwrap();
     assert_eq!(states.len(), 3);
@@ -355,16 +376,16 @@ async fn a_batch_of_writes_answers_each_message_as_if_it_were_written_alone() {
     assert_eq!(published, 2);
     // A later enrichment replaces the links, in a batch as alone.
     let replaced = enriched_with_tags(&msgs[2], &["c", "e"]);
-    halakha_publish::store::upsert_many(&pool, &[(&replaced, true), (&first, true)]).await.unwrap();
+    halakha_publish::store::upsert_many(&pool, Statements::Named, &[(&replaced, true), (&first, true)]).await.unwrap();
     assert_eq!(links(&db, &msgs[2].id).await, ("c,e".into(), "c".into(), "title of c,e".into()));
     assert_eq!(links(&db, &msgs[0].id).await, ("a,b".into(), "a".into(), "title of a,b".into()));
 
     // The Notion path marks the create it sets out on: the first upsert of
     // a row has no mark before it, the next one (a redelivery) has.
     let notion_path = enriched_with_tags(&msgs[3], &["f"]);
-    let states = halakha_publish::store::upsert_many(&pool, &[(&notion_path, false)]).await.unwrap();
+    let states = halakha_publish::store::upsert_many(&pool, Statements::Named, &[(&notion_path, false)]).await.unwrap();
     assert!(!states[0].create_started);
-    let states = halakha_publish::store::upsert_many(&pool, &[(&notion_path, false)]).await.unwrap();
+    let states = halakha_publish::store::upsert_many(&pool, Statements::Named, &[(&notion_path, false)]).await.unwrap();
     assert!(states[0].create_started, "a redelivery looks the page up first");
     env.cleanup().await;
 }
