@@ -15,8 +15,9 @@
 //! 4. a slow provider (1 s per completion): enrich throughput against
 //!    `CONCURRENCY / latency`, and enrich's memory while a backlog waits;
 //! 5. Notion at its 3 requests/s: page creates per second and 429s;
-//! 6. the ingest HTTP API at 64 connections against raw synchronous
-//!    JetStream publishes from 64 tasks;
+//! 6. the ingest HTTP API at 64 connections (from wrk when it is on
+//!    `PATH`, else from reqwest) against raw synchronous JetStream
+//!    publishes from 64 tasks;
 //! 7. the memory of each stage, idle and at its peak.
 
 use std::collections::HashMap;
@@ -540,6 +541,54 @@ async fn http_load(base: &str, items: &[CorpusItem], connections: usize, secs: u
     (ok.load(Ordering::Relaxed), failed.load(Ordering::Relaxed))
 }
 
+/// 6 with wrk (when on `PATH`): the same requests from a client that costs
+/// far less CPU than reqwest, so the machine's two cores go to the server.
+/// The requests made and those not answered 202 (`None` without wrk).
+async fn wrk_load(base: &str, items: &[CorpusItem], connections: usize, secs: u64) -> Option<(usize, usize)> {
+    tokio::process::Command::new("wrk").arg("--version").output().await.ok()?;
+    // The texts as JSON strings in Lua long brackets (no escapes inside).
+    let texts: Vec<String> =
+        items.iter().map(|i| format!("[=====[{}]=====]", serde_json::to_string(&i.text).unwrap_or_default())).collect();
+    let script = format!(
+        r#"local texts = {{ {texts} }}
+local made = 0
+local threads = 0
+function setup(thread) thread:set("tid", threads); threads = threads + 1 end
+function request()
+  made = made + 1
+  local body = '{{"content":' .. texts[(made % #texts) + 1] .. ',"idempotency_key":"bench-wrk-{run}-' .. tid .. '-' .. made .. '"}}'
+  return wrk.format("POST", "/v1/halakhot", {{["Authorization"] = "Bearer {API_KEY}", ["Content-Type"] = "application/json"}}, body)
+end
+"#,
+        texts = texts.join(",\n"),
+        run = now_nanos(),
+    );
+    let path = std::env::temp_dir().join(format!("halakha-bench-{}.lua", std::process::id()));
+    std::fs::write(&path, script).ok()?;
+    let out = tokio::process::Command::new("wrk")
+        .args(["-t2", &format!("-c{connections}"), &format!("-d{secs}s"), "--timeout", "10s", "-s"])
+        .arg(&path)
+        .arg(base)
+        .output()
+        .await
+        .ok()?;
+    let _ = std::fs::remove_file(&path);
+    let text = String::from_utf8_lossy(&out.stdout);
+    // "12345 requests in 10.00s, ..."; "Non-2xx or 3xx responses: 3";
+    // "Socket errors: connect 0, read 0, write 0, timeout 0".
+    let made = text.lines().find_map(|l| l.trim().split_once(" requests in ").and_then(|(n, _)| n.parse().ok()))?;
+    let non_2xx: usize = text
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("Non-2xx or 3xx responses:").and_then(|n| n.trim().parse().ok()))
+        .unwrap_or(0);
+    let socket: usize = text
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("Socket errors:"))
+        .map(|rest| rest.split(',').filter_map(|p| p.split_whitespace().last()?.parse::<usize>().ok()).sum())
+        .unwrap_or(0);
+    Some((made - non_2xx.min(made), non_2xx + socket))
+}
+
 /// 6's baseline: `tasks` tasks each publishing and awaiting its PubAck,
 /// one message at a time, for `secs`.
 async fn sync_publish_load(
@@ -711,7 +760,11 @@ async fn main() -> anyhow::Result<()> {
         let ingest6 = start_ingest(&env6, &args).await;
         let api = format!("http://{}", ingest6.http_addr.unwrap_or_else(|| ([127, 0, 0, 1], 8000).into()));
         let cpu0 = cpu_by_command();
-        let (ok, failed) = http_load(&api, &items, args.connections, args.http_secs).await;
+        let (client, (ok, failed)) = match wrk_load(&api, &items, args.connections, args.http_secs).await {
+            Some(counts) => ("wrk", counts),
+            None => ("reqwest", http_load(&api, &items, args.connections, args.http_secs).await),
+        };
+        println!("   client: {client}");
         let http_cpu = cpu_per_message(&cpu0, &cpu_by_command(), ok);
         print_cpu(&http_cpu);
         ingest6.terminate(Duration::from_secs(60)).await;
@@ -729,7 +782,7 @@ async fn main() -> anyhow::Result<()> {
             None,
         ));
         rows.push(row(
-            "ingest POST /v1/halakhot",
+            &format!("ingest POST /v1/halakhot ({client})"),
             format!("{http_rate:.0} req/s ({failed} failed)"),
             format!("{r:.3} × raw"),
             "≥ 0.5 × raw",
@@ -737,7 +790,7 @@ async fn main() -> anyhow::Result<()> {
         ));
         report.insert(
             "http".into(),
-            json!({"accepted_per_second": http_rate, "failed": failed, "raw_publish_per_second": raw_rate, "ratio": r}),
+            json!({"client": client, "accepted_per_second": http_rate, "failed": failed, "raw_publish_per_second": raw_rate, "ratio": r}),
         );
     }
 

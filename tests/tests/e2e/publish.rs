@@ -230,7 +230,10 @@ async fn behind_a_transaction_pooler_every_statement_is_unnamed_and_elsewhere_th
     let kept = halakha_common::db::pool(&direct).unwrap();
     for item in &items[1..] {
         let ingested = ingested_from(item);
-        assert_eq!(halakha_ingest::store::claim(&kept, how, &ingested).await.unwrap(), halakha_ingest::store::Claim::New);
+        assert_eq!(
+            halakha_ingest::store::claim(&kept, how, &ingested).await.unwrap(),
+            halakha_ingest::store::Claim::New
+        );
         halakha_publish::store::upsert(&kept, how, &enriched_with_tags(&ingested, &["שבת"]), true).await.unwrap();
     }
     let conn = kept.get().await.unwrap();
@@ -359,9 +362,13 @@ async fn a_batch_of_writes_answers_each_message_as_if_it_were_written_alone() {
     let first = enriched_with_tags(&msgs[0], &["a", "b"]);
     let second = enriched_with_tags(&msgs[2], &["c"]);
     let first_again = enriched_with_tags(&msgs[0], &["d"]);
-    let states = halakha_publish::store::upsert_many(&pool, Statements::Named, &[(&first, true), (&second, true), (&first_again, true)])
-        .await
-        .unwrap();
+    let states = halakha_publish::store::upsert_many(
+        &pool,
+        Statements::Named,
+        &[(&first, true), (&second, true), (&first_again, true)],
+    )
+    .await
+    .unwrap();
     assert_eq!(states.len(), 3);
     assert_eq!(links(&db, &msgs[0].id).await, ("d".into(), "d".into(), "title of d".into()));
     assert_eq!(links(&db, &msgs[2].id).await, ("c".into(), "c".into(), "title of c".into()));
