@@ -221,6 +221,48 @@ impl<'a> Connection for deadpool_postgres::Transaction<'a> {
     }
 }
 
+/// A write-path statement ready to run: prepared on the connection (named)
+/// or the text sent with every run (unnamed).
+pub enum Prepared<'s> {
+    Named(tokio_postgres::Statement),
+    Unnamed(&'s str),
+}
+
+/// Prepare `sql` for `binds`' types as `how` says (for named statements,
+/// once per connection: later calls hit the pool's statement cache).
+/// Statements pipelined on one connection run in the order their first
+/// poll sends them: prepare them all first, then run them.
+pub async fn prepare<'s, C: Connection>(
+    client: &C,
+    how: Statements,
+    sql: &'s str,
+    binds: &Binds<'_>,
+) -> Result<Prepared<'s>, tokio_postgres::Error> {
+    match how {
+        Statements::Unnamed => Ok(Prepared::Unnamed(sql)),
+        Statements::Named => {
+            let types: Vec<tokio_postgres::types::Type> = binds.iter().map(|(_, t)| t.clone()).collect();
+            Ok(Prepared::Named(client.prepare_typed_cached(sql, &types).await?))
+        }
+    }
+}
+
+/// Run a prepared statement with `binds` and return its rows. Sends the
+/// statement at its first poll, with no round trip before.
+pub async fn run<C: Connection>(
+    client: &C,
+    statement: &Prepared<'_>,
+    binds: &Binds<'_>,
+) -> Result<Vec<tokio_postgres::Row>, tokio_postgres::Error> {
+    match statement {
+        Prepared::Unnamed(sql) => tokio_postgres::GenericClient::query_typed(client.plain(), sql, binds).await,
+        Prepared::Named(statement) => {
+            let params: Vec<&(dyn tokio_postgres::types::ToSql + Sync)> = binds.iter().map(|(v, _)| *v).collect();
+            deadpool_postgres::GenericClient::query(client, statement, &params).await
+        }
+    }
+}
+
 /// Run a write-path statement (`sql` with `binds`), named or unnamed as
 /// `how` says, and return its rows.
 pub async fn query<C: Connection>(
@@ -229,15 +271,7 @@ pub async fn query<C: Connection>(
     sql: &str,
     binds: &Binds<'_>,
 ) -> Result<Vec<tokio_postgres::Row>, tokio_postgres::Error> {
-    match how {
-        Statements::Unnamed => tokio_postgres::GenericClient::query_typed(client.plain(), sql, binds).await,
-        Statements::Named => {
-            let types: Vec<tokio_postgres::types::Type> = binds.iter().map(|(_, t)| t.clone()).collect();
-            let statement = client.prepare_typed_cached(sql, &types).await?;
-            let params: Vec<&(dyn tokio_postgres::types::ToSql + Sync)> = binds.iter().map(|(v, _)| *v).collect();
-            deadpool_postgres::GenericClient::query(client, &statement, &params).await
-        }
-    }
+    run(client, &prepare(client, how, sql, binds).await?, binds).await
 }
 
 fn without_param(url: &str, name: &str) -> String {

@@ -3,7 +3,7 @@
 
 use deadpool_postgres::Pool;
 use halakha_common::config::DatabaseConfig;
-use halakha_common::db::{DbError, GroupCommit, Statements};
+use halakha_common::db::{self, DbError, GroupCommit, Statements};
 use halakha_common::envelope::Enriched;
 use tokio_postgres::types::Type;
 
@@ -88,7 +88,7 @@ async fn upsert_round(
     which.sort_by(|a, b| items[*a].0.id.cmp(&items[*b].0.id));
     let sel: Vec<&Enriched> = which.iter().map(|i| items[*i].0).collect();
     let to_i32 = |v: u32| i32::try_from(v).unwrap_or(i32::MAX);
-    let c = halakha_common::db::HalakhaColumns::new(sel.iter().map(|m| (m.id.as_str(), &m.halakha)));
+    let c = db::HalakhaColumns::new(sel.iter().map(|m| (m.id.as_str(), &m.halakha)));
     let titles: Vec<&str> = sel.iter().map(|m| m.enrichment.title.as_str()).collect();
     let questions: Vec<&str> = sel.iter().map(|m| m.enrichment.question.as_str()).collect();
     let answers: Vec<&str> = sel.iter().map(|m| m.enrichment.answer.as_str()).collect();
@@ -154,10 +154,7 @@ async fn upsert_round(
         (&src_refs, Type::TEXT_ARRAY),
         (&published, Type::BOOL_ARRAY),
     ]);
-    let rows = halakha_common::db::query(
-        tx,
-        how,
-        "WITH input AS (
+    let rows_sql = "WITH input AS (
                  SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::int4[], $6::timestamptz[],
                      $7::date[], $8::text[], $9::text[], $10::text[], $11::text[], $12::int2[], $13::text[],
                      $14::text[], $15::text[], $16::text[], $17::text[], $18::int4[], $19::int4[], $20::int4[],
@@ -206,9 +203,7 @@ async fn upsert_round(
              -- `before` is the row as the statement found it (the snapshot
              -- does not see the upsert).
              SELECT h.id, h.notion_page_id, h.notion_page_url, before.notion_create_started_at IS NOT NULL
-             FROM h LEFT JOIN halakhot before ON before.id = h.id",
-        &row_params[..],
-    );
+             FROM h LEFT JOIN halakhot before ON before.id = h.id";
     // The links hold exactly this enrichment's names (a redelivery or a
     // replay with other names replaces them).
     let link_params: [(&(dyn tokio_postgres::types::ToSql + Sync), Type); 8] = [
@@ -221,10 +216,7 @@ async fn upsert_round(
         (&src_names, Type::TEXT_ARRAY),
         (&src_refs, Type::TEXT_ARRAY),
     ];
-    let links = halakha_common::db::query(
-        tx,
-        how,
-        "WITH tp AS (SELECT DISTINCT u.hid, t.id AS tag_id
+    let links_sql = "WITH tp AS (SELECT DISTINCT u.hid, t.id AS tag_id
                      FROM unnest($2::text[], $3::text[]) AS u(hid, n) JOIN tags t ON t.name = u.n),
               dt AS (DELETE FROM halakha_tags x WHERE x.halakha_id = ANY($1)
                      AND NOT EXISTS (SELECT 1 FROM tp WHERE tp.hid = x.halakha_id AND tp.tag_id = x.tag_id)),
@@ -243,12 +235,14 @@ async fn upsert_round(
                      AND NOT EXISTS (SELECT 1 FROM sp WHERE sp.hid = x.halakha_id AND sp.source_id = x.source_id)),
               isrc AS (INSERT INTO halakha_sources (halakha_id, source_id) SELECT hid, source_id FROM sp
                        ORDER BY hid, source_id ON CONFLICT DO NOTHING)
-         SELECT 1",
-        &link_params,
-    );
-    // Both statements in one round trip: the connection runs them in
-    // order, so the links see the names the first one inserted.
-    let (rows, _) = tokio::try_join!(rows, links)?;
+         SELECT 1";
+    let (rows_statement, links_statement) =
+        tokio::try_join!(db::prepare(tx, how, rows_sql, &row_params), db::prepare(tx, how, links_sql, &link_params))?;
+    // Both statements in one round trip: the connection runs them in the
+    // order they are sent (both are prepared, so neither waits before
+    // sending), and the links see the names the first one inserted.
+    let (rows, _) =
+        tokio::try_join!(db::run(tx, &rows_statement, &row_params), db::run(tx, &links_statement, &link_params))?;
     Ok(rows
         .into_iter()
         .map(|r| {

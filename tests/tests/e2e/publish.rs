@@ -396,3 +396,42 @@ async fn a_batch_of_writes_answers_each_message_as_if_it_were_written_alone() {
     assert!(states[0].create_started, "a redelivery looks the page up first");
     env.cleanup().await;
 }
+
+/// The upsert's two statements are pipelined on one connection and the
+/// links need the names the rows statement inserts: on a connection whose
+/// statements are not prepared yet (both prepared in the same round trip),
+/// the links must still run second. A fresh pool per round, new names each
+/// time, both ways of sending statements.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_a_new_connection_the_links_still_see_the_names_the_same_upsert_inserted() {
+    use halakha_common::db::Statements;
+    let env = halakha_tests::TestEnv::new().await;
+    let config = database(env.database_url.clone(), None);
+    halakha_common::db::migrate(&halakha_common::db::pool(&config).unwrap()).await.unwrap();
+    let db = env.db().await;
+    let items: Vec<_> = corpus().into_iter().filter(|i| i.lang != "ru").take(3).collect();
+    let msgs: Vec<_> = items.iter().map(ingested_from).collect();
+    for round in 0..40 {
+        let how = if round % 4 == 3 { Statements::Unnamed } else { Statements::Named };
+        let fresh = halakha_common::db::pool(&config).unwrap();
+        let (a, b) = (format!("new-{round}-a"), format!("new-{round}-b"));
+        let enriched: Vec<_> =
+            msgs.iter().enumerate().map(|(i, m)| enriched_with_tags(m, &[if i % 2 == 0 { &a } else { &b }])).collect();
+        let batch: Vec<_> = enriched.iter().map(|e| (e, true)).collect();
+        halakha_publish::store::upsert_many(&fresh, how, &batch).await.unwrap();
+        for e in &enriched {
+            let tag = &e.enrichment.tags[0];
+            let linked: Option<String> = db
+                .query_one(
+                    "SELECT string_agg(t.name, ',') FROM halakha_tags x JOIN tags t ON t.id = x.tag_id
+                     WHERE x.halakha_id = $1",
+                    &[&e.id],
+                )
+                .await
+                .unwrap()
+                .get(0);
+            assert_eq!(linked.as_ref(), Some(tag), "round {round} ({how:?}): the row is linked to its new tag");
+        }
+    }
+    env.cleanup().await;
+}
