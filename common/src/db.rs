@@ -418,8 +418,12 @@ pub fn pool(config: &DatabaseConfig) -> Result<Pool, DbError> {
     if !pooler {
         // Poolers refuse startup options; there the pool's own timeouts
         // (wait, create, recycle) bound the work instead.
+        // The write path's statements are prepared once per connection
+        // (`Statements::Named`); planned at each run all the same: a
+        // generic plan made while a table was small (a sequential scan of
+        // `halakhot` for each batch) would stay as the table grows.
         let ms = config.timeout.as_millis();
-        pg.options(format!("-c statement_timeout={ms}"));
+        pg.options(format!("-c statement_timeout={ms} -c plan_cache_mode=force_custom_plan"));
     }
     let manager = Manager::from_config(pg, tls, ManagerConfig { recycling_method: RecyclingMethod::Fast });
     Ok(Pool::builder(manager)

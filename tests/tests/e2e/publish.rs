@@ -238,6 +238,8 @@ async fn behind_a_transaction_pooler_every_statement_is_unnamed_and_elsewhere_th
     }
     let conn = kept.get().await.unwrap();
     assert_eq!(scalar(&conn, count).await, "3", "one named statement per write-path statement");
+    // ...and planned at every run, with the table's size of the moment.
+    assert_eq!(scalar(&conn, "SHOW plan_cache_mode").await, "force_custom_plan");
     drop(conn);
     env.cleanup().await;
 }
