@@ -523,8 +523,12 @@ async fn process<H: Handler>(shared: &Shared, handler: &H, msg: jetstream::Messa
                 }
             }
         };
+        // A plain ack (no confirmation round trip: the broker's share per
+        // message is what a relay's is). A lost ack is a redelivery, which
+        // the idempotent sinks and the de-duplication ids absorb; shutdown
+        // flushes the connection, so a drained stage loses none.
         let (label, ack) = match outcome {
-            Outcome::Ack { duplicate } => (if duplicate { "duplicate" } else { "ok" }, msg.double_ack().await),
+            Outcome::Ack { duplicate } => (if duplicate { "duplicate" } else { "ok" }, msg.ack().await),
             Outcome::Nak(d) => ("retried", msg.ack_with(AckKind::Nak(Some(d))).await),
             Outcome::DeadLetter(kind) => {
                 metrics::counter!(m::DEAD_LETTERS_TOTAL, "stage" => stage, "kind" => kind.as_str()).increment(1);
@@ -533,7 +537,7 @@ async fn process<H: Handler>(shared: &Shared, handler: &H, msg: jetstream::Messa
         };
         if let Err(error) = ack {
             // The broker will redeliver after ack_wait; the sinks are idempotent.
-            tracing::warn!(%error, outcome = label, "Acknowledgement not confirmed");
+            tracing::warn!(%error, outcome = label, "Acknowledgement not sent");
         }
         let elapsed = started.elapsed();
         metrics::histogram!(m::STAGE_PROCESSING_SECONDS, "stage" => stage).record(elapsed.as_secs_f64());
