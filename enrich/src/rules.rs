@@ -38,6 +38,11 @@ pub fn script(text: &str) -> Script {
             _ => other += 1,
         }
     }
+    by_majority(hebrew, latin, other)
+}
+
+/// The script most of the letters are in.
+fn by_majority(hebrew: usize, latin: usize, other: usize) -> Script {
     if hebrew > latin && hebrew > other {
         Script::Hebrew
     } else if latin > other {
@@ -182,13 +187,7 @@ pub mod tests {
                     _ => other += 1,
                 }
             }
-            if hebrew > latin && hebrew > other {
-                Script::Hebrew
-            } else if latin > other {
-                Script::Latin
-            } else {
-                Script::Other
-            }
+            by_majority(hebrew, latin, other)
         }
         // `c` alone and `c c a` together tell each character's class apart.
         for c in ('\0'..='\u{ffff}').filter(|c| !c.is_control() || *c == '\n') {
