@@ -320,12 +320,15 @@ impl DatabaseConfig {
         }
     }
 
-    /// Batches of the group commit written at once: two (one gathers
-    /// while the other is written; more would only make the batches
-    /// smaller), never more than half the pool, so reads (status,
-    /// readiness) always find a connection.
+    /// Batches of the group commit written at once: one. The requests
+    /// that arrive while a batch is written gather for the next one, so
+    /// a second writer only halves the batches: on the bench (2 cores)
+    /// one writer made batches of 16 to 24 rows instead of 10 to 11 and
+    /// cut Postgres' CPU per message by a third (0.78 → 0.52 ms). The
+    /// rest of the pool serves reads (status, readiness) and the
+    /// one-by-one retries of a failed batch.
     pub fn batch_workers(&self) -> usize {
-        (self.pool_size / 2).clamp(1, 2)
+        1
     }
 }
 
