@@ -50,7 +50,6 @@ pub async fn upsert_many(
     items: &[(&Enriched, bool)],
 ) -> Result<Vec<NotionState>, DbError> {
     let mut conn = pool.get().await?;
-    let tx = conn.transaction().await?;
     let mut states: Vec<NotionState> = vec![NotionState::default(); items.len()];
     // Rounds of distinct ids: one statement cannot update a row twice.
     let mut rounds: Vec<Vec<usize>> = Vec::new();
@@ -64,24 +63,41 @@ pub async fn upsert_many(
             rounds[*round].push(i);
         }
     }
-    for round in rounds {
-        let found = upsert_round(&tx, how, items, &round).await?;
+    let mut answer = |round: Vec<usize>, found: std::collections::HashMap<String, NotionState>| {
         for i in round {
             if let Some(state) = found.get(items[i].0.id.as_str()) {
                 states[i] = state.clone();
             }
         }
+    };
+    if rounds.len() == 1 {
+        // The usual batch: BEGIN, both statements and COMMIT sent together,
+        // one round trip in all.
+        let round = rounds.swap_remove(0);
+        let found = upsert_round(&conn, how, items, &round, true).await?;
+        answer(round, found);
+    } else {
+        let tx = conn.transaction().await?;
+        for round in rounds {
+            let found = upsert_round(&tx, how, items, &round, false).await?;
+            answer(round, found);
+        }
+        tx.commit().await?;
     }
-    tx.commit().await?;
     Ok(states)
 }
 
-/// One round of [`upsert_many`]: the items at `which`, distinct ids.
-async fn upsert_round(
-    tx: &deadpool_postgres::Transaction<'_>,
+/// One round of [`upsert_many`]: the items at `which`, distinct ids. With
+/// `own_transaction` the round is its own transaction, its BEGIN and
+/// COMMIT pipelined with its statements: if a statement fails, Postgres
+/// answers the COMMIT with a rollback, and the connection goes back to the
+/// pool outside any transaction.
+async fn upsert_round<C: db::Connection>(
+    tx: &C,
     how: Statements,
     items: &[(&Enriched, bool)],
     which: &[usize],
+    own_transaction: bool,
 ) -> Result<std::collections::HashMap<String, NotionState>, DbError> {
     // Rows in id order: concurrent batches lock them in the same order.
     let mut which = which.to_vec();
@@ -241,8 +257,18 @@ async fn upsert_round(
     // Both statements in one round trip: the connection runs them in the
     // order they are sent (both are prepared, so neither waits before
     // sending), and the links see the names the first one inserted.
-    let (rows, _) =
-        tokio::try_join!(db::run(tx, &rows_statement, &row_params), db::run(tx, &links_statement, &link_params))?;
+    let rows = if own_transaction {
+        use tokio_postgres::GenericClient as _;
+        let (_, rows, _, _) = tokio::try_join!(
+            tx.plain().batch_execute("BEGIN"),
+            db::run(tx, &rows_statement, &row_params),
+            db::run(tx, &links_statement, &link_params),
+            tx.plain().batch_execute("COMMIT"),
+        )?;
+        rows
+    } else {
+        tokio::try_join!(db::run(tx, &rows_statement, &row_params), db::run(tx, &links_statement, &link_params))?.0
+    };
     Ok(rows
         .into_iter()
         .map(|r| {

@@ -83,14 +83,18 @@ fn hash(text: &str) -> u64 {
 /// `<<<HALAKHA_TEXT id>>>` ... `<<<END_HALAKHA_TEXT id>>>`.
 pub fn delimited_text(body: &Value) -> Option<String> {
     let user = body["messages"].as_array()?.iter().find(|m| m["role"] == "user")?;
-    let content = user["content"].as_str()?;
+    delimited(user["content"].as_str()?).map(str::to_owned)
+}
+
+/// The text between the data markers of one message's content.
+fn delimited(content: &str) -> Option<&str> {
     let open = content.find("<<<HALAKHA_TEXT ")?;
     let id_start = open + "<<<HALAKHA_TEXT ".len();
     let id_len = content[id_start..].find(">>>\n")?;
     let id = &content[id_start..id_start + id_len];
     let start = id_start + id_len + ">>>\n".len();
     let end = content.rfind(&format!("\n<<<END_HALAKHA_TEXT {id}>>>"))?;
-    Some(content[start..end].to_owned())
+    Some(&content[start..end])
 }
 
 /// True when this request is the repair turn of a conversation.
@@ -109,6 +113,19 @@ fn language(text: &str) -> &'static str {
     } else {
         "en"
     }
+}
+
+/// A model that obeys injected instructions: its answer cites a source
+/// the text does not name and claims the wrong language.
+fn injected(text: &str) -> Option<Value> {
+    if !text.to_lowercase().contains("ignore previous instructions") {
+        return None;
+    }
+    let mut pwned = enrichment(text);
+    pwned["title"] = "PWNED".into();
+    pwned["sources"] = serde_json::json!([{"name": "Sefer HaPwn", "reference": null}]);
+    pwned["language"] = if language(text) == "he" { "en".into() } else { "he".into() };
+    Some(pwned)
 }
 
 fn enrichment(text: &str) -> Value {
@@ -153,13 +170,7 @@ impl Respond for ChatCompletions {
         let Some(text) = delimited_text(&body) else {
             return openai_error(400, "invalid_request_error", "the user message has no delimited halakha text");
         };
-        // A model that obeys injected instructions: its answer cites a source
-        // the text does not name and claims the wrong language.
-        if text.to_lowercase().contains("ignore previous instructions") {
-            let mut pwned = enrichment(&text);
-            pwned["title"] = "PWNED".into();
-            pwned["sources"] = serde_json::json!([{"name": "Sefer HaPwn", "reference": null}]);
-            pwned["language"] = if language(&text) == "he" { "en".into() } else { "he".into() };
+        if let Some(pwned) = injected(&text) {
             return completion(&body, pwned.to_string());
         }
         if let Model::Delayed(ms) = self.model {
@@ -234,20 +245,25 @@ impl Respond for ChatCompletions {
 
 /// A `chat.completion` answering `content`.
 fn completion(body: &Value, content: String) -> ResponseTemplate {
-    with_rate_headers(ResponseTemplate::new(200), 9999).set_body_json(json!({
-            "id": "chatcmpl-fake",
-            "object": "chat.completion",
-            "created": 1_764_000_000,
-            "model": body["model"],
-            "choices": [{
-                "index": 0,
-                "message": {"role": "assistant", "content": content, "refusal": null},
-                "logprobs": null,
-                "finish_reason": "stop"
-            }],
-            "usage": {"prompt_tokens": 120, "completion_tokens": 80, "total_tokens": 200},
-            "system_fingerprint": "fp_fake"
-    }))
+    with_rate_headers(ResponseTemplate::new(200), 9999).set_body_json(completion_body(&body["model"], content))
+}
+
+/// The body of a `chat.completion` answering `content`.
+fn completion_body(model: &Value, content: String) -> Value {
+    json!({
+        "id": "chatcmpl-fake",
+        "object": "chat.completion",
+        "created": 1_764_000_000,
+        "model": model,
+        "choices": [{
+            "index": 0,
+            "message": {"role": "assistant", "content": content, "refusal": null},
+            "logprobs": null,
+            "finish_reason": "stop"
+        }],
+        "usage": {"prompt_tokens": 120, "completion_tokens": 80, "total_tokens": 200},
+        "system_fingerprint": "fp_fake"
+    })
 }
 
 /// Serve the fake chat completions on `server`; returns the call count.
@@ -271,20 +287,160 @@ pub async fn openai(model: Model) -> (MockServer, Arc<AtomicUsize>) {
     (server, calls)
 }
 
-/// A fake OpenAI server that keeps no record of the requests it answered:
-/// the benchmarks' load would make wiremock's record (and its copies of
-/// every body) a cost of the fake, not of the pipeline.
-pub async fn openai_unrecorded(model: Model) -> (MockServer, Arc<AtomicUsize>) {
-    let server = MockServer::builder().disable_request_recording().start().await;
-    let calls = mount_openai(&server, model).await;
-    (server, calls)
-}
-
 /// A fake OpenAI server with the chaos counts.
 pub async fn openai_counted(model: Model) -> (MockServer, Arc<AtomicUsize>, Arc<ChaosCounts>) {
     let server = MockServer::start().await;
     let (calls, chaos) = mount_openai_counted(&server, model).await;
     (server, calls, chaos)
+}
+
+/// A fake of OpenAI's chat completions for load (the bench), with the
+/// answers of [`Model::Faithful`] (after `delay`, when given). Unlike the
+/// wiremock fakes, which answer on one thread of their own and rebuild
+/// every answer, it serves on the caller's runtime (all its worker
+/// threads) and builds each text's answer once: under load the fake's own
+/// cost would otherwise be counted as the pipeline's, on the same cores.
+/// It checks what the wiremock fake checks: the key, a strict JSON schema,
+/// a delimited text.
+pub struct LeanOpenAi {
+    uri: String,
+    pub calls: Arc<AtomicUsize>,
+    server: tokio::task::JoinHandle<()>,
+}
+
+impl LeanOpenAi {
+    /// The server's address, as wiremock's `MockServer::uri` gives it.
+    pub fn uri(&self) -> String {
+        self.uri.clone()
+    }
+}
+
+impl Drop for LeanOpenAi {
+    fn drop(&mut self) {
+        self.server.abort();
+    }
+}
+
+#[derive(serde::Deserialize)]
+struct LeanRequest<'a> {
+    #[serde(borrow)]
+    model: &'a serde_json::value::RawValue,
+    messages: Vec<LeanMessage<'a>>,
+    response_format: Option<LeanFormat<'a>>,
+}
+
+#[derive(serde::Deserialize)]
+struct LeanMessage<'a> {
+    #[serde(borrow)]
+    role: std::borrow::Cow<'a, str>,
+    #[serde(borrow)]
+    content: Option<std::borrow::Cow<'a, str>>,
+}
+
+#[derive(serde::Deserialize)]
+struct LeanFormat<'a> {
+    #[serde(rename = "type", borrow)]
+    kind: std::borrow::Cow<'a, str>,
+    #[serde(borrow)]
+    json_schema: Option<LeanSchema<'a>>,
+}
+
+#[derive(serde::Deserialize)]
+struct LeanSchema<'a> {
+    strict: Option<bool>,
+    #[serde(borrow)]
+    schema: Option<&'a serde_json::value::RawValue>,
+}
+
+struct LeanState {
+    delay: Option<std::time::Duration>,
+    calls: Arc<AtomicUsize>,
+    /// Each (model, text)'s answer, built once.
+    answers: std::sync::Mutex<std::collections::HashMap<(String, String), bytes::Bytes>>,
+}
+
+fn lean_error(status: u16, kind: &str, message: &str) -> axum::response::Response {
+    let body = json!({"error": {"message": message, "type": kind, "param": null, "code": null}});
+    let status = axum::http::StatusCode::from_u16(status).unwrap_or(axum::http::StatusCode::INTERNAL_SERVER_ERROR);
+    (status, axum::Json(body)).into_response()
+}
+
+use axum::response::IntoResponse as _;
+
+async fn lean_completion(
+    axum::extract::State(state): axum::extract::State<Arc<LeanState>>,
+    headers: axum::http::HeaderMap,
+    body: bytes::Bytes,
+) -> axum::response::Response {
+    state.calls.fetch_add(1, Ordering::Relaxed);
+    let auth = headers.get("authorization").and_then(|v| v.to_str().ok());
+    if auth.and_then(|a| a.strip_prefix("Bearer ")) != Some(OPENAI_KEY) {
+        return lean_error(401, "invalid_request_error", "Incorrect API key provided.");
+    }
+    let Ok(request) = serde_json::from_slice::<LeanRequest<'_>>(&body) else {
+        return lean_error(400, "invalid_request_error", "We could not parse the JSON body of your request.");
+    };
+    let strict = request.response_format.as_ref().is_some_and(|f| {
+        f.kind == "json_schema"
+            && f.json_schema.as_ref().is_some_and(|s| {
+                s.strict == Some(true) && s.schema.is_some_and(|v| v.get().trim_start().starts_with('{'))
+            })
+    });
+    if !strict {
+        return lean_error(
+            400,
+            "invalid_request_error",
+            "response_format json_schema with strict: true is required by this fake",
+        );
+    }
+    let text =
+        request.messages.iter().find(|m| m.role == "user").and_then(|m| m.content.as_deref()).and_then(delimited);
+    let Some(text) = text else {
+        return lean_error(400, "invalid_request_error", "the user message has no delimited halakha text");
+    };
+    let key = (request.model.get().to_owned(), text.to_owned());
+    let cached = state.answers.lock().ok().and_then(|a| a.get(&key).cloned());
+    let answer = match cached {
+        Some(answer) => answer,
+        None => {
+            let model: Value = serde_json::from_str(request.model.get()).unwrap_or(Value::Null);
+            let content = injected(text).unwrap_or_else(|| enrichment(text)).to_string();
+            let answer = bytes::Bytes::from(completion_body(&model, content).to_string());
+            if let Ok(mut a) = state.answers.lock() {
+                a.insert(key, answer.clone());
+            }
+            answer
+        }
+    };
+    if let Some(delay) = state.delay {
+        tokio::time::sleep(delay).await;
+    }
+    (
+        [
+            ("content-type", "application/json"),
+            ("x-ratelimit-limit-requests", "10000"),
+            ("x-ratelimit-remaining-requests", "9999"),
+            ("x-ratelimit-reset-requests", "50ms"),
+            ("x-ratelimit-limit-tokens", "2000000"),
+            ("x-ratelimit-remaining-tokens", "1999000"),
+            ("x-ratelimit-reset-tokens", "1ms"),
+        ],
+        answer,
+    )
+        .into_response()
+}
+
+/// Start a [`LeanOpenAi`] on 127.0.0.1 (a free port).
+pub async fn openai_lean(delay: Option<std::time::Duration>) -> LeanOpenAi {
+    let calls = Arc::new(AtomicUsize::new(0));
+    let state = Arc::new(LeanState { delay, calls: calls.clone(), answers: Default::default() });
+    let app = axum::Router::new().route("/v1/chat/completions", axum::routing::post(lean_completion)).with_state(state);
+    let listener = tokio::net::TcpListener::bind(("127.0.0.1", 0)).await.expect("bind the lean OpenAI fake");
+    let addr = listener.local_addr().expect("the lean OpenAI fake's address");
+    let server = tokio::spawn(async move {
+        let _ = axum::serve(listener, app).await;
+    });
+    LeanOpenAi { uri: format!("http://{addr}"), calls, server }
 }
 
 fn notion_error(status: u16, code: &str, message: &str) -> ResponseTemplate {

@@ -30,7 +30,7 @@ use bytes::Bytes;
 use clap::Parser;
 use futures::StreamExt;
 use halakha_common::config::Map;
-use halakha_tests::fakes::{self, Model};
+use halakha_tests::fakes;
 use halakha_tests::{API_KEY, CorpusItem, NOTION_DATABASE, NOTION_TOKEN, OPENAI_KEY, S, StageProcess, TestEnv, corpus};
 use serde_json::{Value, json};
 
@@ -683,7 +683,7 @@ async fn main() -> anyhow::Result<()> {
     let base_burst = relays.swap_remove(1);
     println!("   {:.0} msg/s (runs: {} msg/s)", base_burst.per_second(), runs.join(", "));
     print_cpu(&relay_cpu);
-    let (openai, _) = fakes::openai_unrecorded(Model::Faithful).await;
+    let openai = fakes::openai_lean(None).await;
     let stages = start_stages(&env, &args, &openai.uri(), None, true).await;
     let idle: Vec<(&str, (u64, u64))> = [&stages.ingest, &stages.enrich]
         .into_iter()
@@ -830,7 +830,7 @@ async fn main() -> anyhow::Result<()> {
             args.provider_ms, args.backlog, args.slow_secs
         );
         let env4 = TestEnv::new().await;
-        let (slow, _) = fakes::openai_unrecorded(Model::Delayed(args.provider_ms)).await;
+        let slow = fakes::openai_lean(Some(Duration::from_millis(args.provider_ms))).await;
         let stages4 = start_stages(&env4, &args, &slow.uri(), None, false).await;
         let mut enriched = env4.nats.subscribe(env4.names.subject(S::Enriched)).await?;
         env4.nats.flush().await?;
@@ -887,7 +887,7 @@ async fn main() -> anyhow::Result<()> {
     if args.wants(5) {
         println!("5. Notion at 3 requests/s: {} pages...", args.notion_pages);
         let env5 = TestEnv::new().await;
-        let (openai5, _) = fakes::openai_unrecorded(Model::Faithful).await;
+        let openai5 = fakes::openai_lean(None).await;
         let (notion, state) = fakes::notion_with(Some(3)).await;
         let stages5 = start_stages(&env5, &args, &openai5.uri(), Some(&notion.uri()), true).await;
         let pages = through_pipeline(&env5, &items, "notion", Load::Burst(args.notion_pages), S::Published).await?;

@@ -430,3 +430,46 @@ async fn on_a_new_connection_the_links_still_see_the_names_the_same_upsert_inser
     }
     env.cleanup().await;
 }
+
+/// A batch's BEGIN, statements and COMMIT go in one round trip: when a
+/// statement fails, nothing of the batch is kept, and the one connection of
+/// the pool comes back outside any transaction (the next batch on it
+/// commits). Both ways of sending statements.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_upsert_batch_keeps_nothing_and_leaves_its_connection_outside_any_transaction() {
+    use halakha_common::db::Statements;
+    let env = halakha_tests::TestEnv::new().await;
+    let pool = halakha_common::db::pool(&database(env.database_url.clone(), None)).unwrap();
+    halakha_common::db::migrate(&pool).await.unwrap();
+    let db = env.db().await;
+    let items: Vec<_> = corpus().into_iter().filter(|i| i.lang != "ru").take(6).collect();
+    let msgs: Vec<_> = items.iter().map(ingested_from).collect();
+    for (round, how) in [Statements::Named, Statements::Unnamed].into_iter().enumerate() {
+        let (good, bad, next) = (&msgs[round * 3], &msgs[round * 3 + 1], &msgs[round * 3 + 2]);
+        let good = enriched_with_tags(good, &[&format!("kept-{round}")]);
+        // The table's check refuses a difficulty outside 1..=5.
+        let mut bad = enriched_with_tags(bad, &[&format!("refused-{round}")]);
+        bad.enrichment.difficulty_level = 9;
+        let failed = halakha_publish::store::upsert_many(&pool, how, &[(&good, true), (&bad, true)]).await;
+        assert!(failed.is_err(), "{how:?}: the check refuses the batch");
+        let kept: i64 = db
+            .query_one("SELECT count(*) FROM halakhot WHERE id = ANY($1)", &[&vec![good.id.clone(), bad.id.clone()]])
+            .await
+            .unwrap()
+            .get(0);
+        assert_eq!(kept, 0, "{how:?}: nothing of the failed batch is kept");
+        let names: i64 = db
+            .query_one("SELECT count(*) FROM tags WHERE name LIKE $1", &[&format!("%-{round}")])
+            .await
+            .unwrap()
+            .get(0);
+        assert_eq!(names, 0, "{how:?}: not even its new tag names");
+        // The same (only) connection writes and commits the next batch.
+        let next = enriched_with_tags(next, &[&format!("next-{round}")]);
+        halakha_publish::store::upsert_many(&pool, how, &[(&next, true)]).await.unwrap();
+        assert_eq!(links(&db, &next.id).await.0, format!("next-{round}"), "{how:?}: the next batch is committed");
+        let state = scalar(&db, &format!("SELECT status FROM halakhot WHERE id = '{}'", next.id)).await;
+        assert_eq!(state, "published");
+    }
+    env.cleanup().await;
+}
