@@ -97,6 +97,8 @@ fn now_nanos() -> u64 {
 #[derive(Default)]
 struct Run {
     latencies_us: Vec<u64>,
+    /// When each message was sent, in ms from the first (same order).
+    sent_ms: Vec<u64>,
     seconds: f64,
 }
 
@@ -115,6 +117,20 @@ impl Run {
         v[i.min(v.len() - 1)] as f64 / 1000.0
     }
 
+    /// Where in the run the slowest 1 % were sent: their count by second
+    /// of sending (a stall of the machine shows as one second holding most
+    /// of them; a queue that grows, as the last seconds).
+    fn slowest_by_second(&self) -> Vec<(u64, usize)> {
+        let p99_us = (self.percentile_ms(99.0) * 1000.0) as u64;
+        let mut by: std::collections::BTreeMap<u64, usize> = std::collections::BTreeMap::new();
+        for (l, s) in self.latencies_us.iter().zip(&self.sent_ms) {
+            if *l >= p99_us {
+                *by.entry(s / 1000).or_default() += 1;
+            }
+        }
+        by.into_iter().collect()
+    }
+
     fn json(&self) -> Value {
         json!({
             "messages": self.latencies_us.len(),
@@ -123,6 +139,7 @@ impl Run {
             "p50_ms": self.percentile_ms(50.0),
             "p99_ms": self.percentile_ms(99.0),
             "max_ms": self.percentile_ms(100.0),
+            "slowest_1pct_by_second_sent": self.slowest_by_second(),
         })
     }
 }
@@ -327,6 +344,7 @@ fn to_run(got: &[(u64, u64)], first_sent: u64) -> Run {
     let last = got.iter().map(|(_, r)| *r).max().unwrap_or(first_sent);
     Run {
         latencies_us: got.iter().map(|(s, r)| r.saturating_sub(*s) / 1000).collect(),
+        sent_ms: got.iter().map(|(s, _)| s.saturating_sub(first_sent) / 1_000_000).collect(),
         seconds: last.saturating_sub(first_sent) as f64 / 1e9,
     }
 }
@@ -744,6 +762,9 @@ async fn main() -> anyhow::Result<()> {
             pipe_rate.percentile_ms(50.0),
             pipe_rate.percentile_ms(99.0)
         );
+        let slow =
+            |r: &Run| r.slowest_by_second().iter().map(|(s, n)| format!("{s}s:{n}")).collect::<Vec<_>>().join(" ");
+        println!("   slowest 1 % by second sent: relay {}; pipeline {}", slow(&base_rate), slow(&pipe_rate));
         report.insert("rate_stage_means".into(), Value::Object(stage_means(&procs).await));
         let added = pipe_rate.percentile_ms(99.0) - base_rate.percentile_ms(99.0);
         rows.push(row(
