@@ -23,6 +23,86 @@ pub struct NotionState {
     pub create_started: bool,
 }
 
+/// The upsert's first statement: the rows ($1..$8 the submitted text's
+/// columns, $9..$21 the enrichment's, $26 whether the row is published
+/// now) and any new tag, theme and source names ($22..$25). Answers each
+/// row's Notion page and whether a create was set out on before.
+pub const UPSERT_ROWS_SQL: &str = "WITH input AS (
+                 SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::int4[], $6::timestamptz[],
+                     $7::date[], $8::text[], $9::text[], $10::text[], $11::text[], $12::int2[], $13::text[],
+                     $14::text[], $15::text[], $16::text[], $17::text[], $18::int4[], $19::int4[], $20::int4[],
+                     $21::int4[], $26::bool[])
+                 AS u(id, content, source, lang, schedule_days, received_at, date_post, image_url, title, question,
+                      answer, difficulty_level, text_post, legend, language, model, prompt_version, schema_version,
+                      prompt_tokens, completion_tokens, total_tokens, published)),
+             h AS (
+                 INSERT INTO halakhot (id, status, content, source, lang, schedule_days, received_at, date_post,
+                     title, question, answer, difficulty_level, text_post, legend, language,
+                     model, prompt_version, schema_version, prompt_tokens, completion_tokens, total_tokens, image_url,
+                     published_at, notion_create_started_at)
+                 SELECT id, CASE WHEN published THEN 'published' ELSE 'enriched' END, content, source, lang,
+                     schedule_days, received_at, date_post, title, question, answer, difficulty_level, text_post,
+                     legend, language, model, prompt_version, schema_version, prompt_tokens, completion_tokens,
+                     total_tokens, image_url, CASE WHEN published THEN now() END,
+                     CASE WHEN published THEN NULL ELSE now() END
+                 FROM input ORDER BY id
+                 ON CONFLICT (id) DO UPDATE SET
+                     status = CASE WHEN halakhot.status = 'published' OR EXCLUDED.status = 'published'
+                                   THEN 'published' ELSE 'enriched' END,
+                     published_at = CASE WHEN EXCLUDED.status = 'published'
+                                         THEN COALESCE(halakhot.published_at, now()) ELSE halakhot.published_at END,
+                     content = EXCLUDED.content, source = EXCLUDED.source, lang = EXCLUDED.lang,
+                     schedule_days = EXCLUDED.schedule_days, date_post = EXCLUDED.date_post,
+                     title = EXCLUDED.title, question = EXCLUDED.question, answer = EXCLUDED.answer,
+                     difficulty_level = EXCLUDED.difficulty_level, text_post = EXCLUDED.text_post,
+                     legend = EXCLUDED.legend, language = EXCLUDED.language, model = EXCLUDED.model,
+                     prompt_version = EXCLUDED.prompt_version, schema_version = EXCLUDED.schema_version,
+                     prompt_tokens = EXCLUDED.prompt_tokens, completion_tokens = EXCLUDED.completion_tokens,
+                     total_tokens = EXCLUDED.total_tokens, image_url = EXCLUDED.image_url,
+                     -- The Notion path (not published by this upsert) is
+                     -- about to create the page unless the row has one.
+                     notion_create_started_at = CASE
+                         WHEN EXCLUDED.status = 'enriched' AND halakhot.notion_page_id IS NULL
+                         THEN COALESCE(halakhot.notion_create_started_at, now())
+                         ELSE halakhot.notion_create_started_at END,
+                     error = NULL, updated_at = now()
+                 RETURNING id, notion_page_id, notion_page_url),
+             t AS (INSERT INTO tags (name) SELECT unnest($22::text[]) ON CONFLICT (name) DO NOTHING),
+             th AS (INSERT INTO themes (name) SELECT unnest($23::text[]) ON CONFLICT (name) DO NOTHING),
+             s AS (INSERT INTO sources (name, reference)
+                   SELECT DISTINCT n, r FROM unnest($24::text[], $25::text[]) AS u(n, r) WHERE n <> ''
+                   ORDER BY n, r
+                   ON CONFLICT (name, reference) DO NOTHING)
+             -- `before` is the row as the statement found it (the snapshot
+             -- does not see the upsert).
+             SELECT h.id, h.notion_page_id, h.notion_page_url, before.notion_create_started_at IS NOT NULL
+             FROM h LEFT JOIN halakhot before ON before.id = h.id";
+
+/// The upsert's second statement: the links hold exactly this
+/// enrichment's names (a redelivery or a replay with other names replaces
+/// them). $1 the ids; then (id, name) pairs of tags, themes, and (id,
+/// name, reference) of sources.
+pub const UPSERT_LINKS_SQL: &str = "WITH tp AS (SELECT DISTINCT u.hid, t.id AS tag_id
+                     FROM unnest($2::text[], $3::text[]) AS u(hid, n) JOIN tags t ON t.name = u.n),
+              dt AS (DELETE FROM halakha_tags x WHERE x.halakha_id = ANY($1)
+                     AND NOT EXISTS (SELECT 1 FROM tp WHERE tp.hid = x.halakha_id AND tp.tag_id = x.tag_id)),
+              it AS (INSERT INTO halakha_tags (halakha_id, tag_id) SELECT hid, tag_id FROM tp
+                     ORDER BY hid, tag_id ON CONFLICT DO NOTHING),
+              thp AS (SELECT DISTINCT u.hid, t.id AS theme_id
+                      FROM unnest($4::text[], $5::text[]) AS u(hid, n) JOIN themes t ON t.name = u.n),
+              dth AS (DELETE FROM halakha_themes x WHERE x.halakha_id = ANY($1)
+                      AND NOT EXISTS (SELECT 1 FROM thp WHERE thp.hid = x.halakha_id AND thp.theme_id = x.theme_id)),
+              ith AS (INSERT INTO halakha_themes (halakha_id, theme_id) SELECT hid, theme_id FROM thp
+                      ORDER BY hid, theme_id ON CONFLICT DO NOTHING),
+              sp AS (SELECT DISTINCT u.hid, s.id AS source_id
+                     FROM unnest($6::text[], $7::text[], $8::text[]) AS u(hid, n, r)
+                     JOIN sources s ON s.name = u.n AND s.reference = u.r),
+              ds AS (DELETE FROM halakha_sources x WHERE x.halakha_id = ANY($1)
+                     AND NOT EXISTS (SELECT 1 FROM sp WHERE sp.hid = x.halakha_id AND sp.source_id = x.source_id)),
+              isrc AS (INSERT INTO halakha_sources (halakha_id, source_id) SELECT hid, source_id FROM sp
+                       ORDER BY hid, source_id ON CONFLICT DO NOTHING)
+         SELECT 1";
+
 /// Upsert the enriched halakha and its tags, themes and sources (see
 /// [`upsert_many`]).
 pub async fn upsert(pool: &Pool, how: Statements, m: &Enriched, published: bool) -> Result<NotionState, DbError> {
@@ -78,6 +158,7 @@ pub async fn upsert_many(
         answer(round, found);
     } else {
         let tx = conn.transaction().await?;
+        tx.batch_execute(db::WRITE_SETTINGS).await?;
         for round in rounds {
             let found = upsert_round(&tx, how, items, &round, false).await?;
             answer(round, found);
@@ -170,56 +251,6 @@ async fn upsert_round<C: db::Connection>(
         (&src_refs, Type::TEXT_ARRAY),
         (&published, Type::BOOL_ARRAY),
     ]);
-    let rows_sql = "WITH input AS (
-                 SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::int4[], $6::timestamptz[],
-                     $7::date[], $8::text[], $9::text[], $10::text[], $11::text[], $12::int2[], $13::text[],
-                     $14::text[], $15::text[], $16::text[], $17::text[], $18::int4[], $19::int4[], $20::int4[],
-                     $21::int4[], $26::bool[])
-                 AS u(id, content, source, lang, schedule_days, received_at, date_post, image_url, title, question,
-                      answer, difficulty_level, text_post, legend, language, model, prompt_version, schema_version,
-                      prompt_tokens, completion_tokens, total_tokens, published)),
-             h AS (
-                 INSERT INTO halakhot (id, status, content, source, lang, schedule_days, received_at, date_post,
-                     title, question, answer, difficulty_level, text_post, legend, language,
-                     model, prompt_version, schema_version, prompt_tokens, completion_tokens, total_tokens, image_url,
-                     published_at, notion_create_started_at)
-                 SELECT id, CASE WHEN published THEN 'published' ELSE 'enriched' END, content, source, lang,
-                     schedule_days, received_at, date_post, title, question, answer, difficulty_level, text_post,
-                     legend, language, model, prompt_version, schema_version, prompt_tokens, completion_tokens,
-                     total_tokens, image_url, CASE WHEN published THEN now() END,
-                     CASE WHEN published THEN NULL ELSE now() END
-                 FROM input ORDER BY id
-                 ON CONFLICT (id) DO UPDATE SET
-                     status = CASE WHEN halakhot.status = 'published' OR EXCLUDED.status = 'published'
-                                   THEN 'published' ELSE 'enriched' END,
-                     published_at = CASE WHEN EXCLUDED.status = 'published'
-                                         THEN COALESCE(halakhot.published_at, now()) ELSE halakhot.published_at END,
-                     content = EXCLUDED.content, source = EXCLUDED.source, lang = EXCLUDED.lang,
-                     schedule_days = EXCLUDED.schedule_days, date_post = EXCLUDED.date_post,
-                     title = EXCLUDED.title, question = EXCLUDED.question, answer = EXCLUDED.answer,
-                     difficulty_level = EXCLUDED.difficulty_level, text_post = EXCLUDED.text_post,
-                     legend = EXCLUDED.legend, language = EXCLUDED.language, model = EXCLUDED.model,
-                     prompt_version = EXCLUDED.prompt_version, schema_version = EXCLUDED.schema_version,
-                     prompt_tokens = EXCLUDED.prompt_tokens, completion_tokens = EXCLUDED.completion_tokens,
-                     total_tokens = EXCLUDED.total_tokens, image_url = EXCLUDED.image_url,
-                     -- The Notion path (not published by this upsert) is
-                     -- about to create the page unless the row has one.
-                     notion_create_started_at = CASE
-                         WHEN EXCLUDED.status = 'enriched' AND halakhot.notion_page_id IS NULL
-                         THEN COALESCE(halakhot.notion_create_started_at, now())
-                         ELSE halakhot.notion_create_started_at END,
-                     error = NULL, updated_at = now()
-                 RETURNING id, notion_page_id, notion_page_url),
-             t AS (INSERT INTO tags (name) SELECT unnest($22::text[]) ON CONFLICT (name) DO NOTHING),
-             th AS (INSERT INTO themes (name) SELECT unnest($23::text[]) ON CONFLICT (name) DO NOTHING),
-             s AS (INSERT INTO sources (name, reference)
-                   SELECT DISTINCT n, r FROM unnest($24::text[], $25::text[]) AS u(n, r) WHERE n <> ''
-                   ORDER BY n, r
-                   ON CONFLICT (name, reference) DO NOTHING)
-             -- `before` is the row as the statement found it (the snapshot
-             -- does not see the upsert).
-             SELECT h.id, h.notion_page_id, h.notion_page_url, before.notion_create_started_at IS NOT NULL
-             FROM h LEFT JOIN halakhot before ON before.id = h.id";
     // The links hold exactly this enrichment's names (a redelivery or a
     // replay with other names replaces them).
     let link_params: [(&(dyn tokio_postgres::types::ToSql + Sync), Type); 8] = [
@@ -232,35 +263,17 @@ async fn upsert_round<C: db::Connection>(
         (&src_names, Type::TEXT_ARRAY),
         (&src_refs, Type::TEXT_ARRAY),
     ];
-    let links_sql = "WITH tp AS (SELECT DISTINCT u.hid, t.id AS tag_id
-                     FROM unnest($2::text[], $3::text[]) AS u(hid, n) JOIN tags t ON t.name = u.n),
-              dt AS (DELETE FROM halakha_tags x WHERE x.halakha_id = ANY($1)
-                     AND NOT EXISTS (SELECT 1 FROM tp WHERE tp.hid = x.halakha_id AND tp.tag_id = x.tag_id)),
-              it AS (INSERT INTO halakha_tags (halakha_id, tag_id) SELECT hid, tag_id FROM tp
-                     ORDER BY hid, tag_id ON CONFLICT DO NOTHING),
-              thp AS (SELECT DISTINCT u.hid, t.id AS theme_id
-                      FROM unnest($4::text[], $5::text[]) AS u(hid, n) JOIN themes t ON t.name = u.n),
-              dth AS (DELETE FROM halakha_themes x WHERE x.halakha_id = ANY($1)
-                      AND NOT EXISTS (SELECT 1 FROM thp WHERE thp.hid = x.halakha_id AND thp.theme_id = x.theme_id)),
-              ith AS (INSERT INTO halakha_themes (halakha_id, theme_id) SELECT hid, theme_id FROM thp
-                      ORDER BY hid, theme_id ON CONFLICT DO NOTHING),
-              sp AS (SELECT DISTINCT u.hid, s.id AS source_id
-                     FROM unnest($6::text[], $7::text[], $8::text[]) AS u(hid, n, r)
-                     JOIN sources s ON s.name = u.n AND s.reference = u.r),
-              ds AS (DELETE FROM halakha_sources x WHERE x.halakha_id = ANY($1)
-                     AND NOT EXISTS (SELECT 1 FROM sp WHERE sp.hid = x.halakha_id AND sp.source_id = x.source_id)),
-              isrc AS (INSERT INTO halakha_sources (halakha_id, source_id) SELECT hid, source_id FROM sp
-                       ORDER BY hid, source_id ON CONFLICT DO NOTHING)
-         SELECT 1";
-    let (rows_statement, links_statement) =
-        tokio::try_join!(db::prepare(tx, how, rows_sql, &row_params), db::prepare(tx, how, links_sql, &link_params))?;
+    let (rows_statement, links_statement) = tokio::try_join!(
+        db::prepare(tx, how, UPSERT_ROWS_SQL, &row_params),
+        db::prepare(tx, how, UPSERT_LINKS_SQL, &link_params)
+    )?;
     // Both statements in one round trip: the connection runs them in the
     // order they are sent (both are prepared, so neither waits before
     // sending), and the links see the names the first one inserted.
     let rows = if own_transaction {
         use tokio_postgres::GenericClient as _;
         let (_, rows, _, _) = tokio::try_join!(
-            tx.plain().batch_execute("BEGIN"),
+            tx.plain().batch_execute(db::BEGIN_WRITE),
             db::run(tx, &rows_statement, &row_params),
             db::run(tx, &links_statement, &link_params),
             tx.plain().batch_execute("COMMIT"),

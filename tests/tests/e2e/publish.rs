@@ -238,8 +238,17 @@ async fn behind_a_transaction_pooler_every_statement_is_unnamed_and_elsewhere_th
     }
     let conn = kept.get().await.unwrap();
     assert_eq!(scalar(&conn, count).await, "3", "one named statement per write-path statement");
-    // ...and planned at every run, with the table's size of the moment.
+    // ...planned once: each ran on its generic plan, none was planned
+    // again for a run (two claims and two upserts: the claim's plan is
+    // made at its first run and reused at the second)...
+    let plans = "SELECT string_agg(generic_plans || '/' || custom_plans, ' ' ORDER BY statement)
+                 FROM pg_prepared_statements";
+    assert_eq!(scalar(&conn, plans).await, "2/0 2/0 2/0", "generic plans / custom plans of each statement");
+    // ...and the write path's settings stayed in its transactions: any
+    // other named statement is planned at every run, with the tables'
+    // size of the moment.
     assert_eq!(scalar(&conn, "SHOW plan_cache_mode").await, "force_custom_plan");
+    assert_eq!(scalar(&conn, "SHOW enable_seqscan").await, "on");
     drop(conn);
     env.cleanup().await;
 }
@@ -471,5 +480,47 @@ async fn a_failed_upsert_batch_keeps_nothing_and_leaves_its_connection_outside_a
         let state = scalar(&db, &format!("SELECT status FROM halakhot WHERE id = '{}'", next.id)).await;
         assert_eq!(state, "published");
     }
+    env.cleanup().await;
+}
+
+/// The write path's generic plans are made once per connection, possibly
+/// while the tables are empty, and kept as they grow: each must look rows
+/// up by key (no sequential scan, no hash or merge join over a table),
+/// whatever the sizes it was planned with. Planned here on empty tables,
+/// with the settings the write path's transactions use.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_write_paths_generic_plans_made_on_empty_tables_look_every_row_up_by_key() {
+    let env = halakha_tests::TestEnv::new().await;
+    let pool = halakha_common::db::pool(&database(env.database_url.clone(), None)).unwrap();
+    halakha_common::db::migrate(&pool).await.unwrap();
+    let db = env.db().await;
+    db.batch_execute(&format!("BEGIN; {}", halakha_common::db::WRITE_SETTINGS)).await.unwrap();
+    for (name, sql) in [
+        ("claim", halakha_ingest::store::CLAIM_SQL),
+        ("rows", halakha_publish::store::UPSERT_ROWS_SQL),
+        ("links", halakha_publish::store::UPSERT_LINKS_SQL),
+    ] {
+        // Every parameter is an array with an explicit cast: an empty one
+        // of each gives the generic plan (it does not depend on values).
+        let params = (1..=40).filter(|n| sql.contains(&format!("${n}::")) || sql.contains(&format!("${n})"))).count();
+        db.batch_execute(&format!("PREPARE {name} AS {sql}")).await.unwrap();
+        let args = vec!["'{}'"; params].join(", ");
+        let plan: Vec<String> = db
+            .simple_query(&format!("EXPLAIN (COSTS OFF) EXECUTE {name}({args})"))
+            .await
+            .unwrap()
+            .iter()
+            .filter_map(|m| match m {
+                tokio_postgres::SimpleQueryMessage::Row(r) => r.get(0).map(String::from),
+                _ => None,
+            })
+            .collect();
+        let plan = plan.join("\n");
+        assert!(plan.contains("Index"), "{name}: the plan uses the keys:\n{plan}");
+        for bad in ["Seq Scan", "Hash Join", "Merge Join", "Materialize"] {
+            assert!(!plan.contains(bad), "{name}: no {bad} in a plan kept while tables grow:\n{plan}");
+        }
+    }
+    db.batch_execute("ROLLBACK").await.unwrap();
     env.cleanup().await;
 }
