@@ -99,6 +99,9 @@ struct Run {
     latencies_us: Vec<u64>,
     /// When each message was sent, in ms from the first (same order).
     sent_ms: Vec<u64>,
+    /// When the first was sent (ms since the Unix epoch), to match the
+    /// run's seconds with the services' own logs.
+    started_unix_ms: u64,
     seconds: f64,
 }
 
@@ -140,6 +143,7 @@ impl Run {
             "p99_ms": self.percentile_ms(99.0),
             "max_ms": self.percentile_ms(100.0),
             "slowest_1pct_by_second_sent": self.slowest_by_second(),
+            "started_unix_ms": self.started_unix_ms,
         })
     }
 }
@@ -345,6 +349,7 @@ fn to_run(got: &[(u64, u64)], first_sent: u64) -> Run {
     Run {
         latencies_us: got.iter().map(|(s, r)| r.saturating_sub(*s) / 1000).collect(),
         sent_ms: got.iter().map(|(s, _)| s.saturating_sub(first_sent) / 1_000_000).collect(),
+        started_unix_ms: first_sent / 1_000_000,
         seconds: last.saturating_sub(first_sent) as f64 / 1e9,
     }
 }
@@ -764,7 +769,12 @@ async fn main() -> anyhow::Result<()> {
         );
         let slow =
             |r: &Run| r.slowest_by_second().iter().map(|(s, n)| format!("{s}s:{n}")).collect::<Vec<_>>().join(" ");
-        println!("   slowest 1 % by second sent: relay {}; pipeline {}", slow(&base_rate), slow(&pipe_rate));
+        println!(
+            "   slowest 1 % by second sent: relay {}; pipeline {} (its second 0 began at {} ms after the epoch)",
+            slow(&base_rate),
+            slow(&pipe_rate),
+            pipe_rate.started_unix_ms
+        );
         report.insert("rate_stage_means".into(), Value::Object(stage_means(&procs).await));
         let added = pipe_rate.percentile_ms(99.0) - base_rate.percentile_ms(99.0);
         rows.push(row(
