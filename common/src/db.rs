@@ -288,15 +288,20 @@ pub async fn run<C: Connection>(
     }
 }
 
-/// Run a write-path statement (`sql` with `binds`), named or unnamed as
-/// `how` says, and return its rows.
-pub async fn query<C: Connection>(
+/// Run `work` (statements on `client`, each sending itself at its first
+/// poll) as one write-path transaction in one round trip: `BEGIN` with
+/// [`WRITE_SETTINGS`], then `work`'s statements, then `COMMIT`, sent in that
+/// order before any answer comes back. If a statement fails, Postgres
+/// answers the `COMMIT` with a rollback: nothing of it is kept, and the
+/// connection is back outside any transaction.
+pub async fn write_transaction<C: Connection, T>(
     client: &C,
-    how: Statements,
-    sql: &str,
-    binds: &Binds<'_>,
-) -> Result<Vec<tokio_postgres::Row>, tokio_postgres::Error> {
-    run(client, &prepare(client, how, sql, binds).await?, binds).await
+    work: impl std::future::Future<Output = Result<T, tokio_postgres::Error>>,
+) -> Result<T, tokio_postgres::Error> {
+    use tokio_postgres::GenericClient as _;
+    let plain = client.plain();
+    let (_, out, _) = tokio::try_join!(plain.batch_execute(BEGIN_WRITE), work, plain.batch_execute("COMMIT"))?;
+    Ok(out)
 }
 
 fn without_param(url: &str, name: &str) -> String {

@@ -2,7 +2,7 @@
 
 use deadpool_postgres::Pool;
 use halakha_common::config::DatabaseConfig;
-use halakha_common::db::{Connection as _, DbError, GroupCommit, Statements};
+use halakha_common::db::{DbError, GroupCommit, Statements};
 use halakha_common::envelope::Ingested;
 use serde::Serialize;
 use tokio_postgres::types::Type;
@@ -57,15 +57,7 @@ pub async fn claim_many(pool: &Pool, how: Statements, items: &[Ingested]) -> Res
     // comes back from `ins`, a known one with its status from `halakhot`.
     let binds = c.binds();
     let statement = halakha_common::db::prepare(&conn, how, CLAIM_SQL, &binds).await?;
-    // BEGIN, the claim and COMMIT in one round trip; if the claim fails,
-    // the COMMIT is answered with a rollback.
-    let (_, rows, _) = {
-        tokio::try_join!(
-            conn.plain().batch_execute(halakha_common::db::BEGIN_WRITE),
-            halakha_common::db::run(&conn, &statement, &binds),
-            conn.plain().batch_execute("COMMIT"),
-        )?
-    };
+    let rows = halakha_common::db::write_transaction(&conn, halakha_common::db::run(&conn, &statement, &binds)).await?;
     let mut claimed = std::collections::HashSet::new();
     let mut out = Vec::with_capacity(items.len());
     for (m, row) in items.iter().zip(&rows) {

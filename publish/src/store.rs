@@ -270,18 +270,10 @@ async fn upsert_round<C: db::Connection>(
     // Both statements in one round trip: the connection runs them in the
     // order they are sent (both are prepared, so neither waits before
     // sending), and the links see the names the first one inserted.
-    let rows = if own_transaction {
-        use tokio_postgres::GenericClient as _;
-        let (_, rows, _, _) = tokio::try_join!(
-            tx.plain().batch_execute(db::BEGIN_WRITE),
-            db::run(tx, &rows_statement, &row_params),
-            db::run(tx, &links_statement, &link_params),
-            tx.plain().batch_execute("COMMIT"),
-        )?;
-        rows
-    } else {
-        tokio::try_join!(db::run(tx, &rows_statement, &row_params), db::run(tx, &links_statement, &link_params))?.0
+    let both = async {
+        tokio::try_join!(db::run(tx, &rows_statement, &row_params), db::run(tx, &links_statement, &link_params))
     };
+    let (rows, _) = if own_transaction { db::write_transaction(tx, both).await? } else { both.await? };
     Ok(rows
         .into_iter()
         .map(|r| {
