@@ -205,8 +205,8 @@ macro_rules! write_settings {
     };
 }
 
-/// Sent at the start of a transaction of the write path (the claim, the
-/// upsert's rows and links): its named statements run on generic plans,
+/// Sent at the start of a transaction of the write path (the upsert's
+/// rows and links): its named statements run on generic plans,
 /// planned once per connection instead of at every batch (planning was
 /// 0.4 to 0.8 ms per statement and batch, as much as running it), and those
 /// plans look every row up by key, whatever the tables' size when they
