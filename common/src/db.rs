@@ -197,14 +197,6 @@ impl Statements {
     }
 }
 
-/// The settings of a write-path transaction, after its `BEGIN`.
-macro_rules! write_settings {
-    () => {
-        "SET LOCAL plan_cache_mode = force_generic_plan; SET LOCAL enable_seqscan = off; \
-         SET LOCAL enable_hashjoin = off; SET LOCAL enable_mergejoin = off; SET LOCAL enable_material = off"
-    };
-}
-
 /// Sent at the start of a transaction of the write path (the upsert's
 /// rows and links): its named statements run on generic plans,
 /// planned once per connection instead of at every batch (planning was
@@ -216,11 +208,8 @@ macro_rules! write_settings {
 /// `force_custom_plan`). `SET LOCAL`: every other statement keeps the
 /// connection's settings. Behind a transaction pooler the statements are
 /// unnamed, planned at each run anyway, and the settings are harmless.
-pub const WRITE_SETTINGS: &str = write_settings!();
-
-/// `BEGIN` and [`WRITE_SETTINGS`], in one simple query: pipelined with a
-/// batch's statements and its `COMMIT`, the whole batch is one round trip.
-pub const BEGIN_WRITE: &str = concat!("BEGIN; ", write_settings!());
+pub const WRITE_SETTINGS: &str = "SET LOCAL plan_cache_mode = force_generic_plan; SET LOCAL enable_seqscan = off; \
+     SET LOCAL enable_hashjoin = off; SET LOCAL enable_mergejoin = off; SET LOCAL enable_material = off";
 
 /// A statement's parameters, each with its type.
 pub type Binds<'a> = [(&'a (dyn tokio_postgres::types::ToSql + Sync), tokio_postgres::types::Type)];
@@ -288,6 +277,17 @@ pub async fn run<C: Connection>(
     }
 }
 
+/// Run a write-path statement (`sql` with `binds`), named or unnamed as
+/// `how` says, and return its rows.
+pub async fn query<C: Connection>(
+    client: &C,
+    how: Statements,
+    sql: &str,
+    binds: &Binds<'_>,
+) -> Result<Vec<tokio_postgres::Row>, tokio_postgres::Error> {
+    run(client, &prepare(client, how, sql, binds).await?, binds).await
+}
+
 /// Run `work` (statements on `client`, each sending itself at its first
 /// poll) as one write-path transaction in one round trip: `BEGIN` with
 /// [`WRITE_SETTINGS`], then `work`'s statements, then `COMMIT`, sent in that
@@ -300,7 +300,12 @@ pub async fn write_transaction<C: Connection, T>(
 ) -> Result<T, tokio_postgres::Error> {
     use tokio_postgres::GenericClient as _;
     let plain = client.plain();
-    let (_, out, _) = tokio::try_join!(plain.batch_execute(BEGIN_WRITE), work, plain.batch_execute("COMMIT"))?;
+    let (_, _, out, _) = tokio::try_join!(
+        plain.batch_execute("BEGIN"),
+        plain.batch_execute(WRITE_SETTINGS),
+        work,
+        plain.batch_execute("COMMIT")
+    )?;
     Ok(out)
 }
 
@@ -451,7 +456,7 @@ pub fn pool(config: &DatabaseConfig) -> Result<Pool, DbError> {
         // Named statements are planned at each run by default: a generic
         // plan made while a table was small (a sequential scan of
         // `halakhot` for each batch) would stay as the table grows. The
-        // write path's transactions choose generic plans made safe
+        // upsert's transactions choose generic plans made safe
         // ([`WRITE_SETTINGS`]).
         let ms = config.timeout.as_millis();
         pg.options(format!("-c statement_timeout={ms} -c plan_cache_mode=force_custom_plan"));

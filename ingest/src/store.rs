@@ -25,22 +25,6 @@ pub enum Claim {
     Done { status: String },
 }
 
-/// The claim: insert each id as `accepted` unless known, and answer for
-/// each item whether it was new and the known row's status.
-const CLAIM_SQL: &str = "WITH input AS (
-                 SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::int4[],
-                                      $6::timestamptz[], $7::date[], $8::text[])
-                     WITH ORDINALITY AS u(id, content, source, lang, schedule_days, received_at, date_post, image_url, ord)),
-             ins AS (
-                 INSERT INTO halakhot (id, status, content, source, lang, schedule_days, received_at, date_post, image_url)
-                 SELECT id, 'accepted', content, source, lang, schedule_days, received_at, date_post, image_url
-                 FROM input ORDER BY ord
-                 ON CONFLICT (id) DO NOTHING
-                 RETURNING id)
-             SELECT ins.id IS NOT NULL, h.status
-             FROM input i LEFT JOIN ins ON ins.id = i.id LEFT JOIN halakhot h ON h.id = i.id
-             ORDER BY i.ord";
-
 /// Record the submission as `accepted` unless the id is already known.
 pub async fn claim(pool: &Pool, how: Statements, m: &Ingested) -> Result<Claim, DbError> {
     let mut claims = claim_many(pool, how, std::slice::from_ref(m)).await?;
@@ -55,13 +39,29 @@ pub async fn claim_many(pool: &Pool, how: Statements, items: &[Ingested]) -> Res
     let c = halakha_common::db::HalakhaColumns::new(items.iter().map(|m| (m.id.as_str(), &m.halakha)));
     // The statement's snapshot does not see the rows it inserts: a new id
     // comes back from `ins`, a known one with its status from `halakhot`.
-    let binds = c.binds();
-    let statement = halakha_common::db::prepare(&conn, how, CLAIM_SQL, &binds).await?;
-    // One statement, in autocommit, planned at each run (the connection's
-    // `force_custom_plan`): planning it costs less than the write
-    // settings' statements around it would (measured over HTTP, where
-    // the claim is most of a request's database work).
-    let rows = halakha_common::db::run(&conn, &statement, &binds).await?;
+    // One statement in autocommit, planned at each run (the connection's
+    // `force_custom_plan`): wrapped in a write transaction to run on a
+    // generic plan, it cost more than its planning (measured over HTTP,
+    // where the claim is most of a request's database work).
+    let rows = halakha_common::db::query(
+        &conn,
+        how,
+        "WITH input AS (
+                 SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::int4[],
+                                      $6::timestamptz[], $7::date[], $8::text[])
+                     WITH ORDINALITY AS u(id, content, source, lang, schedule_days, received_at, date_post, image_url, ord)),
+             ins AS (
+                 INSERT INTO halakhot (id, status, content, source, lang, schedule_days, received_at, date_post, image_url)
+                 SELECT id, 'accepted', content, source, lang, schedule_days, received_at, date_post, image_url
+                 FROM input ORDER BY ord
+                 ON CONFLICT (id) DO NOTHING
+                 RETURNING id)
+             SELECT ins.id IS NOT NULL, h.status
+             FROM input i LEFT JOIN ins ON ins.id = i.id LEFT JOIN halakhot h ON h.id = i.id
+             ORDER BY i.ord",
+        &c.binds(),
+    )
+    .await?;
     let mut claimed = std::collections::HashSet::new();
     let mut out = Vec::with_capacity(items.len());
     for (m, row) in items.iter().zip(&rows) {

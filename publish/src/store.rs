@@ -123,13 +123,15 @@ fn clean(v: &[String]) -> Vec<&str> {
 /// (parse, plan, commit) is paid once per batch, not once per message.
 /// A row already `published` stays `published`; `published` makes the row
 /// published at once (no Notion page to wait for). An id twice in `items`
-/// is written twice, in order, by a second pair of statements.
+/// is written twice, in order, by a second transaction (each row's write
+/// stands on its own: if the second fails, the group commit writes every
+/// item again alone, and the upsert gives the same rows).
 pub async fn upsert_many(
     pool: &Pool,
     how: Statements,
     items: &[(&Enriched, bool)],
 ) -> Result<Vec<NotionState>, DbError> {
-    let mut conn = pool.get().await?;
+    let conn = pool.get().await?;
     let mut states: Vec<NotionState> = vec![NotionState::default(); items.len()];
     // Rounds of distinct ids: one statement cannot update a row twice.
     let mut rounds: Vec<Vec<usize>> = Vec::new();
@@ -143,42 +145,24 @@ pub async fn upsert_many(
             rounds[*round].push(i);
         }
     }
-    let mut answer = |round: Vec<usize>, found: std::collections::HashMap<String, NotionState>| {
+    for round in rounds {
+        let found = upsert_round(&conn, how, items, &round).await?;
         for i in round {
             if let Some(state) = found.get(items[i].0.id.as_str()) {
                 states[i] = state.clone();
             }
         }
-    };
-    if rounds.len() == 1 {
-        // The usual batch: BEGIN, both statements and COMMIT sent together,
-        // one round trip in all.
-        let round = rounds.swap_remove(0);
-        let found = upsert_round(&conn, how, items, &round, true).await?;
-        answer(round, found);
-    } else {
-        let tx = conn.transaction().await?;
-        tx.batch_execute(db::WRITE_SETTINGS).await?;
-        for round in rounds {
-            let found = upsert_round(&tx, how, items, &round, false).await?;
-            answer(round, found);
-        }
-        tx.commit().await?;
     }
     Ok(states)
 }
 
-/// One round of [`upsert_many`]: the items at `which`, distinct ids. With
-/// `own_transaction` the round is its own transaction, its BEGIN and
-/// COMMIT pipelined with its statements: if a statement fails, Postgres
-/// answers the COMMIT with a rollback, and the connection goes back to the
-/// pool outside any transaction.
-async fn upsert_round<C: db::Connection>(
-    tx: &C,
+/// One round of [`upsert_many`]: the items at `which`, distinct ids, in
+/// one transaction sent in one round trip ([`db::write_transaction`]).
+async fn upsert_round(
+    tx: &deadpool_postgres::Client,
     how: Statements,
     items: &[(&Enriched, bool)],
     which: &[usize],
-    own_transaction: bool,
 ) -> Result<std::collections::HashMap<String, NotionState>, DbError> {
     // Rows in id order: concurrent batches lock them in the same order.
     let mut which = which.to_vec();
@@ -273,7 +257,7 @@ async fn upsert_round<C: db::Connection>(
     let both = async {
         tokio::try_join!(db::run(tx, &rows_statement, &row_params), db::run(tx, &links_statement, &link_params))
     };
-    let (rows, _) = if own_transaction { db::write_transaction(tx, both).await? } else { both.await? };
+    let (rows, _) = db::write_transaction(tx, both).await?;
     Ok(rows
         .into_iter()
         .map(|r| {

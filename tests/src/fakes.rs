@@ -5,6 +5,7 @@
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
+use axum::response::IntoResponse as _;
 use serde_json::{Value, json};
 use wiremock::matchers::{method, path, path_regex};
 use wiremock::{Mock, MockServer, Request, Respond, ResponseTemplate};
@@ -12,8 +13,12 @@ use wiremock::{Mock, MockServer, Request, Respond, ResponseTemplate};
 use crate::{NOTION_DATABASE, NOTION_TOKEN, OPENAI_KEY};
 
 fn openai_error(status: u16, kind: &str, message: &str) -> ResponseTemplate {
-    ResponseTemplate::new(status)
-        .set_body_json(json!({"error": {"message": message, "type": kind, "param": null, "code": null}}))
+    ResponseTemplate::new(status).set_body_json(openai_error_body(kind, message))
+}
+
+/// The body of an OpenAI error.
+fn openai_error_body(kind: &str, message: &str) -> Value {
+    json!({"error": {"message": message, "type": kind, "param": null, "code": null}})
 }
 
 /// How the fake model answers.
@@ -62,13 +67,19 @@ pub struct ChatCompletions {
 }
 
 /// The rate-limit headers OpenAI sends with every answer.
+fn rate_headers(remaining_requests: u32) -> [(&'static str, String); 6] {
+    [
+        ("x-ratelimit-limit-requests", "10000".into()),
+        ("x-ratelimit-remaining-requests", remaining_requests.to_string()),
+        ("x-ratelimit-reset-requests", "50ms".into()),
+        ("x-ratelimit-limit-tokens", "2000000".into()),
+        ("x-ratelimit-remaining-tokens", "1999000".into()),
+        ("x-ratelimit-reset-tokens", "1ms".into()),
+    ]
+}
+
 fn with_rate_headers(t: ResponseTemplate, remaining_requests: u32) -> ResponseTemplate {
-    t.insert_header("x-ratelimit-limit-requests", "10000")
-        .insert_header("x-ratelimit-remaining-requests", remaining_requests.to_string().as_str())
-        .insert_header("x-ratelimit-reset-requests", "50ms")
-        .insert_header("x-ratelimit-limit-tokens", "2000000")
-        .insert_header("x-ratelimit-remaining-tokens", "1999000")
-        .insert_header("x-ratelimit-reset-tokens", "1ms")
+    rate_headers(remaining_requests).into_iter().fold(t, |t, (name, value)| t.insert_header(name, value.as_str()))
 }
 
 fn hash(text: &str) -> u64 {
@@ -360,12 +371,9 @@ struct LeanState {
 }
 
 fn lean_error(status: u16, kind: &str, message: &str) -> axum::response::Response {
-    let body = json!({"error": {"message": message, "type": kind, "param": null, "code": null}});
     let status = axum::http::StatusCode::from_u16(status).unwrap_or(axum::http::StatusCode::INTERNAL_SERVER_ERROR);
-    (status, axum::Json(body)).into_response()
+    (status, axum::Json(openai_error_body(kind, message))).into_response()
 }
-
-use axum::response::IntoResponse as _;
 
 async fn lean_completion(
     axum::extract::State(state): axum::extract::State<Arc<LeanState>>,
@@ -415,19 +423,13 @@ async fn lean_completion(
     if let Some(delay) = state.delay {
         tokio::time::sleep(delay).await;
     }
-    (
-        [
-            ("content-type", "application/json"),
-            ("x-ratelimit-limit-requests", "10000"),
-            ("x-ratelimit-remaining-requests", "9999"),
-            ("x-ratelimit-reset-requests", "50ms"),
-            ("x-ratelimit-limit-tokens", "2000000"),
-            ("x-ratelimit-remaining-tokens", "1999000"),
-            ("x-ratelimit-reset-tokens", "1ms"),
-        ],
-        answer,
-    )
-        .into_response()
+    let mut response = ([("content-type", "application/json")], answer).into_response();
+    for (name, value) in rate_headers(9999) {
+        if let Ok(value) = axum::http::HeaderValue::from_str(&value) {
+            response.headers_mut().insert(name, value);
+        }
+    }
+    response
 }
 
 /// Start a [`LeanOpenAi`] on 127.0.0.1 (a free port).

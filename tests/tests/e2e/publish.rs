@@ -500,7 +500,7 @@ async fn the_write_paths_generic_plans_made_on_empty_tables_look_every_row_up_by
     let pool = halakha_common::db::pool(&database(env.database_url.clone(), None)).unwrap();
     halakha_common::db::migrate(&pool).await.unwrap();
     let db = env.db().await;
-    db.batch_execute(halakha_common::db::BEGIN_WRITE).await.unwrap();
+    db.batch_execute(&format!("BEGIN; {}", halakha_common::db::WRITE_SETTINGS)).await.unwrap();
     for (name, sql) in
         [("rows", halakha_publish::store::UPSERT_ROWS_SQL), ("links", halakha_publish::store::UPSERT_LINKS_SQL)]
     {
