@@ -291,21 +291,45 @@ pub async fn query<C: Connection>(
 /// Run `work` (statements on `client`, each sending itself at its first
 /// poll) as one write-path transaction in one round trip: `BEGIN` with
 /// [`WRITE_SETTINGS`], then `work`'s statements, then `COMMIT`, sent in that
-/// order before any answer comes back. If a statement fails, Postgres
-/// answers the `COMMIT` with a rollback: nothing of it is kept, and the
-/// connection is back outside any transaction.
+/// order before any answer comes back.
+///
+/// Every part is polled until it answers (`join!`, not `try_join!`): a
+/// statement whose error came back before the next part was first polled
+/// (a busy thread, a fast refusal) must not stop the `COMMIT` from being
+/// sent, and the connection goes back to the pool only once Postgres has
+/// answered all of it, outside any transaction. If a statement fails in
+/// Postgres, Postgres answers the `COMMIT` with a rollback: nothing is kept.
+/// If `work` fails in the client before the end is sent (a statement that
+/// could not be encoded, so never reached Postgres, while others did), the
+/// end is a `ROLLBACK`: what was sent is not kept either.
 pub async fn write_transaction<C: Connection, T>(
     client: &C,
     work: impl std::future::Future<Output = Result<T, tokio_postgres::Error>>,
 ) -> Result<T, tokio_postgres::Error> {
     use tokio_postgres::GenericClient as _;
     let plain = client.plain();
-    let (_, _, out, _) = tokio::try_join!(
-        plain.batch_execute("BEGIN"),
-        plain.batch_execute(WRITE_SETTINGS),
-        work,
-        plain.batch_execute("COMMIT")
-    )?;
+    let refused_here = std::sync::atomic::AtomicBool::new(false);
+    let work = async {
+        let out = work.await;
+        if out.as_ref().is_err_and(|e| e.as_db_error().is_none()) {
+            refused_here.store(true, std::sync::atomic::Ordering::Relaxed);
+        }
+        out
+    };
+    // Polled after `work` in the same poll (biased): it sees a failure of
+    // `work`'s first poll.
+    let end = async {
+        let refused = refused_here.load(std::sync::atomic::Ordering::Relaxed);
+        plain.batch_execute(if refused { "ROLLBACK" } else { "COMMIT" }).await
+    };
+    let (begin, settings, out, end) =
+        tokio::join!(biased; plain.batch_execute("BEGIN"), plain.batch_execute(WRITE_SETTINGS), work, end);
+    // The first error in the order sent: a statement's own error comes
+    // before the aborted transaction's errors that follow it.
+    begin?;
+    settings?;
+    let out = out?;
+    end?;
     Ok(out)
 }
 

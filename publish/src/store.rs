@@ -253,9 +253,11 @@ async fn upsert_round(
     )?;
     // Both statements in one round trip: the connection runs them in the
     // order they are sent (both are prepared, so neither waits before
-    // sending), and the links see the names the first one inserted.
+    // sending; biased, so the rows go first), and the links see the names
+    // the first one inserted. If the rows fail before the links are sent,
+    // the links are not sent at all: the transaction is lost anyway.
     let both = async {
-        tokio::try_join!(db::run(tx, &rows_statement, &row_params), db::run(tx, &links_statement, &link_params))
+        tokio::try_join!(biased; db::run(tx, &rows_statement, &row_params), db::run(tx, &links_statement, &link_params))
     };
     let (rows, _) = db::write_transaction(tx, both).await?;
     Ok(rows

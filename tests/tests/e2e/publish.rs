@@ -489,6 +489,79 @@ async fn a_failed_upsert_batch_keeps_nothing_and_leaves_its_connection_outside_a
     env.cleanup().await;
 }
 
+/// A statement's first poll sends it; this future's first poll then waits
+/// for its answer, as a thread taken off the CPU between the send and the
+/// read would (Postgres answered before the thread came back), so the first
+/// poll of the transaction's work already returns the statement's error.
+/// The test body runs on the test's own thread (`block_on`), not on a
+/// worker: the connection's task answers meanwhile on the runtime's workers.
+struct AnsweredInItsFirstPoll<F>(std::pin::Pin<Box<F>>);
+
+impl<F: std::future::Future> std::future::Future for AnsweredInItsFirstPoll<F> {
+    type Output = F::Output;
+    fn poll(mut self: std::pin::Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> std::task::Poll<F::Output> {
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            let polled = self.0.as_mut().poll(cx);
+            if polled.is_ready() || std::time::Instant::now() > deadline {
+                return polled;
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+}
+
+/// The end of a write transaction (`COMMIT`) is sent whatever the work's
+/// first poll returns, and answered before the connection is given back:
+/// a statement refused by Postgres before the next part of the round trip
+/// was polled leaves nothing kept and the connection outside any
+/// transaction. A statement the client refuses before sending it (its
+/// parameters do not match) while an earlier one was sent: the end is a
+/// rollback, so the sent one is not kept either.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_transaction_ends_whatever_its_statements_first_poll_returns() {
+    use halakha_common::db::{Prepared, Statements, run, write_transaction};
+    use tokio_postgres::types::Type;
+    let env = halakha_tests::TestEnv::new().await;
+    let pool = halakha_common::db::pool(&database(env.database_url.clone(), None)).unwrap();
+    halakha_common::db::migrate(&pool).await.unwrap();
+    let db = env.db().await;
+    let conn = pool.get().await.unwrap();
+    let insert = Prepared::Unnamed("INSERT INTO tags (name) VALUES ($1)");
+    // A name, then no name (refused by Postgres: `name` is NOT NULL),
+    // answered within the work's first poll.
+    let first: &(dyn tokio_postgres::types::ToSql + Sync) = &"refused-by-postgres";
+    let none: &(dyn tokio_postgres::types::ToSql + Sync) = &None::<&str>;
+    let (binds, no_name) = ([(first, Type::TEXT)], [(none, Type::TEXT)]);
+    let refused = write_transaction(&conn, async {
+        tokio::try_join!(biased; run(&conn, &insert, &binds), AnsweredInItsFirstPoll(Box::pin(run(&conn, &insert, &no_name))))
+    })
+    .await;
+    assert!(refused.as_ref().is_err_and(|e| e.as_db_error().is_some()), "Postgres refuses: {refused:?}");
+    conn.batch_execute("SELECT 1").await.expect("the connection is outside any transaction");
+    assert_eq!(scalar(&db, "SELECT count(*) FROM tags WHERE name = 'refused-by-postgres'").await, "0");
+
+    // Refused by the client: a named statement of one parameter given none.
+    let named =
+        halakha_common::db::prepare(&conn, Statements::Named, "SELECT $1::text", &[(first, Type::TEXT)]).await.unwrap();
+    let sent: &(dyn tokio_postgres::types::ToSql + Sync) = &"sent-then-rolled-back";
+    let binds = [(sent, Type::TEXT)];
+    let refused = write_transaction(&conn, async {
+        tokio::try_join!(biased; run(&conn, &insert, &binds), run(&conn, &named, &[]))
+    })
+    .await;
+    assert!(refused.as_ref().is_err_and(|e| e.as_db_error().is_none()), "the client refuses: {refused:?}");
+    conn.batch_execute("SELECT 1").await.expect("the connection is outside any transaction");
+    assert_eq!(scalar(&db, "SELECT count(*) FROM tags WHERE name = 'sent-then-rolled-back'").await, "0");
+
+    // And the next transaction on the connection commits.
+    let next: &(dyn tokio_postgres::types::ToSql + Sync) = &"committed";
+    write_transaction(&conn, run(&conn, &insert, &[(next, Type::TEXT)])).await.unwrap();
+    assert_eq!(scalar(&db, "SELECT count(*) FROM tags WHERE name = 'committed'").await, "1");
+    drop(conn);
+    env.cleanup().await;
+}
+
 /// The write path's generic plans are made once per connection, possibly
 /// while the tables are empty, and kept as they grow: each must look rows
 /// up by key (no sequential scan, no hash or merge join over a table),
