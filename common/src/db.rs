@@ -465,9 +465,31 @@ where
     }
 }
 
+/// Whether a commit waits until its WAL is on disk before it answers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Commits {
+    /// Postgres' default (`synchronous_commit = on`): an answered commit
+    /// survives a crash of Postgres.
+    Durable,
+    /// `synchronous_commit = off` on the pool's direct connections: a commit
+    /// answers before its WAL is flushed (within `wal_writer_delay`, 200 ms
+    /// by default), so a crash of Postgres may lose the last commits but
+    /// never leaves a half-written one. Only for writes whose loss the
+    /// pipeline makes up for (ingest's claim: the submission's durable
+    /// record is its JetStream message, and publish's upsert writes the row
+    /// whole). Behind a transaction pooler, which refuses startup options,
+    /// commits stay durable.
+    Relaxed,
+}
+
+/// Build a pool with durable commits ([`pool_with`]).
+pub fn pool(config: &DatabaseConfig) -> Result<Pool, DbError> {
+    pool_with(config, Commits::Durable)
+}
+
 /// Build a pool; connections are opened lazily, each bounded by the
 /// configured timeout (connect, wait for a slot, and every statement).
-pub fn pool(config: &DatabaseConfig) -> Result<Pool, DbError> {
+pub fn pool_with(config: &DatabaseConfig, commits: Commits) -> Result<Pool, DbError> {
     let (url, mode) = tls_mode(config.url.expose_secret());
     let pooler = behind_transaction_pooler(&url);
     let url = without_param(&url, "pgbouncer");
@@ -483,7 +505,8 @@ pub fn pool(config: &DatabaseConfig) -> Result<Pool, DbError> {
         // upsert's transactions choose generic plans made safe
         // ([`WRITE_SETTINGS`]).
         let ms = config.timeout.as_millis();
-        pg.options(format!("-c statement_timeout={ms} -c plan_cache_mode=force_custom_plan"));
+        let relaxed = if commits == Commits::Relaxed { " -c synchronous_commit=off" } else { "" };
+        pg.options(format!("-c statement_timeout={ms} -c plan_cache_mode=force_custom_plan{relaxed}"));
     }
     let manager = Manager::from_config(pg, tls, ManagerConfig { recycling_method: RecyclingMethod::Fast });
     Ok(Pool::builder(manager)

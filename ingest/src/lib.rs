@@ -72,6 +72,14 @@ async fn keep_the_books(
 }
 
 /// A started stage: bound, connected, not yet serving.
+/// How ingest's commits reach the disk: its claims do not wait for it. The
+/// submission's durable record is its JetStream message, published (PubAck
+/// awaited) before it is acknowledged or answered; a claim lost in a crash
+/// of Postgres only lets a resubmission through again, to sinks that are
+/// idempotent, and publish writes the row whole. The `failed` status waits
+/// all the same ([`store::mark_failed`]).
+pub const COMMITS: db::Commits = db::Commits::Relaxed;
+
 pub struct App {
     stage: Prepared,
     api: BoundServer,
@@ -90,7 +98,7 @@ impl App {
     pub async fn build(config: Config) -> Result<Self, StartError> {
         // First: series created before the recorder would be lost.
         halakha_common::metrics::install_recorder();
-        let pool = db::pool(&config.database)?;
+        let pool = db::pool_with(&config.database, COMMITS)?;
         if config.database.migrate_on_start {
             db::migrate(&pool).await?;
         }

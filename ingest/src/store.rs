@@ -105,15 +105,22 @@ pub fn claims(pool: Pool, config: &DatabaseConfig) -> Claims {
 /// Mark a dead-lettered halakha `failed` with the reason, unless it was
 /// published or changed after the failure (a redrive that already
 /// succeeded must not be overwritten by a late status update).
+/// Its commit waits for the disk, whatever the pool's setting
+/// ([`halakha_common::db::Commits`]): the dead letter that causes it is
+/// acknowledged after it, and nothing else would write the status again.
 pub async fn mark_failed(pool: &Pool, id: &str, error: &str, failed_at: time::OffsetDateTime) -> Result<u64, DbError> {
-    let conn = pool.get().await?;
-    Ok(conn
+    let mut conn = pool.get().await?;
+    let tx = conn.transaction().await?;
+    tx.batch_execute("SET LOCAL synchronous_commit = on").await?;
+    let changed = tx
         .execute_typed(
             "UPDATE halakhot SET status = 'failed', error = $2, updated_at = now()
              WHERE id = $1 AND status <> 'published' AND updated_at <= $3",
             &[(&id, Type::TEXT), (&error, Type::TEXT), (&failed_at, Type::TIMESTAMPTZ)],
         )
-        .await?)
+        .await?;
+    tx.commit().await?;
+    Ok(changed)
 }
 
 /// What `GET /v1/halakhot/{id}` answers.

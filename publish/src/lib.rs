@@ -134,6 +134,11 @@ impl PublishHandler {
     }
 }
 
+/// How publish's commits reach the disk: each waits for it. The input is
+/// acknowledged after the upsert, and nothing upstream would write the row
+/// again.
+pub const COMMITS: db::Commits = db::Commits::Durable;
+
 pub struct App {
     stage: Prepared,
     handler: Arc<PublishHandler>,
@@ -163,7 +168,7 @@ impl App {
                 None
             }
         };
-        let pool = db::pool(&config.database)?;
+        let pool = db::pool_with(&config.database, COMMITS)?;
         if config.database.migrate_on_start {
             db::migrate(&pool).await?;
         }

@@ -805,6 +805,11 @@ impl StageProcess {
             .collect()
     }
 
+    /// Every line so far, as written.
+    pub fn raw_logs(&self) -> Vec<String> {
+        self.lines.lock().map(|l| l.clone()).unwrap_or_default()
+    }
+
     /// Wait for a log line matching `pred`; fail after `limit`.
     pub async fn wait_for_line(
         &mut self,

@@ -776,6 +776,16 @@ async fn main() -> anyhow::Result<()> {
             pipe_rate.started_unix_ms
         );
         report.insert("rate_stage_means".into(), Value::Object(stage_means(&procs).await));
+        // The stages' log lines so far (each `Message handled` line names
+        // the item and its time in the stage), to find where a slow
+        // message waited.
+        let dir = args.out.with_file_name("logs");
+        if std::fs::create_dir_all(&dir).is_ok() {
+            for p in &procs {
+                let _ = std::fs::write(dir.join(format!("{}.jsonl", p.name)), p.raw_logs().join("\n"));
+            }
+            println!("   the stages' logs: {}", dir.display());
+        }
         let added = pipe_rate.percentile_ms(99.0) - base_rate.percentile_ms(99.0);
         rows.push(row(
             &format!("p99 at {} msg/s: relay / pipeline", args.rate),

@@ -187,6 +187,45 @@ async fn the_database_is_reached_over_tls_when_the_url_asks_for_it_and_verificat
     env.cleanup().await;
 }
 
+/// Ingest's pool commits without waiting for the disk (its claim is made
+/// up for by the broker and publish's upsert); every other pool, and any
+/// pool behind a transaction pooler (no startup options there), waits; a
+/// `failed` status written through the relaxed pool waits all the same.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_ingests_claims_commit_without_waiting_for_the_disk() {
+    use halakha_common::db::{Commits, pool, pool_with};
+    let env = halakha_tests::TestEnv::new().await;
+    let direct = database(env.database_url.clone(), None);
+    let pooled = database(format!("{}?pgbouncer=true", env.database_url), None);
+    for (config, commits, expected) in
+        [(&direct, Commits::Relaxed, "off"), (&direct, Commits::Durable, "on"), (&pooled, Commits::Relaxed, "on")]
+    {
+        let p = pool_with(config, commits).unwrap();
+        let conn = p.get().await.unwrap();
+        assert_eq!(scalar(&conn, "SHOW synchronous_commit").await, expected, "{commits:?}");
+    }
+    assert_eq!(halakha_ingest::COMMITS, Commits::Relaxed, "ingest's pool");
+    assert_eq!(halakha_publish::COMMITS, Commits::Durable, "publish's pool");
+    let durable = pool(&direct).unwrap();
+    assert_eq!(scalar(&durable.get().await.unwrap(), "SHOW synchronous_commit").await, "on", "the default");
+
+    let relaxed = pool_with(&direct, halakha_ingest::COMMITS).unwrap();
+    halakha_common::db::migrate(&relaxed).await.unwrap();
+    let how = direct.statements();
+    let item = corpus().into_iter().find(|i| i.lang == "fr").unwrap();
+    let ingested = ingested_from(&item);
+    let claimed = halakha_ingest::store::claim(&relaxed, how, &ingested).await.unwrap();
+    assert_eq!(claimed, halakha_ingest::store::Claim::New);
+    let later = time::OffsetDateTime::now_utc() + Duration::from_secs(1);
+    assert_eq!(halakha_ingest::store::mark_failed(&relaxed, &ingested.id, "why", later).await.unwrap(), 1);
+    let conn = relaxed.get().await.unwrap();
+    assert_eq!(scalar(&conn, "SHOW synchronous_commit").await, "off", "the durable commit's setting stayed in it");
+    let status = format!("SELECT status || ' ' || error FROM halakhot WHERE id = '{}'", ingested.id);
+    assert_eq!(scalar(&conn, &status).await, "failed why");
+    drop(conn);
+    env.cleanup().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn behind_a_transaction_pooler_every_statement_is_unnamed_and_elsewhere_the_writes_are_prepared_once() {
     use halakha_common::db::Statements;
