@@ -493,32 +493,46 @@ async fn stage_means(stages: &[&StageProcess]) -> serde_json::Map<String, Value>
     out
 }
 
-/// CPU seconds used so far by each kind of process on the machine (by
+/// CPU seconds used so far by each process on the machine (by pid and
 /// command name, threads included), from `/proc`: where a run's CPU went.
-fn cpu_by_command() -> HashMap<String, f64> {
+fn cpu_by_command() -> HashMap<(u32, String), f64> {
     // Clock ticks per second: 100 on every Linux this runs on.
     const TICKS: f64 = 100.0;
-    let mut out: HashMap<String, f64> = HashMap::new();
+    let mut out: HashMap<(u32, String), f64> = HashMap::new();
     let Ok(dir) = std::fs::read_dir("/proc") else { return out };
     for entry in dir.flatten() {
+        let Some(pid) = entry.file_name().to_str().and_then(|n| n.parse::<u32>().ok()) else { continue };
         let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else { continue };
         // pid (comm) state ppid ... utime(14) stime(15): comm may hold spaces.
         let (Some(open), Some(close)) = (stat.find('('), stat.rfind(')')) else { continue };
         let comm = stat[open + 1..close].to_owned();
         let fields: Vec<&str> = stat[close + 2..].split(' ').collect();
         let ticks = |i: usize| fields.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
-        *out.entry(comm).or_default() += (ticks(11) + ticks(12)) / TICKS;
+        out.insert((pid, comm), (ticks(11) + ticks(12)) / TICKS);
     }
     out
 }
 
-/// CPU milliseconds per message by process between two readings, largest
-/// first (only the processes of the pipeline and its services).
-fn cpu_per_message(before: &HashMap<String, f64>, after: &HashMap<String, f64>, messages: usize) -> Vec<(String, f64)> {
-    let mut out: Vec<(String, f64)> = after
-        .iter()
+/// CPU milliseconds per message by command between two readings, largest
+/// first (only the processes of the pipeline and its services). Each
+/// process counts what it used between the readings (all of it when it
+/// started after the first); one that ended before the second reading
+/// (a Postgres backend whose connection closed) is not counted, nor is a
+/// process that was there at the first only (its time would subtract).
+fn cpu_per_message(
+    before: &HashMap<(u32, String), f64>,
+    after: &HashMap<(u32, String), f64>,
+    messages: usize,
+) -> Vec<(String, f64)> {
+    let mut by_command: HashMap<&str, f64> = HashMap::new();
+    for (key, t) in after {
+        let used = t - before.get(key).copied().unwrap_or(0.0);
+        *by_command.entry(key.1.as_str()).or_default() += used.max(0.0);
+    }
+    let mut out: Vec<(String, f64)> = by_command
+        .into_iter()
         .filter(|(c, _)| ["halakha-", "postgres", "nats-server", "bench", "redis"].iter().any(|p| c.starts_with(p)))
-        .map(|(c, t)| (c.clone(), (t - before.get(c).copied().unwrap_or(0.0)) * 1000.0 / messages.max(1) as f64))
+        .map(|(c, t)| (c.to_owned(), t * 1000.0 / messages.max(1) as f64))
         .filter(|(_, ms)| *ms > 0.0)
         .collect();
     out.sort_by(|a, b| b.1.total_cmp(&a.1));
