@@ -149,6 +149,13 @@ fn database(url: String, ca_file: Option<&str>) -> halakha_common::config::Datab
     }
 }
 
+/// A pool of one connection to the test's database, migrated.
+async fn migrated_pool(env: &halakha_tests::TestEnv) -> halakha_common::db::Pool {
+    let pool = halakha_common::db::pool(&database(env.database_url.clone(), None)).unwrap();
+    halakha_common::db::migrate(&pool).await.unwrap();
+    pool
+}
+
 async fn scalar(conn: &tokio_postgres::Client, sql: &str) -> String {
     // The simple protocol: this check itself prepares no statement.
     let rows = conn.simple_query(sql).await.unwrap();
@@ -230,8 +237,7 @@ async fn only_ingests_claims_commit_without_waiting_for_the_disk() {
 async fn behind_a_transaction_pooler_every_statement_is_unnamed_and_elsewhere_the_writes_are_prepared_once() {
     use halakha_common::db::Statements;
     let env = halakha_tests::TestEnv::new().await;
-    let pool = halakha_common::db::pool(&database(env.database_url.clone(), None)).unwrap();
-    halakha_common::db::migrate(&pool).await.unwrap();
+    let pool = migrated_pool(&env).await;
     let count = "SELECT count(*)::text FROM pg_prepared_statements";
 
     // The check sees a named statement when there is one...
@@ -400,8 +406,7 @@ async fn a_batch_of_writes_answers_each_message_as_if_it_were_written_alone() {
     use halakha_common::db::Statements;
     use halakha_ingest::store::Claim;
     let env = halakha_tests::TestEnv::new().await;
-    let pool = halakha_common::db::pool(&database(env.database_url.clone(), None)).unwrap();
-    halakha_common::db::migrate(&pool).await.unwrap();
+    let pool = migrated_pool(&env).await;
     let items: Vec<_> = corpus().into_iter().filter(|i| i.lang != "ru").take(5).collect();
     let msgs: Vec<_> = items.iter().map(ingested_from).collect();
 
@@ -493,8 +498,7 @@ async fn on_a_new_connection_the_links_still_see_the_names_the_same_upsert_inser
 async fn a_failed_upsert_batch_keeps_nothing_and_leaves_its_connection_outside_any_transaction() {
     use halakha_common::db::Statements;
     let env = halakha_tests::TestEnv::new().await;
-    let pool = halakha_common::db::pool(&database(env.database_url.clone(), None)).unwrap();
-    halakha_common::db::migrate(&pool).await.unwrap();
+    let pool = migrated_pool(&env).await;
     let db = env.db().await;
     let items: Vec<_> = corpus().into_iter().filter(|i| i.lang != "ru").take(6).collect();
     let msgs: Vec<_> = items.iter().map(ingested_from).collect();
@@ -562,8 +566,7 @@ async fn a_write_transaction_ends_whatever_its_statements_first_poll_returns() {
     use halakha_common::db::{Prepared, Statements, run, write_transaction};
     use tokio_postgres::types::Type;
     let env = halakha_tests::TestEnv::new().await;
-    let pool = halakha_common::db::pool(&database(env.database_url.clone(), None)).unwrap();
-    halakha_common::db::migrate(&pool).await.unwrap();
+    let pool = migrated_pool(&env).await;
     let db = env.db().await;
     let conn = pool.get().await.unwrap();
     let insert = Prepared::Unnamed("INSERT INTO tags (name) VALUES ($1)");
@@ -609,8 +612,8 @@ async fn a_write_transaction_ends_whatever_its_statements_first_poll_returns() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_write_paths_generic_plans_made_on_empty_tables_look_every_row_up_by_key() {
     let env = halakha_tests::TestEnv::new().await;
-    let pool = halakha_common::db::pool(&database(env.database_url.clone(), None)).unwrap();
-    halakha_common::db::migrate(&pool).await.unwrap();
+    // The tables, made by the migrations (and left empty).
+    migrated_pool(&env).await;
     let db = env.db().await;
     db.batch_execute(&format!("BEGIN; {}", halakha_common::db::WRITE_SETTINGS)).await.unwrap();
     for (name, sql) in
