@@ -156,8 +156,11 @@ impl App {
             request_timeout: config.request_timeout,
             form_wait: config.form_wait,
         };
-        let state =
-            http::ApiState { ingestor: ingestor.clone(), waiters: waiters.clone(), form_wait: config.form_wait };
+        let state = http::ApiState {
+            ingestor: Arc::new(ingestor.clone()),
+            waiters: waiters.clone(),
+            form_wait: config.form_wait,
+        };
         let cors = Arc::new(guard::Cors::new(&config.cors_origins));
         let router = http::routes(state, guard, cors, &limits).merge(stage.health_routes());
         let api = bind("HTTP_ADDR", config.http_addr, router).await?;
