@@ -71,7 +71,6 @@ async fn keep_the_books(
     }
 }
 
-/// A started stage: bound, connected, not yet serving.
 /// How ingest's commits reach the disk: its claims do not wait for it. The
 /// submission's durable record is its JetStream message, published (PubAck
 /// awaited) before it is acknowledged or answered; a claim lost in a crash
@@ -80,6 +79,7 @@ async fn keep_the_books(
 /// all the same ([`store::mark_failed`]).
 pub const COMMITS: db::Commits = db::Commits::Relaxed;
 
+/// A started stage: bound, connected, not yet serving.
 pub struct App {
     stage: Prepared,
     api: BoundServer,
@@ -122,13 +122,14 @@ impl App {
         let waiters = Arc::new(form::Waiters::default());
 
         let books_pool = pool.clone();
-        let ingestor = service::Ingestor {
+        // One for both paths (HTTP and `<ns>.submitted`).
+        let ingestor = Arc::new(service::Ingestor {
             claims: store::claims(pool.clone(), &config.database),
             pool,
             publisher: Publisher::new(stage.js.clone()),
             ingested_subject: stage.names.subject(Subject::Ingested),
             max_content_chars: config.max_content_chars,
-        };
+        });
         let shared = Arc::new(match &config.redis.url {
             Some(url) => Cache::new(url, std::time::Duration::from_secs(120))?,
             None => Cache::off(),
@@ -156,11 +157,8 @@ impl App {
             request_timeout: config.request_timeout,
             form_wait: config.form_wait,
         };
-        let state = http::ApiState {
-            ingestor: Arc::new(ingestor.clone()),
-            waiters: waiters.clone(),
-            form_wait: config.form_wait,
-        };
+        let state =
+            http::ApiState { ingestor: ingestor.clone(), waiters: waiters.clone(), form_wait: config.form_wait };
         let cors = Arc::new(guard::Cors::new(&config.cors_origins));
         let router = http::routes(state, guard, cors, &limits).merge(stage.health_routes());
         let api = bind("HTTP_ADDR", config.http_addr, router).await?;

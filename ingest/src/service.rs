@@ -42,7 +42,6 @@ pub enum Decision {
 }
 
 /// Validation, id derivation and the durable record, shared by every path.
-#[derive(Clone)]
 pub struct Ingestor {
     pub pool: Pool,
     /// The claims, written in batches.
@@ -135,7 +134,7 @@ impl From<Invalid> for AcceptFailure {
 
 /// The `<ns>.submitted` path: the runner publishes what this returns.
 pub struct SubmittedHandler {
-    pub ingestor: Ingestor,
+    pub ingestor: std::sync::Arc<Ingestor>,
 }
 
 impl Handler for SubmittedHandler {
