@@ -139,7 +139,9 @@ fn injected(text: &str) -> Option<Value> {
     Some(pwned)
 }
 
-fn enrichment(text: &str) -> Value {
+/// What the fake model answers for `text`: the enrichment JSON (also the
+/// bench's payloads for its floor of the pipeline).
+pub fn enrichment(text: &str) -> Value {
     let words: Vec<&str> = text.split_whitespace().collect();
     let head = words.iter().take(8).copied().collect::<Vec<_>>().join(" ");
     let answer: String = text.chars().take(400).collect();

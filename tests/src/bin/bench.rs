@@ -222,13 +222,144 @@ fn relay_payload(item: &CorpusItem, key: &str) -> Bytes {
     Bytes::from(serde_json::to_vec(&json!({"content": item.text, "idempotency_key": key})).unwrap_or_default())
 }
 
-/// 1 and 3: publish → consume+republish → consume+republish → consume,
-/// with explicit acks and `Nats-Msg-Id`, written with async-nats alone.
-async fn relay(js: &jetstream::Context, prefix: &str, items: &[CorpusItem], load: Load) -> anyhow::Result<Run> {
+/// What a relay's hops do besides passing each message on.
+#[derive(Clone)]
+enum Hops {
+    /// 1 and 3: three hops on the bench's one connection, each payload
+    /// passed on unchanged.
+    Plain,
+    /// 2's floor: the pipeline's four streams, its payloads and its two
+    /// writes, each hop on a connection of its own as each stage has.
+    Floor(Arc<Floor>),
+}
+
+impl Hops {
+    fn streams(&self) -> usize {
+        match self {
+            Hops::Plain => 3,
+            Hops::Floor(_) => 4,
+        }
+    }
+}
+
+/// What the pipeline's hops cannot do without, and nothing else: each
+/// message's envelopes made in advance (the `ingested`, `enriched` and
+/// `published` payloads the stages send, from the fake model's answer),
+/// ingest's claim and publish's upsert by the stages' own functions on
+/// pools set up as theirs, a batch per round of what has arrived (at most
+/// `CONCURRENCY`, which bounds a stage's batch too). No parsing, no
+/// checks, no completion call, no logs.
+struct Floor {
+    ingested: Vec<halakha_common::envelope::Ingested>,
+    enriched: Vec<halakha_common::envelope::Enriched>,
+    payloads: [Vec<Bytes>; 3],
+    claims: halakha_common::db::Pool,
+    upserts: halakha_common::db::Pool,
+    how: halakha_common::db::Statements,
+    nats_url: String,
+    batch: usize,
+}
+
+impl Floor {
+    async fn new(env: &TestEnv, items: &[CorpusItem], n: usize, batch: usize) -> anyhow::Result<Self> {
+        use halakha_common::envelope::{Enriched, Halakha, Ingested, Published, SCHEMA_VERSION, Usage};
+        let config = halakha_common::config::DatabaseConfig {
+            url: env.database_url.clone().into(),
+            timeout: Duration::from_secs(30),
+            pool_size: 16,
+            ca_file: None,
+            migrate_on_start: true,
+        };
+        let claims = halakha_common::db::pool_with(&config, halakha_ingest::COMMITS)?;
+        let upserts = halakha_common::db::pool_with(&config, halakha_publish::COMMITS)?;
+        halakha_common::db::migrate(&upserts).await?;
+        let now = time::OffsetDateTime::now_utc();
+        let (mut ingested, mut enriched) = (Vec::with_capacity(n), Vec::with_capacity(n));
+        let mut payloads: [Vec<Bytes>; 3] = Default::default();
+        for i in 0..n {
+            let item = &items[i % items.len()];
+            let content = halakha_common::text::normalize(&item.text);
+            let id = halakha_common::text::derive_id(Some(&format!("bench-floor-{i}")), "");
+            let enrichment = serde_json::from_value(fakes::enrichment(&content))?;
+            let halakha = Halakha {
+                content,
+                lang: item.lang.parse().ok(),
+                source: None,
+                schedule_days: 0,
+                received_at: now,
+                image_url: None,
+            };
+            let m = Ingested { schema_version: SCHEMA_VERSION, id: id.clone(), halakha };
+            let e = Enriched {
+                schema_version: SCHEMA_VERSION,
+                id: id.clone(),
+                halakha: m.halakha.clone(),
+                enrichment,
+                model: "gpt-4o-mini".into(),
+                prompt_version: "bench".into(),
+                usage: Usage { prompt_tokens: 120, completion_tokens: 80, total_tokens: 200 },
+            };
+            let p = Published {
+                schema_version: SCHEMA_VERSION,
+                id,
+                title: e.enrichment.title.clone(),
+                status: "published".into(),
+                date_post: m.halakha.date_post(),
+                notion_page_id: None,
+                notion_page_url: None,
+                published_at: now,
+            };
+            payloads[0].push(Bytes::from(serde_json::to_vec(&m)?));
+            payloads[1].push(Bytes::from(serde_json::to_vec(&e)?));
+            payloads[2].push(Bytes::from(serde_json::to_vec(&p)?));
+            ingested.push(m);
+            enriched.push(e);
+        }
+        Ok(Self {
+            ingested,
+            enriched,
+            payloads,
+            claims,
+            upserts,
+            how: config.statements(),
+            nats_url: env.nats_url.clone(),
+            batch,
+        })
+    }
+
+    /// Hop `hop`'s work on the items `idx` of one round: the next payloads.
+    async fn step(&self, hop: usize, idx: &[usize]) -> anyhow::Result<Vec<Bytes>> {
+        match hop {
+            1 => {
+                let batch: Vec<_> = idx.iter().map(|i| self.ingested[*i].clone()).collect();
+                halakha_ingest::store::claim_many(&self.claims, self.how, &batch).await?;
+            }
+            3 => {
+                let batch: Vec<_> = idx.iter().map(|i| (&self.enriched[*i], true)).collect();
+                halakha_publish::store::upsert_many(&self.upserts, self.how, &batch).await?;
+            }
+            _ => {}
+        }
+        Ok(idx.iter().map(|i| self.payloads[hop - 1][*i].clone()).collect())
+    }
+}
+
+/// Publish → consume and republish at each hop → consume, with explicit
+/// acks and `Nats-Msg-Id`, written with async-nats alone: 1 and 3 with
+/// [`Hops::Plain`], 2's floor with [`Hops::Floor`].
+async fn relay(
+    js: &jetstream::Context,
+    prefix: &str,
+    items: &[CorpusItem],
+    load: Load,
+    hops: &Hops,
+) -> anyhow::Result<Run> {
+    let streams = hops.streams();
     let subject = |hop: usize| format!("{prefix}.r{hop}");
-    for hop in 1..=3 {
+    let stream_name = |hop: usize| format!("{}_R{hop}", prefix.to_uppercase());
+    for hop in 1..=streams {
         js.create_stream(stream::Config {
-            name: format!("{}_R{hop}", prefix.to_uppercase()),
+            name: stream_name(hop),
             subjects: vec![subject(hop)],
             storage: stream::StorageType::File,
             duplicate_window: Duration::from_secs(120),
@@ -236,9 +367,8 @@ async fn relay(js: &jetstream::Context, prefix: &str, items: &[CorpusItem], load
         })
         .await?;
     }
-    let consumer = |hop: usize| {
-        let js = js.clone();
-        let name = format!("{}_R{hop}", prefix.to_uppercase());
+    let consumer = |js: jetstream::Context, hop: usize| {
+        let name = stream_name(hop);
         async move {
             let s = js.get_stream(&name).await?;
             let c: consumer::PullConsumer = s
@@ -254,16 +384,21 @@ async fn relay(js: &jetstream::Context, prefix: &str, items: &[CorpusItem], load
     };
     let stop = tokio_util::sync::CancellationToken::new();
     let mut workers = Vec::new();
-    for hop in 1..=2 {
-        let c = consumer(hop).await?;
-        let js = js.clone();
+    for hop in 1..streams {
+        let (js, max_batch) = match hops {
+            Hops::Plain => (js.clone(), 256),
+            Hops::Floor(f) => (jetstream::new(async_nats::connect(&f.nats_url).await?), f.batch),
+        };
+        let c = consumer(js.clone(), hop).await?;
         let next = subject(hop + 1);
         let stop = stop.clone();
+        let hops = hops.clone();
         workers.push(tokio::spawn(async move {
             // A continuous pull; each round takes what has arrived (at
-            // least one message, at most 256), republishes it with the
-            // PubAcks awaited together, then acks the inputs.
-            let Ok(mut messages) = c.stream().max_messages_per_batch(256).messages().await else { return };
+            // least one message, at most `max_batch`), does the hop's work,
+            // republishes with the PubAcks awaited together, then acks the
+            // inputs.
+            let Ok(mut messages) = c.stream().max_messages_per_batch(max_batch).messages().await else { return };
             while !stop.is_cancelled() {
                 let first = tokio::select! {
                     () = stop.cancelled() => break,
@@ -271,19 +406,32 @@ async fn relay(js: &jetstream::Context, prefix: &str, items: &[CorpusItem], load
                 };
                 let Some(Ok(first)) = first else { continue };
                 let mut got = vec![first];
-                while got.len() < 256 {
+                while got.len() < max_batch {
                     match futures::FutureExt::now_or_never(messages.next()) {
                         Some(Some(Ok(m))) => got.push(m),
                         _ => break,
                     }
                 }
+                let payloads = match &hops {
+                    Hops::Plain => got.iter().map(|m| m.payload.clone()).collect(),
+                    Hops::Floor(f) => {
+                        let idx: Vec<usize> = got.iter().map(|m| header_number(m, "Bench-Item") as usize).collect();
+                        match f.step(hop, &idx).await {
+                            Ok(p) => p,
+                            Err(e) => {
+                                eprintln!("   the floor's hop {hop} failed: {e:#}");
+                                return;
+                            }
+                        }
+                    }
+                };
                 let mut acks = Vec::with_capacity(got.len());
-                for m in &got {
+                for (m, payload) in got.iter().zip(payloads) {
                     let id = m.headers.as_ref().and_then(|h| h.get("Nats-Msg-Id")).map(|v| v.to_string());
                     let mut headers = m.headers.clone().unwrap_or_default();
                     let id = format!("{}:{hop}", id.unwrap_or_default());
                     headers.insert("Nats-Msg-Id", id.as_str());
-                    let msg = jetstream::message::PublishMessage::build().payload(m.payload.clone()).headers(headers);
+                    let msg = jetstream::message::PublishMessage::build().payload(payload).headers(headers);
                     if let Ok(f) = js.send_publish(next.clone(), msg).await {
                         acks.push(std::future::IntoFuture::into_future(f));
                     }
@@ -297,27 +445,38 @@ async fn relay(js: &jetstream::Context, prefix: &str, items: &[CorpusItem], load
             }
         }));
     }
-    let sink = consumer(3).await?;
     let expected = load.count();
     let received = Arc::new(Mutex::new(Vec::with_capacity(expected)));
     let first_sent = Arc::new(AtomicU64::new(0));
+    // The last hop's messages: a pull consumer acking each for the relay;
+    // a subscription for the floor, as the bench follows `<ns>.published`.
+    let mut last: futures::stream::BoxStream<'static, (Option<async_nats::HeaderMap>, Option<jetstream::Message>)> =
+        match hops {
+            Hops::Plain => consumer(js.clone(), streams)
+                .await?
+                .messages()
+                .await?
+                .filter_map(|m| async move { m.ok().map(|m| (m.headers.clone(), Some(m))) })
+                .boxed(),
+            Hops::Floor(_) => js.client().subscribe(subject(streams)).await?.map(|m| (m.headers, None)).boxed(),
+        };
+    js.client().flush().await?;
     let collector = {
         let received = received.clone();
         tokio::spawn(async move {
-            let mut messages = sink.messages().await?;
             let mut n = 0;
             while n < expected {
-                let Some(m) = messages.next().await else { break };
-                let m = m.map_err(|e| anyhow::anyhow!("{e}"))?;
-                let sent: u64 = m
-                    .headers
+                let Some((headers, m)) = last.next().await else { break };
+                let sent = headers
                     .as_ref()
                     .and_then(|h| h.get("Bench-Sent"))
                     .and_then(|v| v.as_str().parse().ok())
                     .unwrap_or(0);
                 let now = now_nanos();
                 received.lock().map_err(|_| anyhow::anyhow!("poisoned"))?.push((sent, now));
-                let _ = m.ack().await;
+                if let Some(m) = m {
+                    let _ = m.ack().await;
+                }
                 n += 1;
             }
             Ok::<_, anyhow::Error>(())
@@ -329,7 +488,11 @@ async fn relay(js: &jetstream::Context, prefix: &str, items: &[CorpusItem], load
         let key = format!("{prefix}-{i}");
         let at = now_nanos();
         let _ = fs.compare_exchange(0, at, Ordering::SeqCst, Ordering::SeqCst);
-        (subject(1), key.clone(), relay_payload(item, &key), sent_header(at))
+        let mut headers = sent_header(at);
+        if let Hops::Floor(_) = hops {
+            headers.insert("Bench-Item", i.to_string().as_str());
+        }
+        (subject(1), key.clone(), relay_payload(item, &key), headers)
     })
     .await?;
     tokio::time::timeout(Duration::from_secs(300), collector).await???;
@@ -337,11 +500,16 @@ async fn relay(js: &jetstream::Context, prefix: &str, items: &[CorpusItem], load
     for w in workers {
         let _ = w.await;
     }
-    for hop in 1..=3 {
-        let _ = js.delete_stream(format!("{}_R{hop}", prefix.to_uppercase())).await;
+    for hop in 1..=streams {
+        let _ = js.delete_stream(stream_name(hop)).await;
     }
     let got = received.lock().map_err(|_| anyhow::anyhow!("poisoned"))?.clone();
     Ok(to_run(&got, first_sent.load(Ordering::SeqCst)))
+}
+
+/// A number a header carries (0 when it is missing).
+fn header_number(m: &jetstream::Message, name: &str) -> u64 {
+    m.headers.as_ref().and_then(|h| h.get(name)).and_then(|v| v.as_str().parse().ok()).unwrap_or(0)
 }
 
 fn to_run(got: &[(u64, u64)], first_sent: u64) -> Run {
@@ -626,6 +794,59 @@ end
     Some((made - non_2xx.min(made), non_2xx + socket))
 }
 
+/// What a submission needs in the bare HTTP service (6's floor).
+#[derive(serde::Deserialize)]
+struct BareSubmission {
+    content: String,
+    idempotency_key: String,
+}
+
+/// 6's floor: the least an HTTP ingest can do, in axum and async-nats
+/// alone: read the JSON body, publish it to JetStream with `Nats-Msg-Id`,
+/// await the PubAck, answer 202 with the id. No key check, no validation,
+/// no normalisation, no claim, no logs. Served on the bench's runtime;
+/// its address and the server's task.
+async fn bare_ingest(js: &jetstream::Context, prefix: &str) -> anyhow::Result<(String, tokio::task::JoinHandle<()>)> {
+    let subject = format!("{prefix}.bare");
+    js.create_stream(stream::Config {
+        name: format!("{}_BARE", prefix.to_uppercase()),
+        subjects: vec![subject.clone()],
+        storage: stream::StorageType::File,
+        duplicate_window: Duration::from_secs(120),
+        ..Default::default()
+    })
+    .await?;
+    let js = js.clone();
+    let accept = move |axum::Json(b): axum::Json<BareSubmission>| {
+        let (js, subject) = (js.clone(), subject.clone());
+        async move {
+            use axum::http::StatusCode;
+            let payload = serde_json::to_vec(&json!({"id": b.idempotency_key, "content": b.content}));
+            let msg = jetstream::message::PublishMessage::build()
+                .payload(Bytes::from(payload.unwrap_or_default()))
+                .message_id(b.idempotency_key.clone());
+            let stored = match js.send_publish(subject, msg).await {
+                Ok(ack) => ack.await.ok(),
+                Err(_) => None,
+            };
+            match stored {
+                Some(ack) => (
+                    StatusCode::ACCEPTED,
+                    axum::Json(json!({"id": b.idempotency_key, "status": "accepted", "duplicate": ack.duplicate})),
+                ),
+                None => (StatusCode::SERVICE_UNAVAILABLE, axum::Json(json!({"error": "not stored"}))),
+            }
+        }
+    };
+    let app = axum::Router::new().route("/v1/halakhot", axum::routing::post(accept));
+    let listener = tokio::net::TcpListener::bind(("127.0.0.1", 0)).await?;
+    let addr = listener.local_addr()?;
+    let server = tokio::spawn(async move {
+        let _ = axum::serve(listener, app).await;
+    });
+    Ok((format!("http://{addr}"), server))
+}
+
 /// 6's baseline: `tasks` tasks each publishing and awaiting its PubAck,
 /// one message at a time, for `secs`.
 async fn sync_publish_load(
@@ -712,7 +933,7 @@ async fn main() -> anyhow::Result<()> {
     let cpu0 = cpu_by_command();
     let mut relays = Vec::new();
     for k in 1..=3 {
-        relays.push(relay(&env.js, &format!("{prefix}{k}"), &items, Load::Burst(args.messages)).await?);
+        relays.push(relay(&env.js, &format!("{prefix}{k}"), &items, Load::Burst(args.messages), &Hops::Plain).await?);
     }
     let relay_cpu = cpu_per_message(&cpu0, &cpu_by_command(), 3 * args.messages);
     let runs: Vec<String> = relays.iter().map(|r| format!("{:.0}", r.per_second())).collect();
@@ -733,8 +954,24 @@ async fn main() -> anyhow::Result<()> {
     let pipe_cpu = cpu_per_message(&cpu0, &cpu_by_command(), args.messages);
     println!("   {:.0} msg/s", pipe_burst.per_second());
     print_cpu(&pipe_cpu);
+    // The floor: what the pipeline's hops and writes cost without the
+    // stages, the most any implementation of this design gets here.
+    println!(
+        "   floor: the same 4 streams, payloads and 2 writes, {} messages, without the stages (async-nats and the stages' SQL)...",
+        args.messages
+    );
+    let floor = Hops::Floor(Arc::new(Floor::new(&env, &items, args.messages, args.concurrency).await?));
+    let cpu0 = cpu_by_command();
+    let floor_burst = relay(&env.js, &format!("{prefix}f"), &items, Load::Burst(args.messages), &floor).await?;
+    let floor_cpu = cpu_per_message(&cpu0, &cpu_by_command(), args.messages);
+    drop(floor);
+    println!("   {:.0} msg/s", floor_burst.per_second());
+    print_cpu(&floor_cpu);
     let cpu_json = |v: &[(String, f64)]| Value::Object(v.iter().map(|(c, ms)| (c.clone(), json!(ms))).collect());
-    report.insert("cpu_ms_per_message".into(), json!({"relay": cpu_json(&relay_cpu), "pipeline": cpu_json(&pipe_cpu)}));
+    report.insert(
+        "cpu_ms_per_message".into(),
+        json!({"relay": cpu_json(&relay_cpu), "pipeline": cpu_json(&pipe_cpu), "floor": cpu_json(&floor_cpu)}),
+    );
     let procs: Vec<&StageProcess> =
         [&stages.ingest, &stages.enrich].into_iter().chain(stages.publish.as_ref()).collect();
     report.insert("pipeline_stage_means".into(), Value::Object(stage_means(&procs).await));
@@ -753,6 +990,14 @@ async fn main() -> anyhow::Result<()> {
         "≥ 0.25 × relay",
         Some(r >= 0.25),
     ));
+    let rf = ratio(floor_burst.per_second(), base_burst.per_second());
+    rows.push(row(
+        "floor: the pipeline's 4 streams and 2 writes alone",
+        format!("{:.0} msg/s", floor_burst.per_second()),
+        format!("{rf:.3} × relay; pipeline {:.2} × floor", ratio(pipe_burst.per_second(), floor_burst.per_second())),
+        "",
+        None,
+    ));
     rows.push(row(
         "pipeline latency p50 / p99 / max (burst)",
         format!(
@@ -767,12 +1012,13 @@ async fn main() -> anyhow::Result<()> {
     ));
     report.insert("relay_burst".into(), base_burst.json());
     report.insert("pipeline_burst".into(), pipe_burst.json());
+    report.insert("floor_burst".into(), floor_burst.json());
 
     // 3: latency at a fixed rate.
     if args.wants(3) {
         let load = Load::Rate { per_second: args.rate, seconds: args.rate_secs };
         println!("3. Fixed rate: {} msg/s for {} s, relay then pipeline...", args.rate, args.rate_secs);
-        let base_rate = relay(&env.js, &format!("{prefix}2"), &items, load).await?;
+        let base_rate = relay(&env.js, &format!("{prefix}2"), &items, load, &Hops::Plain).await?;
         let pipe_rate = through_pipeline(&env, &items, "rate", load, S::Published).await?;
         println!(
             "   relay p50 {:.1} ms, p99 {:.1} ms; pipeline p50 {:.1} ms, p99 {:.1} ms; per stage since the start:",
@@ -837,6 +1083,18 @@ async fn main() -> anyhow::Result<()> {
         let raw = sync_publish_load(&env.js, &format!("{prefix}3"), &items, args.connections, args.http_secs).await?;
         print_cpu(&cpu_per_message(&cpu0, &cpu_by_command(), raw));
         let raw_rate = raw as f64 / args.http_secs as f64;
+        // The floor: the same load on the bare HTTP → JetStream service.
+        let (bare, bare_server) = bare_ingest(&env.js, &format!("{prefix}4")).await?;
+        let cpu0 = cpu_by_command();
+        let (bare_ok, bare_failed) = match wrk_load(&bare, &items, args.connections, args.http_secs).await {
+            Some(counts) => counts,
+            None => http_load(&bare, &items, args.connections, args.http_secs).await,
+        };
+        println!("   floor, a bare HTTP → JetStream service (axum and async-nats in the bench):");
+        print_cpu(&cpu_per_message(&cpu0, &cpu_by_command(), bare_ok));
+        bare_server.abort();
+        let _ = env.js.delete_stream(format!("{}4_BARE", prefix.to_uppercase())).await;
+        let bare_rate = bare_ok as f64 / args.http_secs as f64;
         let r = ratio(http_rate, raw_rate);
         rows.push(row(
             "raw synchronous JetStream publish (baseline)",
@@ -852,9 +1110,17 @@ async fn main() -> anyhow::Result<()> {
             "≥ 0.5 × raw",
             Some(r >= 0.5),
         ));
+        rows.push(row(
+            &format!("floor: bare HTTP → JetStream, no checks, no claim ({client})"),
+            format!("{bare_rate:.0} req/s ({bare_failed} failed)"),
+            format!("{:.3} × raw; ingest {:.2} × floor", ratio(bare_rate, raw_rate), ratio(http_rate, bare_rate)),
+            "",
+            None,
+        ));
         report.insert(
             "http".into(),
-            json!({"client": client, "accepted_per_second": http_rate, "failed": failed, "raw_publish_per_second": raw_rate, "ratio": r}),
+            json!({"client": client, "accepted_per_second": http_rate, "failed": failed, "raw_publish_per_second": raw_rate, "ratio": r,
+                   "floor_per_second": bare_rate, "floor_failed": bare_failed}),
         );
     }
 
