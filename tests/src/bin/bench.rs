@@ -261,7 +261,7 @@ struct Floor {
 }
 
 impl Floor {
-    async fn new(env: &TestEnv, items: &[CorpusItem], n: usize, batch: usize) -> anyhow::Result<Self> {
+    async fn new(env: &TestEnv, run: &str, items: &[CorpusItem], n: usize, batch: usize) -> anyhow::Result<Self> {
         use halakha_common::envelope::{Enriched, Halakha, Ingested, Published, SCHEMA_VERSION, Usage};
         let config = halakha_common::config::DatabaseConfig {
             url: env.database_url.clone().into(),
@@ -279,7 +279,7 @@ impl Floor {
         for i in 0..n {
             let item = &items[i % items.len()];
             let content = halakha_common::text::normalize(&item.text);
-            let id = halakha_common::text::derive_id(Some(&format!("bench-floor-{i}")), "");
+            let id = halakha_common::text::derive_id(Some(&format!("bench-floor-{run}-{i}")), "");
             let enrichment = serde_json::from_value(fakes::enrichment(&content))?;
             let halakha = Halakha {
                 content,
@@ -960,7 +960,7 @@ async fn main() -> anyhow::Result<()> {
         "   floor: the same 4 streams, payloads and 2 writes, {} messages, without the stages (async-nats and the stages' SQL)...",
         args.messages
     );
-    let floor = Hops::Floor(Arc::new(Floor::new(&env, &items, args.messages, args.concurrency).await?));
+    let floor = Hops::Floor(Arc::new(Floor::new(&env, "burst", &items, args.messages, args.concurrency).await?));
     let cpu0 = cpu_by_command();
     let floor_burst = relay(&env.js, &format!("{prefix}f"), &items, Load::Burst(args.messages), &floor).await?;
     let floor_cpu = cpu_per_message(&cpu0, &cpu_by_command(), args.messages);
@@ -1020,10 +1020,15 @@ async fn main() -> anyhow::Result<()> {
         println!("3. Fixed rate: {} msg/s for {} s, relay then pipeline...", args.rate, args.rate_secs);
         let base_rate = relay(&env.js, &format!("{prefix}2"), &items, load, &Hops::Plain).await?;
         let pipe_rate = through_pipeline(&env, &items, "rate", load, S::Published).await?;
+        let floor = Hops::Floor(Arc::new(Floor::new(&env, "rate", &items, load.count(), args.concurrency).await?));
+        let floor_rate = relay(&env.js, &format!("{prefix}g"), &items, load, &floor).await?;
+        drop(floor);
         println!(
-            "   relay p50 {:.1} ms, p99 {:.1} ms; pipeline p50 {:.1} ms, p99 {:.1} ms; per stage since the start:",
+            "   relay p50 {:.1} ms, p99 {:.1} ms; floor p50 {:.1} ms, p99 {:.1} ms; pipeline p50 {:.1} ms, p99 {:.1} ms; per stage since the start:",
             base_rate.percentile_ms(50.0),
             base_rate.percentile_ms(99.0),
+            floor_rate.percentile_ms(50.0),
+            floor_rate.percentile_ms(99.0),
             pipe_rate.percentile_ms(50.0),
             pipe_rate.percentile_ms(99.0)
         );
@@ -1054,6 +1059,14 @@ async fn main() -> anyhow::Result<()> {
             "added p99 ≤ 10 ms",
             Some(added <= 10.0),
         ));
+        rows.push(row(
+            &format!("floor: p99 at {} msg/s", args.rate),
+            format!("{:.1} ms (p50 {:.1} ms)", floor_rate.percentile_ms(99.0), floor_rate.percentile_ms(50.0)),
+            format!("+{:.1} ms over the relay", floor_rate.percentile_ms(99.0) - base_rate.percentile_ms(99.0)),
+            "",
+            None,
+        ));
+        report.insert("floor_rate".into(), floor_rate.json());
         report.insert("relay_rate".into(), base_rate.json());
         report.insert("pipeline_rate".into(), pipe_rate.json());
     }
