@@ -10,14 +10,16 @@
 //!    baseline for this shape of work on this machine);
 //! 2. the pipeline (the three stage binaries, release build, as processes)
 //!    from `<ns>.submitted` to `<ns>.published`, Notion off: throughput and
-//!    latency, against 1;
-//! 3. latency at a fixed rate, pipeline against relay;
+//!    latency, against 1; then its floor, the same four streams, payloads
+//!    and two writes without the stages (async-nats and the stages' SQL);
+//! 3. latency at a fixed rate, pipeline and floor against relay;
 //! 4. a slow provider (1 s per completion): enrich throughput against
 //!    `CONCURRENCY / latency`, and enrich's memory while a backlog waits;
 //! 5. Notion at its 3 requests/s: page creates per second and 429s;
 //! 6. the ingest HTTP API at 64 connections (from wrk when it is on
 //!    `PATH`, else from reqwest) against raw synchronous JetStream
-//!    publishes from 64 tasks;
+//!    publishes from 64 tasks, and a bare HTTP → JetStream service (its
+//!    floor) under the same load;
 //! 7. the memory of each stage, idle and at its peak.
 
 use std::collections::HashMap;
