@@ -115,7 +115,7 @@ impl Prompt {
         }
     }
 
-    fn from_texts(system: String, repair: String) -> Self {
+    pub(crate) fn from_texts(system: String, repair: String) -> Self {
         let mut material = Vec::new();
         for part in [system.as_bytes(), b"\0", repair.as_bytes(), b"\0", schema().to_string().as_bytes()] {
             material.extend_from_slice(part);
