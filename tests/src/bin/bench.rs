@@ -657,8 +657,18 @@ async fn stage_means(stages: &[&StageProcess]) -> serde_json::Map<String, Value>
         } else {
             format!(", {rows_per_batch:.1} rows per database batch")
         };
-        println!("   {}: {count:.0} messages, {mean_ms:.1} ms each from delivery to ack{batch}", p.name);
-        out.insert(p.name.into(), json!({"messages": count, "mean_ms": mean_ms, "rows_per_batch": rows_per_batch}));
+        // Enrich's completion calls: the part of its time spent waiting
+        // for the provider (the fake).
+        let call_ms = ratio(
+            total("halakha_enrich_openai_request_duration_seconds_sum"),
+            total("halakha_enrich_openai_request_duration_seconds_count"),
+        ) * 1000.0;
+        let call = if call_ms.is_nan() { String::new() } else { format!(", its completion call {call_ms:.1} ms") };
+        println!("   {}: {count:.0} messages, {mean_ms:.1} ms each from delivery to ack{batch}{call}", p.name);
+        out.insert(
+            p.name.into(),
+            json!({"messages": count, "mean_ms": mean_ms, "rows_per_batch": rows_per_batch, "completion_call_ms": call_ms}),
+        );
     }
     out
 }
@@ -1093,6 +1103,7 @@ async fn main() -> anyhow::Result<()> {
         let http_cpu = cpu_per_message(&cpu0, &cpu_by_command(), ok);
         print_cpu(&http_cpu);
         ingest6.terminate(Duration::from_secs(60)).await;
+        env6.cleanup().await;
         let http_rate = ok as f64 / args.http_secs as f64;
         let cpu0 = cpu_by_command();
         let raw = sync_publish_load(&env.js, &format!("{prefix}3"), &items, args.connections, args.http_secs).await?;
@@ -1158,6 +1169,10 @@ async fn main() -> anyhow::Result<()> {
     for p in [Some(ingest), Some(enrich), publish].into_iter().flatten() {
         p.terminate(Duration::from_secs(60)).await;
     }
+    // Each environment's streams and database go with it: left behind,
+    // they would slow every later run (a broker holding hundreds of idle
+    // streams spends CPU on them and adds to the latency of the others).
+    env.cleanup().await;
 
     // 4: a slow provider.
     if args.wants(4) {
@@ -1217,6 +1232,7 @@ async fn main() -> anyhow::Result<()> {
         for p in [stages4.ingest, stages4.enrich] {
             p.terminate(Duration::from_secs(60)).await;
         }
+        env4.cleanup().await;
     }
 
     // 5: Notion at its limit.
@@ -1248,6 +1264,7 @@ async fn main() -> anyhow::Result<()> {
         for p in [Some(stages5.ingest), Some(stages5.enrich), stages5.publish].into_iter().flatten() {
             p.terminate(Duration::from_secs(60)).await;
         }
+        env5.cleanup().await;
     }
 
     // The table.
