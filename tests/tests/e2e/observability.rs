@@ -312,4 +312,5 @@ async fn three_stage_processes_serve_the_documented_metrics_and_log_each_items_t
         let status = p.terminate(Duration::from_secs(30)).await;
         assert_eq!(status.code(), Some(0), "{name} exit status");
     }
+    env.cleanup().await;
 }
