@@ -6,7 +6,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
 use halakha_common::envelope::Published;
-use halakha_tests::{API_KEY, NatsServer, Pipeline, S, Spec, corpus};
+use halakha_tests::{API_KEY, NatsServer, Pipeline, S, Spec, TestEnv, corpus};
 use serde_json::{Value, json};
 
 /// Submit through the batch route, retrying while the pipeline answers
@@ -400,4 +400,95 @@ async fn on_a_three_node_cluster_streams_have_three_replicas_and_losing_a_node_l
     assert_eq!(p.env.stream_len(S::DeadLetter(halakha_nats::Stage::Ingest)).await, 0);
     assert_each_ended_once(&p, &ids).await;
     p.stop().await;
+}
+
+/// A TCP proxy to the broker at `upstream` that passes everything but the
+/// broker's 408 answers (the end of an expired pull request), which it
+/// drops on their way to the client: a broker whose answer never comes.
+async fn proxy_dropping_408s(upstream: std::net::SocketAddr) -> std::net::SocketAddr {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((client, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let Ok(server) = tokio::net::TcpStream::connect(upstream).await else { return };
+                let (mut from_client, mut to_client) = client.into_split();
+                let (mut from_server, mut to_server) = server.into_split();
+                tokio::spawn(async move {
+                    let _ = tokio::io::copy(&mut from_client, &mut to_server).await;
+                });
+                // The server's protocol: one line per operation, and for
+                // MSG and HMSG a body whose length ends the line.
+                let (mut buf, mut chunk) = (Vec::new(), vec![0u8; 64 * 1024]);
+                loop {
+                    let n = match from_server.read(&mut chunk).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => n,
+                    };
+                    buf.extend_from_slice(&chunk[..n]);
+                    let mut out = Vec::new();
+                    while let Some(eol) = buf.windows(2).position(|w| w == b"\r\n") {
+                        let line = &buf[..eol];
+                        let body = if line.starts_with(b"MSG ") || line.starts_with(b"HMSG ") {
+                            let last = line.rsplit(|b| *b == b' ').next().unwrap_or_default();
+                            std::str::from_utf8(last).unwrap().parse::<usize>().unwrap() + 2
+                        } else {
+                            0
+                        };
+                        if buf.len() < eol + 2 + body {
+                            break;
+                        }
+                        let frame: Vec<u8> = buf.drain(..eol + 2 + body).collect();
+                        if !(frame.starts_with(b"HMSG ") && frame[eol + 2..].starts_with(b"NATS/1.0 408")) {
+                            out.extend_from_slice(&frame);
+                        }
+                    }
+                    if !out.is_empty() && to_client.write_all(&out).await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    addr
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pull_request_the_broker_never_ends_holds_a_stage_back_about_a_second_not_five() {
+    // Enrich reaches the broker through the proxy: every 1 s pull request
+    // it makes while idle expires without the broker's 408 reaching it.
+    // The client library would wait 5 s more for it; the runner takes the
+    // request as over 1 s after its expiry and pulls again.
+    let env = TestEnv::new().await;
+    let (openai, _) = halakha_tests::fakes::openai(halakha_tests::fakes::Model::Faithful).await;
+    let url = halakha_tests::nats_url();
+    let upstream: std::net::SocketAddr = url.trim_start_matches("nats://").parse().unwrap();
+    let proxy = proxy_dropping_408s(upstream).await;
+    let ingest = halakha_tests::spawn_ingest(&env, &[]).await;
+    let enrich = halakha_tests::spawn_enrich(&env, &openai.uri(), &[("NATS_URL", &format!("nats://{proxy}"))]).await;
+    let mut enriched = env.nats.subscribe(env.names.subject(S::Enriched)).await.unwrap();
+    env.nats.flush().await.unwrap();
+    // Idle: enrich's first pull requests expire unanswered.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let mut waits = Vec::new();
+    for (i, (key, text)) in texts(5, 40).into_iter().enumerate() {
+        let body = json!({"content": text, "idempotency_key": key});
+        let sent = tokio::time::Instant::now();
+        env.js
+            .publish(env.names.subject(S::Submitted), serde_json::to_vec(&body).unwrap().into())
+            .await
+            .unwrap()
+            .await
+            .unwrap();
+        let got = tokio::time::timeout(Duration::from_secs(20), futures::StreamExt::next(&mut enriched)).await;
+        assert!(matches!(got, Ok(Some(_))), "text {i} never enriched");
+        waits.push(sent.elapsed());
+        // Each next text lands at another point of the pull cycle.
+        tokio::time::sleep(Duration::from_millis(1300)).await;
+    }
+    assert!(waits.iter().all(|w| *w < Duration::from_millis(2500)), "waits: {waits:?}");
+    enrich.stop().await;
+    ingest.stop().await;
+    env.cleanup().await;
 }
