@@ -148,20 +148,7 @@ impl Llm {
     pub async fn enrich(&self, prompt: &Prompt, input: &Ingested) -> Result<(Enrichment, Usage), StageError> {
         // The conversation is built again for a repair turn (rare) rather
         // than copied for every first call.
-        let conversation = || {
-            let user_text = prompt.user_message(input);
-            let chars = prompt.system.chars().count() + user_text.chars().count();
-            let system = ChatCompletionRequestMessage::System(ChatCompletionRequestSystemMessage {
-                content: ChatCompletionRequestSystemMessageContent::Text(prompt.system.clone()),
-                name: None,
-            });
-            let user = ChatCompletionRequestMessage::User(ChatCompletionRequestUserMessage {
-                content: ChatCompletionRequestUserMessageContent::Text(user_text),
-                name: None,
-            });
-            (vec![system, user], chars)
-        };
-        let (messages, chars) = conversation();
+        let (messages, chars) = conversation(prompt, input);
         let first = self.complete(messages, chars).await?;
         let mut total = usage(&first);
         let violations = match check_answer(&first, input) {
@@ -173,7 +160,7 @@ impl Llm {
         tracing::info!(id = %input.id, violations = %violations.join("; "), "Model output breaks the rules; one repair turn");
         let previous = first.choices.first().and_then(|c| c.message.content.clone()).unwrap_or_default();
         let repair = prompt.repair_message(&violations);
-        let (mut messages, chars) = conversation();
+        let (mut messages, chars) = conversation(prompt, input);
         let chars = chars + previous.chars().count() + repair.chars().count();
         messages.push(ChatCompletionRequestMessage::Assistant(ChatCompletionRequestAssistantMessage {
             content: Some(ChatCompletionRequestAssistantMessageContent::Text(previous)),
@@ -200,6 +187,22 @@ impl Llm {
             }
         }
     }
+}
+
+/// The first turn's messages (the instructions, then the delimited text)
+/// and their texts' characters, for the token estimate.
+fn conversation(prompt: &Prompt, input: &Ingested) -> (Vec<ChatCompletionRequestMessage>, usize) {
+    let user_text = prompt.user_message(input);
+    let chars = prompt.system_chars + user_text.chars().count();
+    let system = ChatCompletionRequestMessage::System(ChatCompletionRequestSystemMessage {
+        content: ChatCompletionRequestSystemMessageContent::Text(prompt.system.clone()),
+        name: None,
+    });
+    let user = ChatCompletionRequestMessage::User(ChatCompletionRequestUserMessage {
+        content: ChatCompletionRequestUserMessageContent::Text(user_text),
+        name: None,
+    });
+    (vec![system, user], chars)
 }
 
 fn add(a: Usage, b: Usage) -> Usage {
@@ -407,27 +410,13 @@ mod tests {
         // the texts, the estimate stays within a tenth of the one made by
         // serialising the messages (what it was before it stopped
         // serialising them).
-        let prompt = Prompt::from_texts(include_str!("../prompts/structure.md").into(), "r".into());
-        let corpus = include_str!("../../tests/fixtures/corpus/halakhot.jsonl");
+        let prompt = Prompt::builtin();
         let mut checked = 0;
-        for line in corpus.lines() {
-            let item: serde_json::Value = serde_json::from_str(line).expect("a corpus line");
-            let input = rules::tests::ingested(item["text"].as_str().expect("its text"), None);
-            let texts = [prompt.system.clone(), prompt.user_message(&input)];
-            let messages = [
-                ChatCompletionRequestMessage::System(ChatCompletionRequestSystemMessage {
-                    content: ChatCompletionRequestSystemMessageContent::Text(texts[0].clone()),
-                    name: None,
-                }),
-                ChatCompletionRequestMessage::User(ChatCompletionRequestUserMessage {
-                    content: ChatCompletionRequestUserMessageContent::Text(texts[1].clone()),
-                    name: None,
-                }),
-            ];
+        for text in rules::tests::corpus_texts() {
+            let (messages, chars) = conversation(&prompt, &rules::tests::ingested(&text, None));
             let serialised: usize =
                 messages.iter().map(|m| serde_json::to_string(m).map(|s| s.chars().count()).unwrap_or(0)).sum();
-            let chars: usize = texts.iter().map(|t| t.chars().count()).sum();
-            let (now, before) = (f64::from(estimate_tokens(chars, 2, 0)), (serialised / 3) as f64);
+            let (now, before) = (f64::from(estimate_tokens(chars, messages.len(), 0)), (serialised / 3) as f64);
             assert!((now - before).abs() <= before / 10.0, "estimate {now} tokens, by serialising {before}");
             checked += 1;
         }

@@ -91,6 +91,9 @@ pub struct Prompt {
     /// `sha256:` and 12 hex digits of the instructions and the schema: any
     /// change to either gives a new version (and new cache keys).
     pub version: String,
+    /// The system message's characters, counted once (every call's token
+    /// estimate needs them).
+    pub system_chars: usize,
 }
 
 impl Prompt {
@@ -115,13 +118,14 @@ impl Prompt {
         }
     }
 
-    pub(crate) fn from_texts(system: String, repair: String) -> Self {
+    fn from_texts(system: String, repair: String) -> Self {
         let mut material = Vec::new();
         for part in [system.as_bytes(), b"\0", repair.as_bytes(), b"\0", schema().to_string().as_bytes()] {
             material.extend_from_slice(part);
         }
         let version = format!("sha256:{}", &sha256_hex(&material)[..12]);
-        Self { system, repair, version }
+        let system_chars = system.chars().count();
+        Self { system, repair, version, system_chars }
     }
 
     /// The user message: the text as delimited data. The marker id is a

@@ -223,6 +223,17 @@ pub mod tests {
         }
     }
 
+    /// Every text of the real corpus (`tests/fixtures/corpus/`).
+    pub fn corpus_texts() -> Vec<String> {
+        include_str!("../../tests/fixtures/corpus/halakhot.jsonl")
+            .lines()
+            .map(|l| {
+                let item: serde_json::Value = serde_json::from_str(l).expect("a corpus line");
+                item["text"].as_str().expect("its text").to_owned()
+            })
+            .collect()
+    }
+
     #[test]
     fn folding_in_one_pass_gives_what_the_plain_definition_gives() {
         // The plain definition: drop the points, lowercase, single spaces.
@@ -235,14 +246,7 @@ pub mod tests {
                 .collect();
             kept.to_lowercase().split_whitespace().collect::<Vec<_>>().join(" ")
         }
-        let corpus = include_str!("../../tests/fixtures/corpus/halakhot.jsonl");
-        let mut texts: Vec<String> = corpus
-            .lines()
-            .map(|l| {
-                let item: serde_json::Value = serde_json::from_str(l).expect("a corpus line");
-                item["text"].as_str().expect("its text").to_owned()
-            })
-            .collect();
+        let mut texts = corpus_texts();
         assert!(texts.len() > 400, "{} texts", texts.len());
         // Every character of the Basic Multilingual Plane but Greek's
         // capital sigma (lowercased by its place in a word by the plain
