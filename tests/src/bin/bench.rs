@@ -417,7 +417,8 @@ async fn relay(
                 let payloads = match &hops {
                     Hops::Plain => got.iter().map(|m| m.payload.clone()).collect(),
                     Hops::Floor(f) => {
-                        let idx: Vec<usize> = got.iter().map(|m| header_number(m, "Bench-Item") as usize).collect();
+                        let idx: Vec<usize> =
+                            got.iter().map(|m| header_number(m.headers.as_ref(), "Bench-Item") as usize).collect();
                         match f.step(hop, &idx).await {
                             Ok(p) => p,
                             Err(e) => {
@@ -469,11 +470,7 @@ async fn relay(
             let mut n = 0;
             while n < expected {
                 let Some((headers, m)) = last.next().await else { break };
-                let sent = headers
-                    .as_ref()
-                    .and_then(|h| h.get("Bench-Sent"))
-                    .and_then(|v| v.as_str().parse().ok())
-                    .unwrap_or(0);
+                let sent = header_number(headers.as_ref(), "Bench-Sent");
                 let now = now_nanos();
                 received.lock().map_err(|_| anyhow::anyhow!("poisoned"))?.push((sent, now));
                 if let Some(m) = m {
@@ -510,8 +507,8 @@ async fn relay(
 }
 
 /// A number a header carries (0 when it is missing).
-fn header_number(m: &jetstream::Message, name: &str) -> u64 {
-    m.headers.as_ref().and_then(|h| h.get(name)).and_then(|v| v.as_str().parse().ok()).unwrap_or(0)
+fn header_number(headers: Option<&async_nats::HeaderMap>, name: &str) -> u64 {
+    headers.and_then(|h| h.get(name)).and_then(|v| v.as_str().parse().ok()).unwrap_or(0)
 }
 
 fn to_run(got: &[(u64, u64)], first_sent: u64) -> Run {
@@ -806,6 +803,15 @@ end
     Some((made - non_2xx.min(made), non_2xx + socket))
 }
 
+/// 6's load on `base`: from wrk when it is on `PATH`, else from reqwest.
+/// The client used, and the requests answered 202 and not.
+async fn drive_http(base: &str, items: &[CorpusItem], connections: usize, secs: u64) -> (&'static str, (usize, usize)) {
+    match wrk_load(base, items, connections, secs).await {
+        Some(counts) => ("wrk", counts),
+        None => ("reqwest", http_load(base, items, connections, secs).await),
+    }
+}
+
 /// What a submission needs in the bare HTTP service (6's floor).
 #[derive(serde::Deserialize)]
 struct BareSubmission {
@@ -817,11 +823,15 @@ struct BareSubmission {
 /// alone: read the JSON body, publish it to JetStream with `Nats-Msg-Id`,
 /// await the PubAck, answer 202 with the id. No key check, no validation,
 /// no normalisation, no claim, no logs. Served on the bench's runtime;
-/// its address and the server's task.
-async fn bare_ingest(js: &jetstream::Context, prefix: &str) -> anyhow::Result<(String, tokio::task::JoinHandle<()>)> {
+/// its address, the server's task and its stream's name.
+async fn bare_ingest(
+    js: &jetstream::Context,
+    prefix: &str,
+) -> anyhow::Result<(String, tokio::task::JoinHandle<()>, String)> {
     let subject = format!("{prefix}.bare");
+    let stream_name = format!("{}_BARE", prefix.to_uppercase());
     js.create_stream(stream::Config {
-        name: format!("{}_BARE", prefix.to_uppercase()),
+        name: stream_name.clone(),
         subjects: vec![subject.clone()],
         storage: stream::StorageType::File,
         duplicate_window: Duration::from_secs(120),
@@ -856,7 +866,7 @@ async fn bare_ingest(js: &jetstream::Context, prefix: &str) -> anyhow::Result<(S
     let server = tokio::spawn(async move {
         let _ = axum::serve(listener, app).await;
     });
-    Ok((format!("http://{addr}"), server))
+    Ok((format!("http://{addr}"), server, stream_name))
 }
 
 /// 6's baseline: `tasks` tasks each publishing and awaiting its PubAck,
@@ -1095,10 +1105,7 @@ async fn main() -> anyhow::Result<()> {
         let ingest6 = start_ingest(&env6, &args).await;
         let api = format!("http://{}", ingest6.http_addr.unwrap_or_else(|| ([127, 0, 0, 1], 8000).into()));
         let cpu0 = cpu_by_command();
-        let (client, (ok, failed)) = match wrk_load(&api, &items, args.connections, args.http_secs).await {
-            Some(counts) => ("wrk", counts),
-            None => ("reqwest", http_load(&api, &items, args.connections, args.http_secs).await),
-        };
+        let (client, (ok, failed)) = drive_http(&api, &items, args.connections, args.http_secs).await;
         println!("   client: {client}");
         let http_cpu = cpu_per_message(&cpu0, &cpu_by_command(), ok);
         print_cpu(&http_cpu);
@@ -1110,16 +1117,13 @@ async fn main() -> anyhow::Result<()> {
         print_cpu(&cpu_per_message(&cpu0, &cpu_by_command(), raw));
         let raw_rate = raw as f64 / args.http_secs as f64;
         // The floor: the same load on the bare HTTP → JetStream service.
-        let (bare, bare_server) = bare_ingest(&env.js, &format!("{prefix}4")).await?;
+        let (bare, bare_server, bare_stream) = bare_ingest(&env.js, &format!("{prefix}4")).await?;
         let cpu0 = cpu_by_command();
-        let (bare_ok, bare_failed) = match wrk_load(&bare, &items, args.connections, args.http_secs).await {
-            Some(counts) => counts,
-            None => http_load(&bare, &items, args.connections, args.http_secs).await,
-        };
+        let (_, (bare_ok, bare_failed)) = drive_http(&bare, &items, args.connections, args.http_secs).await;
         println!("   floor, a bare HTTP → JetStream service (axum and async-nats in the bench):");
         print_cpu(&cpu_per_message(&cpu0, &cpu_by_command(), bare_ok));
         bare_server.abort();
-        let _ = env.js.delete_stream(format!("{}4_BARE", prefix.to_uppercase())).await;
+        let _ = env.js.delete_stream(&bare_stream).await;
         let bare_rate = bare_ok as f64 / args.http_secs as f64;
         let r = ratio(http_rate, raw_rate);
         rows.push(row(

@@ -405,12 +405,13 @@ async fn on_a_three_node_cluster_streams_have_three_replicas_and_losing_a_node_l
 /// A TCP proxy to the broker at `upstream` that passes everything but the
 /// broker's 408 answers (the end of an expired pull request), which it
 /// drops on their way to the client: a broker whose answer never comes.
-async fn proxy_dropping_408s(upstream: std::net::SocketAddr) -> std::net::SocketAddr {
+async fn proxy_dropping_408s(upstream: (String, u16)) -> std::net::SocketAddr {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     tokio::spawn(async move {
         while let Ok((client, _)) = listener.accept().await {
+            let upstream = upstream.clone();
             tokio::spawn(async move {
                 let Ok(server) = tokio::net::TcpStream::connect(upstream).await else { return };
                 let (mut from_client, mut to_client) = client.into_split();
@@ -462,9 +463,8 @@ async fn a_pull_request_the_broker_never_ends_holds_a_stage_back_about_a_second_
     // request as over 1 s after its expiry and pulls again.
     let env = TestEnv::new().await;
     let (openai, _) = halakha_tests::fakes::openai(halakha_tests::fakes::Model::Faithful).await;
-    let url = halakha_tests::nats_url();
-    let upstream: std::net::SocketAddr = url.trim_start_matches("nats://").parse().unwrap();
-    let proxy = proxy_dropping_408s(upstream).await;
+    let broker = halakha_nats::connect::server_addrs(&halakha_tests::nats_url()).unwrap().remove(0);
+    let proxy = proxy_dropping_408s((broker.host().to_owned(), broker.port())).await;
     let ingest = halakha_tests::spawn_ingest(&env, &[]).await;
     let enrich = halakha_tests::spawn_enrich(&env, &openai.uri(), &[("NATS_URL", &format!("nats://{proxy}"))]).await;
     let mut enriched = env.nats.subscribe(env.names.subject(S::Enriched)).await.unwrap();
