@@ -377,6 +377,10 @@ pub const BATCH_BUCKETS: [f64; 9] = [1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0
 pub const SECONDS_BUCKETS: [f64; 14] =
     [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0];
 
+/// How often histogram samples are folded into their buckets when no
+/// scrape does it (the exporter's own default).
+const UPKEEP_EVERY: std::time::Duration = std::time::Duration::from_secs(5);
+
 static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
 
 type Collector = Box<dyn Fn() + Send + Sync>;
@@ -396,6 +400,18 @@ pub fn install_recorder() -> PrometheusHandle {
             // Fails only if another recorder was installed first, in which
             // case our handle renders an empty page rather than crashing.
             let _ = metrics::set_global_recorder(recorder);
+            // Histogram samples wait in the recorder until they are
+            // folded into their buckets, which a scrape or an upkeep does:
+            // without one, a stage nobody scrapes would keep every sample
+            // of every message. One small thread keeps them folded,
+            // whichever runtime (or none) installed the recorder.
+            let upkept = handle.clone();
+            let _ = std::thread::Builder::new().name("metrics-upkeep".into()).spawn(move || {
+                loop {
+                    std::thread::sleep(UPKEEP_EVERY);
+                    upkept.run_upkeep();
+                }
+            });
             for m in CATALOG {
                 match m.kind {
                     Kind::Counter => metrics::describe_counter!(m.name, m.help),

@@ -229,10 +229,43 @@ impl TestEnv {
 
     /// Remove the namespace's streams and the database.
     pub async fn cleanup(self) {
-        for s in self.names.streams() {
-            let _ = self.js.delete_stream(&s).await;
+        self.leftovers().remove().await;
+    }
+
+    /// What this environment leaves on the servers, to remove later even
+    /// if the environment itself is gone (a run that failed part way).
+    pub fn leftovers(&self) -> Leftovers {
+        Leftovers {
+            js: self.js.clone(),
+            stream_prefix: format!("{}_", self.names.namespace().as_str().to_ascii_uppercase()),
+            kv_stream: format!("KV_{}", self.names.attempts_bucket()),
+            db_name: self.db_name.clone(),
         }
-        let _ = self.js.delete_stream(format!("KV_{}", self.names.attempts_bucket())).await;
+    }
+}
+
+/// An environment's streams (its namespace's, and any other named after
+/// it, as the bench's relays are) and its database.
+pub struct Leftovers {
+    js: jetstream::Context,
+    stream_prefix: String,
+    kv_stream: String,
+    db_name: String,
+}
+
+impl Leftovers {
+    /// Delete them; what is already gone is skipped.
+    pub async fn remove(&self) {
+        let mut names: Vec<String> = Vec::new();
+        let mut listed = self.js.stream_names();
+        while let Some(Ok(name)) = listed.next().await {
+            if name.starts_with(&self.stream_prefix) || name == self.kv_stream {
+                names.push(name);
+            }
+        }
+        for name in names {
+            let _ = self.js.delete_stream(&name).await;
+        }
         let admin = connect_db(&admin_db_url()).await;
         let _ = admin.batch_execute(&format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", self.db_name)).await;
     }

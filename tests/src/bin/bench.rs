@@ -105,6 +105,8 @@ struct Run {
     /// run's seconds with the services' own logs.
     started_unix_ms: u64,
     seconds: f64,
+    /// The item of each message (same order), where the run knows it.
+    ids: Vec<String>,
 }
 
 impl Run {
@@ -518,6 +520,7 @@ fn to_run(got: &[(u64, u64)], first_sent: u64) -> Run {
         sent_ms: got.iter().map(|(s, _)| s.saturating_sub(first_sent) / 1_000_000).collect(),
         started_unix_ms: first_sent / 1_000_000,
         seconds: last.saturating_sub(first_sent) as f64 / 1e9,
+        ids: Vec::new(),
     }
 }
 
@@ -546,7 +549,7 @@ async fn through_pipeline(env: &TestEnv, items: &[CorpusItem], run: &str, load: 
                     && let Some(at) = sent.lock().ok().and_then(|mut s| s.remove(&id))
                 {
                     if ok {
-                        got.push((at, now));
+                        got.push((at, now, id));
                     } else {
                         failed += 1;
                     }
@@ -574,7 +577,10 @@ async fn through_pipeline(env: &TestEnv, items: &[CorpusItem], run: &str, load: 
     })
     .await?;
     let got = tokio::time::timeout(Duration::from_secs(600), received).await??;
-    Ok(to_run(&got, first_sent.load(Ordering::SeqCst)))
+    let times: Vec<(u64, u64)> = got.iter().map(|(s, r, _)| (*s, *r)).collect();
+    let mut run = to_run(&times, first_sent.load(Ordering::SeqCst));
+    run.ids = got.into_iter().map(|(_, _, id)| id).collect();
+    Ok(run)
 }
 
 struct Stages {
@@ -688,6 +694,23 @@ fn cpu_by_command() -> HashMap<(u32, String), f64> {
         out.insert((pid, comm), (ticks(11) + ticks(12)) / TICKS);
     }
     out
+}
+
+/// The machine's busy and total clock ticks so far, all cores (`/proc/stat`).
+fn machine_ticks() -> (u64, u64) {
+    let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
+    let Some(cpu) = stat.lines().next().and_then(|l| l.strip_prefix("cpu ")) else { return (0, 0) };
+    let t: Vec<u64> = cpu.split_whitespace().filter_map(|v| v.parse().ok()).collect();
+    let total: u64 = t.iter().take(8).sum();
+    // user nice system idle iowait irq softirq steal: idle and iowait are not busy.
+    let idle = t.get(3).copied().unwrap_or(0) + t.get(4).copied().unwrap_or(0);
+    (total.saturating_sub(idle), total)
+}
+
+/// The share of the machine's time it was busy since `before`.
+fn busy_since(before: (u64, u64)) -> f64 {
+    let now = machine_ticks();
+    ratio(now.0.saturating_sub(before.0) as f64, now.1.saturating_sub(before.1) as f64)
 }
 
 /// CPU milliseconds per message by command between two readings, largest
@@ -931,6 +954,30 @@ fn ratio(a: f64, b: f64) -> f64 {
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     halakha_common::install_crypto_provider();
+    // Every environment made, so a run that fails part way still removes
+    // its streams and databases (left behind, they slow the runs after).
+    let made: Mutex<Vec<halakha_tests::Leftovers>> = Mutex::new(Vec::new());
+    let outcome = run(&args, &made).await;
+    if outcome.is_err() {
+        let left = made.into_inner().unwrap_or_default();
+        eprintln!("The run failed: removing the streams and databases of its {} environments", left.len());
+        for l in &left {
+            l.remove().await;
+        }
+    }
+    outcome
+}
+
+/// A new environment, noted for removal should the run fail.
+async fn new_env(made: &Mutex<Vec<halakha_tests::Leftovers>>) -> TestEnv {
+    let env = TestEnv::new().await;
+    if let Ok(mut m) = made.lock() {
+        m.push(env.leftovers());
+    }
+    env
+}
+
+async fn run(args: &Args, made: &Mutex<Vec<halakha_tests::Leftovers>>) -> anyhow::Result<()> {
     let started = Instant::now();
     // The Russian texts are in the corpus to be refused (the rules accept
     // Hebrew, English and French): they would be dead letters, not load.
@@ -946,7 +993,7 @@ async fn main() -> anyhow::Result<()> {
     let mut report = serde_json::Map::new();
 
     // 1 and 2: throughput.
-    let env = TestEnv::new().await;
+    let env = new_env(made).await;
     let prefix = format!("{}_relay", env.names.namespace());
     // Three relay runs, the median kept: one run of a few thousand
     // messages lasts well under a second, and a pause of the machine in
@@ -1040,11 +1087,30 @@ async fn main() -> anyhow::Result<()> {
     if args.wants(3) {
         let load = Load::Rate { per_second: args.rate, seconds: args.rate_secs };
         println!("3. Fixed rate: {} msg/s for {} s, relay then pipeline...", args.rate, args.rate_secs);
+        // Each run's CPU per message and how busy the machine was: at a
+        // fixed rate, latency is mostly the wait for a core.
+        let mut rate_cpu = serde_json::Map::new();
+        let mut measured = |what: &str, cpu0: &HashMap<(u32, String), f64>, busy0: (u64, u64)| {
+            let cpu = cpu_per_message(cpu0, &cpu_by_command(), load.count());
+            let busy = busy_since(busy0);
+            print!("   {what}: machine {:.0} % busy;", busy * 100.0);
+            print_cpu(&cpu);
+            let mut o: serde_json::Map<String, Value> = cpu.iter().map(|(c, ms)| (c.clone(), json!(ms))).collect();
+            o.insert("machine_busy".into(), json!(busy));
+            rate_cpu.insert(what.to_owned(), Value::Object(o));
+        };
+        let (cpu0, busy0) = (cpu_by_command(), machine_ticks());
         let base_rate = relay(&env.js, &format!("{prefix}2"), &items, load, &Hops::Plain).await?;
+        measured("relay", &cpu0, busy0);
+        let (cpu0, busy0) = (cpu_by_command(), machine_ticks());
         let pipe_rate = through_pipeline(&env, &items, "rate", load, S::Published).await?;
+        measured("pipeline", &cpu0, busy0);
         let floor = Hops::Floor(Arc::new(Floor::new(&env, "rate", &items, load.count(), args.concurrency).await?));
+        let (cpu0, busy0) = (cpu_by_command(), machine_ticks());
         let floor_rate = relay(&env.js, &format!("{prefix}g"), &items, load, &floor).await?;
+        measured("floor", &cpu0, busy0);
         drop(floor);
+        report.insert("rate_cpu_ms_per_message".into(), Value::Object(rate_cpu));
         println!(
             "   relay p50 {:.1} ms, p99 {:.1} ms; floor p50 {:.1} ms, p99 {:.1} ms; pipeline p50 {:.1} ms, p99 {:.1} ms; per stage since the start:",
             base_rate.percentile_ms(50.0),
@@ -1071,6 +1137,14 @@ async fn main() -> anyhow::Result<()> {
             for p in &procs {
                 let _ = std::fs::write(dir.join(format!("{}.jsonl", p.name)), p.raw_logs().join("\n"));
             }
+            // Each item's sending time and latency, to join with the logs.
+            let lines: Vec<String> = pipe_rate
+                .ids
+                .iter()
+                .zip(pipe_rate.sent_ms.iter().zip(&pipe_rate.latencies_us))
+                .map(|(id, (sent, us))| format!("{id}\t{}\t{us}", pipe_rate.started_unix_ms + sent))
+                .collect();
+            let _ = std::fs::write(dir.join("pipeline_rate.tsv"), lines.join("\n"));
             println!("   the stages' logs: {}", dir.display());
         }
         let added = pipe_rate.percentile_ms(99.0) - base_rate.percentile_ms(99.0);
@@ -1101,7 +1175,7 @@ async fn main() -> anyhow::Result<()> {
         );
         // Ingest alone, in its own namespace, as its baseline runs alone:
         // nothing downstream shares the machine.
-        let env6 = TestEnv::new().await;
+        let env6 = new_env(made).await;
         let ingest6 = start_ingest(&env6, &args).await;
         let api = format!("http://{}", ingest6.http_addr.unwrap_or_else(|| ([127, 0, 0, 1], 8000).into()));
         let cpu0 = cpu_by_command();
@@ -1184,7 +1258,7 @@ async fn main() -> anyhow::Result<()> {
             "4. Slow provider: {} ms per completion, {} waiting, measured for {} s...",
             args.provider_ms, args.backlog, args.slow_secs
         );
-        let env4 = TestEnv::new().await;
+        let env4 = new_env(made).await;
         let slow = fakes::openai_lean(Some(Duration::from_millis(args.provider_ms))).await;
         let stages4 = start_stages(&env4, &args, &slow.uri(), None, false).await;
         let mut enriched = env4.nats.subscribe(env4.names.subject(S::Enriched)).await?;
@@ -1242,7 +1316,7 @@ async fn main() -> anyhow::Result<()> {
     // 5: Notion at its limit.
     if args.wants(5) {
         println!("5. Notion at 3 requests/s: {} pages...", args.notion_pages);
-        let env5 = TestEnv::new().await;
+        let env5 = new_env(made).await;
         let openai5 = fakes::openai_lean(None).await;
         let (notion, state) = fakes::notion_with(Some(3)).await;
         let stages5 = start_stages(&env5, &args, &openai5.uri(), Some(&notion.uri()), true).await;
