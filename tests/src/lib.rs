@@ -44,6 +44,17 @@ fn admin_db_url() -> String {
     std::env::var("TEST_DATABASE_URL").unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into())
 }
 
+/// `url` (`TEST_DATABASE_URL`) with its database replaced by `db_name`,
+/// its parameters (`?sslmode=...`) kept.
+fn db_url_for(url: &str, db_name: &str) -> String {
+    let (base, query) = url.split_once('?').map_or((url, None), |(b, q)| (b, Some(q)));
+    let server = base.rsplit_once('/').map_or(base, |(s, _)| s);
+    match query {
+        Some(q) => format!("{server}/{db_name}?{q}"),
+        None => format!("{server}/{db_name}"),
+    }
+}
+
 /// One line of the real corpus in `tests/fixtures/corpus/`.
 #[derive(Debug, Clone, Deserialize)]
 pub struct CorpusItem {
@@ -93,8 +104,7 @@ impl TestEnv {
         let db_name = format!("halakha_{unique}");
         let admin = connect_db(&admin_db_url()).await;
         admin.batch_execute(&format!("CREATE DATABASE {db_name}")).await.unwrap();
-        let base = admin_db_url();
-        let database_url = format!("{}/{db_name}", base.rsplit_once('/').unwrap().0);
+        let database_url = db_url_for(&admin_db_url(), &db_name);
         let servers = halakha_nats::connect::server_addrs(url).unwrap();
         let nats = async_nats::ConnectOptions::new().retry_on_initial_connect().connect(servers).await.unwrap();
         let js = jetstream::new(nats.clone());

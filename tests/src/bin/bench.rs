@@ -696,23 +696,6 @@ fn cpu_by_command() -> HashMap<(u32, String), f64> {
     out
 }
 
-/// The machine's busy and total clock ticks so far, all cores (`/proc/stat`).
-fn machine_ticks() -> (u64, u64) {
-    let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
-    let Some(cpu) = stat.lines().next().and_then(|l| l.strip_prefix("cpu ")) else { return (0, 0) };
-    let t: Vec<u64> = cpu.split_whitespace().filter_map(|v| v.parse().ok()).collect();
-    let total: u64 = t.iter().take(8).sum();
-    // user nice system idle iowait irq softirq steal: idle and iowait are not busy.
-    let idle = t.get(3).copied().unwrap_or(0) + t.get(4).copied().unwrap_or(0);
-    (total.saturating_sub(idle), total)
-}
-
-/// The share of the machine's time it was busy since `before`.
-fn busy_since(before: (u64, u64)) -> f64 {
-    let now = machine_ticks();
-    ratio(now.0.saturating_sub(before.0) as f64, now.1.saturating_sub(before.1) as f64)
-}
-
 /// CPU milliseconds per message by command between two readings, largest
 /// first (only the processes of the pipeline and its services). Each
 /// process counts what it used between the readings (all of it when it
@@ -1087,28 +1070,31 @@ async fn run(args: &Args, made: &Mutex<Vec<halakha_tests::Leftovers>>) -> anyhow
     if args.wants(3) {
         let load = Load::Rate { per_second: args.rate, seconds: args.rate_secs };
         println!("3. Fixed rate: {} msg/s for {} s, relay then pipeline...", args.rate, args.rate_secs);
-        // Each run's CPU per message and how busy the machine was: at a
-        // fixed rate, latency is mostly the wait for a core.
+        // Each run's CPU per message, and the share of the machine's cores
+        // its processes kept busy: at a fixed rate, latency is mostly the
+        // wait for a core.
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get()) as f64;
         let mut rate_cpu = serde_json::Map::new();
-        let mut measured = |what: &str, cpu0: &HashMap<(u32, String), f64>, busy0: (u64, u64)| {
+        let mut measured = |what: &str, cpu0: &HashMap<(u32, String), f64>, since: Instant| {
             let cpu = cpu_per_message(cpu0, &cpu_by_command(), load.count());
-            let busy = busy_since(busy0);
-            print!("   {what}: machine {:.0} % busy;", busy * 100.0);
+            let secs = since.elapsed().as_secs_f64();
+            let busy = ratio(cpu.iter().map(|(_, ms)| ms).sum::<f64>() * load.count() as f64 / 1000.0, secs * cores);
+            print!("   {what}: {secs:.1} s, its processes kept {:.0} % of the cores busy;", busy * 100.0);
             print_cpu(&cpu);
             let mut o: serde_json::Map<String, Value> = cpu.iter().map(|(c, ms)| (c.clone(), json!(ms))).collect();
-            o.insert("machine_busy".into(), json!(busy));
+            o.insert("cores_busy".into(), json!(busy));
             rate_cpu.insert(what.to_owned(), Value::Object(o));
         };
-        let (cpu0, busy0) = (cpu_by_command(), machine_ticks());
+        let (cpu0, since) = (cpu_by_command(), Instant::now());
         let base_rate = relay(&env.js, &format!("{prefix}2"), &items, load, &Hops::Plain).await?;
-        measured("relay", &cpu0, busy0);
-        let (cpu0, busy0) = (cpu_by_command(), machine_ticks());
+        measured("relay", &cpu0, since);
+        let (cpu0, since) = (cpu_by_command(), Instant::now());
         let pipe_rate = through_pipeline(&env, &items, "rate", load, S::Published).await?;
-        measured("pipeline", &cpu0, busy0);
+        measured("pipeline", &cpu0, since);
         let floor = Hops::Floor(Arc::new(Floor::new(&env, "rate", &items, load.count(), args.concurrency).await?));
-        let (cpu0, busy0) = (cpu_by_command(), machine_ticks());
+        let (cpu0, since) = (cpu_by_command(), Instant::now());
         let floor_rate = relay(&env.js, &format!("{prefix}g"), &items, load, &floor).await?;
-        measured("floor", &cpu0, busy0);
+        measured("floor", &cpu0, since);
         drop(floor);
         report.insert("rate_cpu_ms_per_message".into(), Value::Object(rate_cpu));
         println!(
