@@ -994,7 +994,7 @@ async fn run(args: &Args, made: &Mutex<Vec<halakha_tests::Leftovers>>) -> anyhow
     println!("   {:.0} msg/s (runs: {} msg/s)", base_burst.per_second(), runs.join(", "));
     print_cpu(&relay_cpu);
     let openai = fakes::openai_lean(None).await;
-    let stages = start_stages(&env, &args, &openai.uri(), None, true).await;
+    let stages = start_stages(&env, args, &openai.uri(), None, true).await;
     let idle: Vec<(&str, (u64, u64))> = [&stages.ingest, &stages.enrich]
         .into_iter()
         .chain(stages.publish.as_ref())
@@ -1162,7 +1162,7 @@ async fn run(args: &Args, made: &Mutex<Vec<halakha_tests::Leftovers>>) -> anyhow
         // Ingest alone, in its own namespace, as its baseline runs alone:
         // nothing downstream shares the machine.
         let env6 = new_env(made).await;
-        let ingest6 = start_ingest(&env6, &args).await;
+        let ingest6 = start_ingest(&env6, args).await;
         let api = format!("http://{}", ingest6.http_addr.unwrap_or_else(|| ([127, 0, 0, 1], 8000).into()));
         let cpu0 = cpu_by_command();
         let (client, (ok, failed)) = drive_http(&api, &items, args.connections, args.http_secs).await;
@@ -1246,7 +1246,7 @@ async fn run(args: &Args, made: &Mutex<Vec<halakha_tests::Leftovers>>) -> anyhow
         );
         let env4 = new_env(made).await;
         let slow = fakes::openai_lean(Some(Duration::from_millis(args.provider_ms))).await;
-        let stages4 = start_stages(&env4, &args, &slow.uri(), None, false).await;
+        let stages4 = start_stages(&env4, args, &slow.uri(), None, false).await;
         let mut enriched = env4.nats.subscribe(env4.names.subject(S::Enriched)).await?;
         env4.nats.flush().await?;
         produce(&env4.js, Load::Burst(args.backlog), |i| {
@@ -1305,7 +1305,7 @@ async fn run(args: &Args, made: &Mutex<Vec<halakha_tests::Leftovers>>) -> anyhow
         let env5 = new_env(made).await;
         let openai5 = fakes::openai_lean(None).await;
         let (notion, state) = fakes::notion_with(Some(3)).await;
-        let stages5 = start_stages(&env5, &args, &openai5.uri(), Some(&notion.uri()), true).await;
+        let stages5 = start_stages(&env5, args, &openai5.uri(), Some(&notion.uri()), true).await;
         let pages = through_pipeline(&env5, &items, "notion", Load::Burst(args.notion_pages), S::Published).await?;
         let creates = state.creates.load(Ordering::SeqCst);
         let limited = state.rate_limited.load(Ordering::SeqCst);
