@@ -518,6 +518,22 @@ pub fn lookup(name: &str) -> Option<&'static Metric> {
 mod tests {
     use super::*;
 
+    /// Without an upkeep the exporter keeps every histogram sample until
+    /// a scrape: the process that installs the recorder must run one.
+    #[test]
+    fn installing_the_recorder_starts_the_thread_that_folds_histogram_samples() {
+        install_recorder();
+        let threads: Vec<String> = std::fs::read_dir("/proc/self/task")
+            .map(|d| {
+                d.flatten()
+                    .filter_map(|t| std::fs::read_to_string(t.path().join("comm")).ok())
+                    .map(|c| c.trim().to_owned())
+                    .collect()
+            })
+            .unwrap_or_default();
+        assert!(threads.iter().any(|t| t == "metrics-upkeep"), "threads: {threads:?}");
+    }
+
     #[test]
     fn metrics_doc_is_generated_from_the_catalog() {
         let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../docs/METRICS.md");
