@@ -405,13 +405,19 @@ pub fn install_recorder() -> PrometheusHandle {
             // without one, a stage nobody scrapes would keep every sample
             // of every message. One small thread keeps them folded,
             // whichever runtime (or none) installed the recorder.
+            // It has started (and named itself) when this returns.
             let upkept = handle.clone();
-            let _ = std::thread::Builder::new().name("metrics-upkeep".into()).spawn(move || {
+            let (started, running) = std::sync::mpsc::sync_channel::<()>(0);
+            let spawned = std::thread::Builder::new().name("metrics-upkeep".into()).spawn(move || {
+                let _ = started.send(());
                 loop {
                     std::thread::sleep(UPKEEP_EVERY);
                     upkept.run_upkeep();
                 }
             });
+            if spawned.is_ok() {
+                let _ = running.recv();
+            }
             for m in CATALOG {
                 match m.kind {
                     Kind::Counter => metrics::describe_counter!(m.name, m.help),
