@@ -1115,6 +1115,24 @@ async fn run(args: &Args, made: &Mutex<Vec<halakha_tests::Leftovers>>) -> anyhow
             pipe_rate.started_unix_ms
         );
         report.insert("rate_stage_means".into(), Value::Object(stage_means(&procs).await));
+        // A pull request the broker never ended holds a stage back until
+        // the runner's guard fetches again (about a second): name it when
+        // it happened, as it explains a stall of the whole stage.
+        let unended: Vec<(String, usize)> = procs
+            .iter()
+            .map(|p| {
+                let n = p.raw_logs().iter().filter(|l| l.contains(halakha_nats::runner::UNANSWERED_PULL)).count();
+                (p.name.to_string(), n)
+            })
+            .collect();
+        println!(
+            "   pull requests the broker left unended (the runner fetched again past their expiry): {}",
+            unended.iter().map(|(s, n)| format!("{s} {n}")).collect::<Vec<_>>().join(", ")
+        );
+        report.insert(
+            "unended_pull_requests".into(),
+            Value::Object(unended.into_iter().map(|(s, n)| (s, json!(n))).collect()),
+        );
         // The stages' log lines so far (each `Message handled` line names
         // the item and its time in the stage), to find where a slow
         // message waited.
