@@ -130,10 +130,28 @@ impl TestEnv {
         connect_db(&self.database_url).await
     }
 
-    /// Messages stored in one stream of this namespace.
+    /// Messages stored in one stream of this namespace. A replicated
+    /// stream answers only while it has a leader: after a node of a
+    /// cluster is lost it may have none for a few seconds (CI saw the
+    /// request time out once), so the question is asked again until it
+    /// answers, for at most 30 s.
     pub async fn stream_len(&self, s: Subject) -> u64 {
-        let mut stream = self.js.get_stream(self.names.stream(s)).await.unwrap();
-        stream.info().await.unwrap().state.messages
+        let name = self.names.stream(s);
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            let answer = match self.js.get_stream(&name).await {
+                Ok(mut stream) => stream.info().await.map(|i| i.state.messages).map_err(|e| e.to_string()),
+                Err(e) => Err(e.to_string()),
+            };
+            match answer {
+                Ok(n) => return n,
+                Err(e) if tokio::time::Instant::now() < deadline => {
+                    eprintln!("stream {name} did not answer ({e}); asking again");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                Err(e) => panic!("stream {name} did not answer within 30 s: {e}"),
+            }
+        }
     }
 
     /// Wait until `n` messages are in the stream of `s` and return their
