@@ -55,6 +55,27 @@ fn db_url_for(url: &str, db_name: &str) -> String {
     }
 }
 
+/// Ask the JetStream API until it answers, or fail at `deadline`. A
+/// replicated stream answers only while it has a leader: after a node of
+/// a cluster is lost it may have none for a few seconds (CI saw a stream
+/// info request time out once).
+async fn until_answered<T, F, Fut>(what: &str, deadline: tokio::time::Instant, mut ask: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, async_nats::Error>>,
+{
+    loop {
+        match ask().await {
+            Ok(answer) => return answer,
+            Err(e) if tokio::time::Instant::now() < deadline => {
+                eprintln!("{what}: {e}; asking again");
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            Err(e) => panic!("{what}: no answer before the deadline: {e}"),
+        }
+    }
+}
+
 /// One line of the real corpus in `tests/fixtures/corpus/`.
 #[derive(Debug, Clone, Deserialize)]
 pub struct CorpusItem {
@@ -130,28 +151,14 @@ impl TestEnv {
         connect_db(&self.database_url).await
     }
 
-    /// Messages stored in one stream of this namespace. A replicated
-    /// stream answers only while it has a leader: after a node of a
-    /// cluster is lost it may have none for a few seconds (CI saw the
-    /// request time out once), so the question is asked again until it
-    /// answers, for at most 30 s.
+    /// Messages stored in one stream of this namespace.
     pub async fn stream_len(&self, s: Subject) -> u64 {
         let name = self.names.stream(s);
         let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-        loop {
-            let answer = match self.js.get_stream(&name).await {
-                Ok(mut stream) => stream.info().await.map(|i| i.state.messages).map_err(|e| e.to_string()),
-                Err(e) => Err(e.to_string()),
-            };
-            match answer {
-                Ok(n) => return n,
-                Err(e) if tokio::time::Instant::now() < deadline => {
-                    eprintln!("stream {name} did not answer ({e}); asking again");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                }
-                Err(e) => panic!("stream {name} did not answer within 30 s: {e}"),
-            }
-        }
+        until_answered(&format!("stream {name}"), deadline, || async {
+            Ok(self.js.get_stream(&name).await?.info().await?.state.messages)
+        })
+        .await
     }
 
     /// Wait until `n` messages are in the stream of `s` and return their
@@ -174,25 +181,13 @@ impl TestEnv {
         limit: Duration,
     ) -> Vec<T> {
         let deadline = tokio::time::Instant::now() + limit;
-        // The JetStream API may not answer for a moment (a cluster electing
-        // a leader after losing a node): try again until the deadline.
-        let mut messages = loop {
-            let setup = async {
-                let stream = self.js.get_stream(self.names.stream(s)).await?;
-                let config =
-                    jetstream::consumer::pull::OrderedConfig { filter_subject: filter.clone(), ..Default::default() };
-                let consumer = stream.create_consumer(config).await?;
-                Ok::<_, async_nats::Error>(consumer.messages().await?)
-            };
-            match setup.await {
-                Ok(messages) => break messages,
-                Err(e) if tokio::time::Instant::now() < deadline => {
-                    eprintln!("collect on {filter}: {e}; trying again");
-                    tokio::time::sleep(Duration::from_millis(200)).await;
-                }
-                Err(e) => panic!("could not read {filter}: {e}"),
-            }
-        };
+        let mut messages = until_answered(&format!("collect on {filter}"), deadline, || async {
+            let stream = self.js.get_stream(self.names.stream(s)).await?;
+            let config =
+                jetstream::consumer::pull::OrderedConfig { filter_subject: filter.clone(), ..Default::default() };
+            Ok(stream.create_consumer(config).await?.messages().await?)
+        })
+        .await;
         let mut out = Vec::with_capacity(n);
         while out.len() < n {
             let next = tokio::time::timeout_at(deadline, messages.next()).await;

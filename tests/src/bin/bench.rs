@@ -1115,32 +1115,28 @@ async fn run(args: &Args, made: &Mutex<Vec<halakha_tests::Leftovers>>) -> anyhow
             pipe_rate.started_unix_ms
         );
         report.insert("rate_stage_means".into(), Value::Object(stage_means(&procs).await));
-        // A pull request the broker never ended holds a stage back until
-        // the runner's guard fetches again (about a second): name it when
-        // it happened, as it explains a stall of the whole stage.
-        let unended: Vec<(String, usize)> = procs
-            .iter()
-            .map(|p| {
-                let n = p.raw_logs().iter().filter(|l| l.contains(halakha_nats::runner::UNANSWERED_PULL)).count();
-                (p.name.to_string(), n)
-            })
-            .collect();
+        // The stages' log lines so far (each `Message handled` line names
+        // the item and its time in the stage), to find where a slow
+        // message waited. Among them, a pull request the broker never
+        // ended holds a stage back until the runner's guard fetches again
+        // (about a second): counted, as it explains a stall of a stage.
+        let dir = args.out.with_file_name("logs");
+        let written = std::fs::create_dir_all(&dir).is_ok();
+        let mut unended = serde_json::Map::new();
+        for p in &procs {
+            let logs = p.raw_logs();
+            let n = logs.iter().filter(|l| l.contains(halakha_nats::runner::UNANSWERED_PULL)).count();
+            unended.insert(p.name.to_string(), json!(n));
+            if written {
+                let _ = std::fs::write(dir.join(format!("{}.jsonl", p.name)), logs.join("\n"));
+            }
+        }
         println!(
             "   pull requests the broker left unended (the runner fetched again past their expiry): {}",
             unended.iter().map(|(s, n)| format!("{s} {n}")).collect::<Vec<_>>().join(", ")
         );
-        report.insert(
-            "unended_pull_requests".into(),
-            Value::Object(unended.into_iter().map(|(s, n)| (s, json!(n))).collect()),
-        );
-        // The stages' log lines so far (each `Message handled` line names
-        // the item and its time in the stage), to find where a slow
-        // message waited.
-        let dir = args.out.with_file_name("logs");
-        if std::fs::create_dir_all(&dir).is_ok() {
-            for p in &procs {
-                let _ = std::fs::write(dir.join(format!("{}.jsonl", p.name)), p.raw_logs().join("\n"));
-            }
+        report.insert("unended_pull_requests".into(), Value::Object(unended));
+        if written {
             // Each item's sending time and latency, to join with the logs.
             let lines: Vec<String> = pipe_rate
                 .ids
