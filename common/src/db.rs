@@ -478,139 +478,70 @@ pub const RELAXED_COMMIT: &str = "SET LOCAL synchronous_commit = off";
 /// Makes durable every commit answered before [`Flush::wait`] was called:
 /// for writes committed with [`RELAXED_COMMIT`] that must be on disk before
 /// something else happens (publish acknowledges its input only then).
-///
-/// It does not flush by itself: Postgres's WAL writer flushes the WAL of
-/// relaxed commits within `wal_writer_delay` (200 ms by default). One task
-/// reads Postgres's WAL positions every [`FLUSH_POLL`] while callers wait,
-/// gives each new caller the position WAL had been written to at that
-/// moment (past every commit answered before), and answers it once the
-/// flushed position has passed it. A read costs Postgres one small query;
-/// a flush of its own per group of messages (a transaction and an `fsync`)
-/// cost publish a sixth more CPU per message at 500 msg/s here (*What the
-/// third session of 2026-12-05 found*).
-///
-/// It flushes by itself ([`FLUSH_SQL`]) only when a caller has waited
-/// [`FLUSH_FORCE_AFTER`] (a WAL writer set to wait longer), and at every
-/// read when Postgres has synchronous standbys (`synchronous_standby_names`
-/// set): the flushed position says nothing about them, a commit with
-/// `synchronous_commit = on` waits for them.
+/// Callers waiting together share one flush, as in a group commit: one
+/// transaction that writes a single empty WAL record (a transactional
+/// `pg_logical_emit_message`, prefix `halakha.flush`; no table, any role
+/// may call it), committed with `synchronous_commit = on`. Its commit
+/// record follows every commit answered before it, and Postgres answers it
+/// once the WAL is flushed past it (and, with synchronous replicas, once
+/// they have it), so every earlier commit is durable too. (A transaction
+/// that writes no record, such as one that only takes a transaction id,
+/// commits without flushing.) One round trip and one WAL flush per group;
+/// it spends a transaction id each time, and logical decoding clients see
+/// an empty message.
 #[derive(Clone)]
 pub struct Flush {
-    tx: tokio::sync::mpsc::UnboundedSender<tokio::sync::oneshot::Sender<Result<(), DbError>>>,
+    batcher: crate::batch::Batcher<(), Result<(), DbError>>,
 }
 
-/// How often the waiting callers' positions are compared with the flushed one.
-pub const FLUSH_POLL: std::time::Duration = std::time::Duration::from_millis(20);
+/// The most callers one flush answers (more wait for the next).
+const FLUSH_GROUP: usize = 1024;
 
-/// How long a caller waits for the WAL writer before a flush is forced.
-pub const FLUSH_FORCE_AFTER: std::time::Duration = std::time::Duration::from_millis(500);
-
-/// The WAL positions (bytes) and whether commits wait for standbys.
-const FLUSH_POSITIONS_SQL: &str = "SELECT (pg_current_wal_insert_lsn() - '0/0'::pg_lsn)::bigint,
-        (pg_current_wal_flush_lsn() - '0/0'::pg_lsn)::bigint,
-        current_setting('synchronous_standby_names') <> ''";
-
-/// A forced flush, sent in one round trip: one transaction that writes a
-/// single empty WAL record (a transactional `pg_logical_emit_message`,
-/// prefix `halakha.flush`; no table, any role may call it), committed with
-/// `synchronous_commit = on`. Postgres answers once the WAL is flushed past
-/// its commit record (and the synchronous standbys have it), so every
-/// commit before it is durable too. A transaction that writes no record,
-/// such as one that only takes a transaction id, commits without flushing.
+/// The flush's statements, sent together in one round trip.
 pub const FLUSH_SQL: &str = "BEGIN; SET LOCAL synchronous_commit = on; \
      SELECT pg_logical_emit_message(true, 'halakha.flush', ''); COMMIT";
 
-type FlushWaiter = tokio::sync::oneshot::Sender<Result<(), DbError>>;
-
 impl Flush {
-    /// Start the task that answers the callers, reading on `pool`.
+    /// One writer, on `pool`: a flush started after a caller queued covers
+    /// that caller's commits, and a second writer would flush the same WAL.
     pub fn new(pool: Pool) -> Self {
-        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<FlushWaiter>();
-        tokio::spawn(async move {
-            // Each waiting caller with the position it waits for and since when.
-            let mut waiting: Vec<(i64, std::time::Instant, FlushWaiter)> = Vec::new();
-            let mut new: Vec<FlushWaiter> = Vec::new();
-            loop {
-                if waiting.is_empty() && new.is_empty() {
-                    match rx.recv().await {
-                        Some(w) => new.push(w),
-                        None => return,
-                    }
+        let batcher = crate::batch::Batcher::spawn(1, FLUSH_GROUP, move |waiting: Vec<()>| {
+            let pool = pool.clone();
+            async move {
+                let result = async {
+                    let conn = pool.get().await?;
+                    conn.batch_execute(FLUSH_SQL).await?;
+                    Ok::<(), DbError>(())
                 }
-                while let Ok(w) = rx.try_recv() {
-                    new.push(w);
-                }
-                let read = flush_positions(&pool).await;
-                let (written, mut flushed, standbys) = match read {
-                    Ok(p) => p,
+                .await;
+                match result {
+                    Ok(()) => waiting.iter().map(|()| Ok(())).collect(),
                     Err(e) => {
-                        fail_all(e, waiting.drain(..).map(|(_, _, w)| w).chain(new.drain(..)));
-                        continue;
+                        let reason = crate::error::chain(&e);
+                        let unreachable = e.is_unreachable();
+                        let mut first = Some(e);
+                        waiting
+                            .iter()
+                            .map(|()| {
+                                Err(first.take().unwrap_or_else(|| {
+                                    if unreachable {
+                                        DbError::Unreachable(reason.clone())
+                                    } else {
+                                        DbError::FlushFailed(reason.clone())
+                                    }
+                                }))
+                            })
+                            .collect()
                     }
-                };
-                let now = std::time::Instant::now();
-                waiting.extend(new.drain(..).map(|w| (written, now, w)));
-                let overdue = waiting.first().is_some_and(|(_, since, _)| since.elapsed() >= FLUSH_FORCE_AFTER);
-                if standbys || overdue {
-                    // Covers everything written before it began: `written`.
-                    match force_flush(&pool).await {
-                        Ok(()) => flushed = flushed.max(written),
-                        Err(e) => {
-                            fail_all(e, waiting.drain(..).map(|(_, _, w)| w));
-                            continue;
-                        }
-                    }
-                }
-                for (_, _, w) in waiting.extract_if(.., |(at, _, _)| *at <= flushed) {
-                    let _ = w.send(Ok(()));
-                }
-                if !waiting.is_empty() {
-                    tokio::time::sleep(FLUSH_POLL).await;
                 }
             }
         });
-        Self { tx }
+        Self { batcher }
     }
 
     /// Wait until every commit answered before this call is on disk.
     pub async fn wait(&self) -> Result<(), DbError> {
-        let (reply, answer) = tokio::sync::oneshot::channel();
-        self.tx.send(reply).map_err(|_| crate::batch::Stopped)?;
-        answer.await.map_err(|_| crate::batch::Stopped)?
-    }
-}
-
-/// One round trip (the simple protocol: nothing to prepare).
-async fn flush_positions(pool: &Pool) -> Result<(i64, i64, bool), DbError> {
-    let conn = pool.get().await?;
-    let messages = conn.simple_query(FLUSH_POSITIONS_SQL).await?;
-    let row = messages.iter().find_map(|m| match m {
-        tokio_postgres::SimpleQueryMessage::Row(r) => Some(r),
-        _ => None,
-    });
-    let field = |i: usize| row.and_then(|r| r.get(i));
-    let position = |i: usize| field(i).and_then(|v| v.parse::<i64>().ok());
-    match (position(0), position(1), field(2)) {
-        (Some(written), Some(flushed), Some(standbys)) => Ok((written, flushed, standbys == "t")),
-        _ => Err(DbError::FlushFailed(format!("unexpected answer to the WAL positions query: {messages:?}"))),
-    }
-}
-
-async fn force_flush(pool: &Pool) -> Result<(), DbError> {
-    pool.get().await?.batch_execute(FLUSH_SQL).await?;
-    Ok(())
-}
-
-/// Fail every waiter: the first with `e`, the others with its reason.
-fn fail_all(e: DbError, waiters: impl Iterator<Item = FlushWaiter>) {
-    let reason = crate::error::chain(&e);
-    let unreachable = e.is_unreachable();
-    let mut first = Some(e);
-    for w in waiters {
-        let e = first.take().unwrap_or_else(|| {
-            if unreachable { DbError::Unreachable(reason.clone()) } else { DbError::FlushFailed(reason.clone()) }
-        });
-        let _ = w.send(Err(e));
+        self.batcher.call(()).await?
     }
 }
 

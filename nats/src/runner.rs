@@ -165,12 +165,9 @@ pub trait Handler: Send + Sync + 'static {
 
     /// What must be true before the input is acknowledged, once its output
     /// is published: publish's row, committed without waiting for the disk,
-    /// is on disk. The message's concurrency permit is released before
-    /// (the wait may be long: publish's is up to `wal_writer_delay`); the
-    /// consumer's `max_ack_pending` still bounds the messages held. An
-    /// error leaves the input unacknowledged (a pause holds it, anything
-    /// else hands it back for a redelivery, whose output the broker then
-    /// drops as a duplicate). Nothing by default.
+    /// is on disk. An error leaves the input unacknowledged (a pause holds
+    /// it, anything else hands it back for a redelivery, whose output the
+    /// broker then drops as a duplicate). Nothing by default.
     fn settle(&self, output: &Self::Output) -> impl Future<Output = Result<(), StageError>> + Send {
         let _ = output;
         std::future::ready(Ok(()))
@@ -324,10 +321,7 @@ impl Runner {
                                 }
                                 let holding = holding.clone();
                                 in_flight.spawn(async move {
-                                    // The permit goes once the work is done
-                                    // (before a settle: `handle`).
-                                    let mut permit = Some(permit);
-                                    process(&shared, handler.as_ref(), msg, &mut permit).await;
+                                    process(&shared, handler.as_ref(), msg).await;
                                     if let (Ok(mut h), Some(k)) = (holding.lock(), key) {
                                         h.remove(&k);
                                     }
@@ -496,12 +490,7 @@ pub fn trace_of(headers: Option<&HeaderMap>) -> TraceContext {
     TraceContext::continue_from(headers.and_then(|h| h.get(TRACE_HEADER)).map(|v| v.as_str()))
 }
 
-async fn process<H: Handler>(
-    shared: &Shared,
-    handler: &H,
-    msg: jetstream::Message,
-    permit: &mut Option<OwnedSemaphorePermit>,
-) {
+async fn process<H: Handler>(shared: &Shared, handler: &H, msg: jetstream::Message) {
     let stage = shared.route.name;
     let started = Instant::now();
     metrics::counter!(m::STAGE_RECEIVED_TOTAL, "stage" => stage).increment(1);
@@ -530,7 +519,7 @@ async fn process<H: Handler>(
     );
     async {
         metrics::gauge!(m::STAGE_IN_FLIGHT, "stage" => stage).increment(1.0);
-        let (id, result) = handle(shared, handler, &msg, &delivery, &trace, permit).await;
+        let (id, result) = handle(shared, handler, &msg, &delivery, &trace).await;
         let outcome = match result {
             Ok(Finished::Ok) => Outcome::Ack { duplicate: false },
             Ok(Finished::Duplicate) => Outcome::Ack { duplicate: true },
@@ -598,7 +587,6 @@ async fn handle<H: Handler>(
     msg: &jetstream::Message,
     delivery: &Delivery,
     trace: &TraceContext,
-    permit: &mut Option<OwnedSemaphorePermit>,
 ) -> (Option<String>, Result<Finished, StageError>) {
     let input: H::Input = match serde_json::from_slice(&msg.payload) {
         Ok(input) => input,
@@ -645,11 +633,6 @@ async fn handle<H: Handler>(
             Ok(ack) => {
                 // The broker had this output already: a redelivery of work done.
                 let finished = if ack.duplicate { Finished::Duplicate } else { Finished::Ok };
-                // The stage's work on it is done: its permit lets the next
-                // message in while this one waits for its settle (an
-                // unacknowledged message still counts against the
-                // consumer's `max_ack_pending`).
-                drop(permit.take());
                 return (Some(id), settle(shared, handler, msg, &output).await.map(|()| finished));
             }
             Err(e) => {

@@ -250,10 +250,9 @@ impl Hops {
 /// message's envelopes made in advance (the `ingested`, `enriched` and
 /// `published` payloads the stages send, from the fake model's answer),
 /// ingest's claim and publish's upsert by the stages' own functions on
-/// pools set up as theirs (the upsert committed as publish without a
-/// Notion sink commits it, the last hop's acks after its flush), a batch
-/// per round of what has arrived (at most `CONCURRENCY`, which bounds a
-/// stage's batch too). No parsing, no checks, no completion call, no logs.
+/// pools set up as theirs, a batch per round of what has arrived (at most
+/// `CONCURRENCY`, which bounds a stage's batch too). No parsing, no
+/// checks, no completion call, no logs.
 struct Floor {
     ingested: Vec<halakha_common::envelope::Ingested>,
     enriched: Vec<halakha_common::envelope::Enriched>,
@@ -352,6 +351,15 @@ impl Floor {
         }
         Ok(idx.iter().map(|i| self.payloads[hop - 1][*i].clone()).collect())
     }
+
+    /// What hop `hop` waits for between its outputs' PubAcks and its
+    /// inputs' acks: publish's flush.
+    async fn settle(&self, hop: usize) -> anyhow::Result<()> {
+        if hop == 3 {
+            self.flush.wait().await?;
+        }
+        Ok(())
+    }
 }
 
 /// Publish → consume and republish at each hop → consume, with explicit
@@ -406,8 +414,9 @@ async fn relay(
         workers.push(tokio::spawn(async move {
             // A continuous pull; each round takes what has arrived (at
             // least one message, at most `max_batch`), does the hop's work,
-            // republishes with the PubAcks awaited together, then acks the
-            // inputs (the floor's last hop: once publish's flush answers).
+            // republishes with the PubAcks awaited together, then (the
+            // floor's last hop) waits for publish's flush, then acks the
+            // inputs.
             let Ok(mut messages) = c.stream().max_messages_per_batch(max_batch).messages().await else { return };
             while !stop.is_cancelled() {
                 let first = tokio::select! {
@@ -450,26 +459,14 @@ async fn relay(
                 for ack in futures::future::join_all(acks).await {
                     let _ = ack;
                 }
-                match &hops {
-                    // As publish: the next round goes on while these wait
-                    // for the WAL flush before their acks.
-                    Hops::Floor(f) if hop == 3 => {
-                        let f = f.clone();
-                        tokio::spawn(async move {
-                            if let Err(e) = f.flush.wait().await {
-                                eprintln!("   the floor's hop {hop} failed: {e:#}");
-                                return;
-                            }
-                            for m in &got {
-                                let _ = m.ack().await;
-                            }
-                        });
-                    }
-                    _ => {
-                        for m in &got {
-                            let _ = m.ack().await;
-                        }
-                    }
+                if let Hops::Floor(f) = &hops
+                    && let Err(e) = f.settle(hop).await
+                {
+                    eprintln!("   the floor's hop {hop} failed: {e:#}");
+                    return;
+                }
+                for m in &got {
+                    let _ = m.ack().await;
                 }
             }
         }));

@@ -702,18 +702,6 @@ async fn a_flush_puts_every_relaxed_upsert_answered_before_it_on_disk() {
     // The WAL writer flushes on its own every 200 ms: most rounds must have
     // found the upsert's commit not yet flushed, or the commit waited.
     assert!(unflushed * 2 > rounds, "{unflushed} of {rounds} relaxed upserts answered before their WAL was flushed");
-    // The flush forced when a caller waited too long (or for synchronous
-    // standbys) flushes at once, past everything written before it.
-    for round in 0..5 {
-        let enriched = enriched_with_tags(&ingested_from(&items[round]), &["forced"]);
-        let commits = halakha_publish::UPSERT_COMMITS_WITHOUT_NOTION;
-        halakha_publish::store::upsert_many(&pool, Statements::Named, commits, &[(&enriched, true)]).await.unwrap();
-        let written: String = db.query_one("SELECT pg_current_wal_insert_lsn()::text", &[]).await.unwrap().get(0);
-        pool.get().await.unwrap().batch_execute(halakha_common::db::FLUSH_SQL).await.unwrap();
-        let flushed: bool =
-            db.query_one("SELECT pg_current_wal_flush_lsn() >= $1::text::pg_lsn", &[&written]).await.unwrap().get(0);
-        assert!(flushed, "forced round {round}: the WAL up to {written} is on disk");
-    }
     let conn = pool.get().await.unwrap();
     assert_eq!(scalar(&conn, "SHOW synchronous_commit").await, "on", "the relaxed setting stayed in its transaction");
     drop(conn);
@@ -722,9 +710,8 @@ async fn a_flush_puts_every_relaxed_upsert_answered_before_it_on_disk() {
 
 /// The runner acknowledges an input only once its handler's `settle` has
 /// answered (publish: the flush of its relaxed upsert), after the output is
-/// out, and gives the message's permit back before the settle; a settle
-/// that fails hands the input back, and its redelivery's output is dropped
-/// by the broker as a duplicate.
+/// out; a settle that fails hands the input back, and its redelivery's
+/// output is dropped by the broker as a duplicate.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_input_is_acknowledged_only_after_its_handlers_settle_and_a_failed_settle_redelivers_it() {
     use std::sync::Arc;
@@ -768,10 +755,7 @@ async fn an_input_is_acknowledged_only_after_its_handlers_settle_and_a_failed_se
     }
 
     let env = halakha_tests::TestEnv::new().await;
-    // One message at a time: a second is handled only if the first gave
-    // its permit back before its settle.
-    let mut vars = env.base_vars();
-    vars.set("CONCURRENCY", "1");
+    let vars = env.base_vars();
     let mut r = Reader::new(&vars);
     let config = StageConfig::read(&mut r, "127.0.0.1:0", 4);
     let config = r.finish(config).unwrap();
@@ -782,12 +766,10 @@ async fn an_input_is_acknowledged_only_after_its_handlers_settle_and_a_failed_se
     let shutdown = tokio_util::sync::CancellationToken::new();
     let serving = tokio::spawn(stage.serve(handler.clone(), None, Vec::new(), shutdown.clone()));
 
-    let items: Vec<_> = corpus().into_iter().filter(|i| i.lang == "fr").take(2).collect();
-    let send = |n: usize| {
-        let input = enriched_with_tags(&ingested_from(&items[n]), &["settle"]);
-        let (js, subject) = (env.js.clone(), env.names.subject(S::Enriched));
-        async move { js.publish(subject, serde_json::to_vec(&input).unwrap().into()).await.unwrap().await.unwrap() }
-    };
+    let item = corpus().into_iter().find(|i| i.lang == "fr").unwrap();
+    let input = enriched_with_tags(&ingested_from(&item), &["settle"]);
+    let subject = env.names.subject(S::Enriched);
+    env.js.publish(subject, serde_json::to_vec(&input).unwrap().into()).await.unwrap().await.unwrap();
     let settles = |n: usize| {
         let handler = handler.clone();
         async move {
@@ -804,25 +786,18 @@ async fn an_input_is_acknowledged_only_after_its_handlers_settle_and_a_failed_se
     };
 
     // The output is out while the input waits for its settle, unacknowledged.
-    send(0).await;
     settles(1).await;
     assert_eq!(env.stream_len(S::Published).await, 1, "the output is published before the settle");
     assert_eq!(unacked().await, 1, "the input is not acknowledged while its settle waits");
-    // Its permit is back: the next input is handled meanwhile.
-    send(1).await;
-    settles(2).await;
-    assert_eq!(env.stream_len(S::Published).await, 2, "a second input went through while the first waited");
-    assert_eq!(unacked().await, 2);
-    // The first settle fails: that input comes back, its output is not
-    // stored again.
+    // The settle fails: the input comes back, its output is not stored again.
     handler.gate.add_permits(1);
-    settles(3).await;
-    assert_eq!(unacked().await, 2, "the redelivered input waits for its settle again");
-    assert_eq!(env.stream_len(S::Published).await, 2, "the redelivery's output was a duplicate");
-    // The settles answer: both inputs are acknowledged.
-    handler.gate.add_permits(2);
+    settles(2).await;
+    assert_eq!(unacked().await, 1, "the redelivered input waits for its settle again");
+    assert_eq!(env.stream_len(S::Published).await, 1, "the redelivery's output was a duplicate");
+    // The settle answers: the input is acknowledged.
+    handler.gate.add_permits(1);
     env.wait_idle(S::Enriched, &consumer, Duration::from_secs(20)).await;
-    assert_eq!(handler.settles.load(Ordering::SeqCst), 3);
+    assert_eq!(handler.settles.load(Ordering::SeqCst), 2);
     shutdown.cancel();
     serving.await.unwrap().unwrap();
     env.cleanup().await;
