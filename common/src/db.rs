@@ -37,9 +37,6 @@ pub enum DbError {
     /// The statement of a whole batch could not reach the database.
     #[error("the database is unreachable: {0}")]
     Unreachable(String),
-    /// A [`Flush`] shared with another caller failed.
-    #[error("the WAL flush failed: {0}")]
-    FlushFailed(String),
 }
 
 impl DbError {
@@ -466,82 +463,6 @@ where
             }
             out
         }
-    }
-}
-
-/// Sent inside a write transaction (after [`WRITE_SETTINGS`]): its commit
-/// answers before its WAL is on disk. A crash of Postgres may then lose it
-/// (never half of it), so the caller must not let anything depend on it
-/// being kept until a [`Flush`] has answered.
-pub const RELAXED_COMMIT: &str = "SET LOCAL synchronous_commit = off";
-
-/// Makes durable every commit answered before [`Flush::wait`] was called:
-/// for writes committed with [`RELAXED_COMMIT`] that must be on disk before
-/// something else happens (publish acknowledges its input only then).
-/// Callers waiting together share one flush, as in a group commit: one
-/// transaction that writes a single empty WAL record (a transactional
-/// `pg_logical_emit_message`, prefix `halakha.flush`; no table, any role
-/// may call it), committed with `synchronous_commit = on`. Its commit
-/// record follows every commit answered before it, and Postgres answers it
-/// once the WAL is flushed past it (and, with synchronous replicas, once
-/// they have it), so every earlier commit is durable too. (A transaction
-/// that writes no record, such as one that only takes a transaction id,
-/// commits without flushing.) One round trip and one WAL flush per group;
-/// it spends a transaction id each time, and logical decoding clients see
-/// an empty message.
-#[derive(Clone)]
-pub struct Flush {
-    batcher: crate::batch::Batcher<(), Result<(), DbError>>,
-}
-
-/// The most callers one flush answers (more wait for the next).
-const FLUSH_GROUP: usize = 1024;
-
-/// The flush's statements, sent together in one round trip.
-pub const FLUSH_SQL: &str = "BEGIN; SET LOCAL synchronous_commit = on; \
-     SELECT pg_logical_emit_message(true, 'halakha.flush', ''); COMMIT";
-
-impl Flush {
-    /// One writer, on `pool`: a flush started after a caller queued covers
-    /// that caller's commits, and a second writer would flush the same WAL.
-    pub fn new(pool: Pool) -> Self {
-        let batcher = crate::batch::Batcher::spawn(1, FLUSH_GROUP, move |waiting: Vec<()>| {
-            let pool = pool.clone();
-            async move {
-                let result = async {
-                    let conn = pool.get().await?;
-                    conn.batch_execute(FLUSH_SQL).await?;
-                    Ok::<(), DbError>(())
-                }
-                .await;
-                match result {
-                    Ok(()) => waiting.iter().map(|()| Ok(())).collect(),
-                    Err(e) => {
-                        let reason = crate::error::chain(&e);
-                        let unreachable = e.is_unreachable();
-                        let mut first = Some(e);
-                        waiting
-                            .iter()
-                            .map(|()| {
-                                Err(first.take().unwrap_or_else(|| {
-                                    if unreachable {
-                                        DbError::Unreachable(reason.clone())
-                                    } else {
-                                        DbError::FlushFailed(reason.clone())
-                                    }
-                                }))
-                            })
-                            .collect()
-                    }
-                }
-            }
-        });
-        Self { batcher }
-    }
-
-    /// Wait until every commit answered before this call is on disk.
-    pub async fn wait(&self) -> Result<(), DbError> {
-        self.batcher.call(()).await?
     }
 }
 

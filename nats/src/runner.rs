@@ -163,16 +163,6 @@ pub trait Handler: Send + Sync + 'static {
         format!("{}:{}:{}", output.id(), delivery.stream, delivery.stream_seq)
     }
 
-    /// What must be true before the input is acknowledged, once its output
-    /// is published: publish's row, committed without waiting for the disk,
-    /// is on disk. An error leaves the input unacknowledged (a pause holds
-    /// it, anything else hands it back for a redelivery, whose output the
-    /// broker then drops as a duplicate). Nothing by default.
-    fn settle(&self, output: &Self::Output) -> impl Future<Output = Result<(), StageError>> + Send {
-        let _ = output;
-        std::future::ready(Ok(()))
-    }
-
     /// What the stage worked with, for its dead letters (for example the
     /// model and prompt version). Empty by default.
     fn dead_letter_context(&self) -> BTreeMap<String, String> {
@@ -630,11 +620,9 @@ async fn handle<H: Handler>(
         let mut headers = HeaderMap::new();
         headers.insert(TRACE_HEADER, trace.header().as_str());
         match shared.publisher.publish_json_with(subject, &msg_id, &output, headers).await {
-            Ok(ack) => {
-                // The broker had this output already: a redelivery of work done.
-                let finished = if ack.duplicate { Finished::Duplicate } else { Finished::Ok };
-                return (Some(id), settle(shared, handler, msg, &output).await.map(|()| finished));
-            }
+            // The broker had this output already: a redelivery of work done.
+            Ok(ack) if ack.duplicate => return (Some(id), Ok(Finished::Duplicate)),
+            Ok(_) => return (Some(id), Ok(Finished::Ok)),
             Err(e) => {
                 metrics::counter!(m::PUBLISH_ERRORS_TOTAL, "stage" => shared.route.name).increment(1);
                 if !e.is_broker_unavailable() {
@@ -646,26 +634,6 @@ async fn handle<H: Handler>(
                 }
                 wait = (wait * 2).min(Duration::from_secs(5));
             }
-        }
-    }
-}
-
-/// The handler's [`Handler::settle`], with the message held through any
-/// pause it asks for (an unreachable database: no delivery is spent).
-async fn settle<H: Handler>(
-    shared: &Shared,
-    handler: &H,
-    msg: &jetstream::Message,
-    output: &H::Output,
-) -> Result<(), StageError> {
-    loop {
-        match with_progress(handler.settle(output), msg, shared.config.ack_wait / 3).await {
-            Err(StageError::Paused { reason, resume_after }) => {
-                if !hold(shared, msg, &reason, resume_after).await {
-                    return Err(StageError::paused(reason, Duration::ZERO));
-                }
-            }
-            done => return done,
         }
     }
 }

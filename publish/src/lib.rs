@@ -42,9 +42,6 @@ pub struct PublishHandler {
     pool: Pool,
     /// The upserts, written in batches.
     rows: store::Rows,
-    /// Without the Notion sink: what makes the relaxed upserts durable
-    /// before the inputs are acknowledged.
-    flush: Option<db::Flush>,
     notion: Option<notion::Notion>,
 }
 
@@ -54,10 +51,8 @@ impl Handler for PublishHandler {
 
     async fn handle(&self, input: Enriched, _delivery: &Delivery) -> Result<Handled<Published>, StageError> {
         // Without the Notion sink the row is published by its upsert: one
-        // transaction per halakha, committed without waiting for the disk
-        // (`<ns>.published` goes out at once; the ack waits: `settle`).
-        // With it: the row (durable: it records that a create is set out
-        // on), then the page, then the row marked published.
+        // transaction per halakha. With it: the row, then the page, then
+        // the row marked published.
         let (input, page) = match &self.notion {
             None => {
                 let ((input, _), _) =
@@ -88,17 +83,6 @@ impl Handler for PublishHandler {
             notion_page_url: page_url.filter(|u| !u.is_empty()),
             published_at: OffsetDateTime::now_utc(),
         }))
-    }
-
-    /// Without the Notion sink the upsert did not wait for the disk: the
-    /// input is acknowledged only once its row is there. A crash of
-    /// Postgres before that redelivers the input, which writes the row
-    /// again (its `<ns>.published` is then a duplicate the broker drops).
-    async fn settle(&self, _output: &Published) -> Result<(), StageError> {
-        match &self.flush {
-            Some(flush) => flush.wait().await.map_err(|e| db_error("flush the halakha's row to disk", e)),
-            None => Ok(()),
-        }
     }
 }
 
@@ -150,19 +134,10 @@ impl PublishHandler {
     }
 }
 
-/// How publish's pool commits: each commit waits for the disk. The one
-/// exception is the upsert that publishes a row (no Notion sink), which
-/// commits without waiting ([`UPSERT_COMMITS_WITHOUT_NOTION`]) and is made
-/// durable by a [`db::Flush`] before its input is acknowledged: nothing
-/// upstream would write the row again.
+/// How publish's commits reach the disk: each waits for it. The input is
+/// acknowledged after the upsert, and nothing upstream would write the row
+/// again.
 pub const COMMITS: db::Commits = db::Commits::Durable;
-
-/// The publishing upsert without a Notion sink: `<ns>.published` is
-/// announced without waiting for the WAL flush, and the input's ack waits
-/// for it ([`PublishHandler`]'s `settle`). With the sink the upsert stays
-/// durable: it records that a page create is set out on, which must
-/// survive a crash before the create is sent (never two pages).
-pub const UPSERT_COMMITS_WITHOUT_NOTION: db::Commits = db::Commits::Relaxed;
 
 pub struct App {
     stage: Prepared,
@@ -201,12 +176,8 @@ impl App {
         db::report_health(&pool, &stage.readiness);
         redis.report_health(&stage.readiness);
         stage.readiness.info("notion", notion_info);
-        let (commits, flush) = match notion {
-            None => (UPSERT_COMMITS_WITHOUT_NOTION, Some(db::Flush::new(pool.clone()))),
-            Some(_) => (COMMITS, None),
-        };
-        let rows = store::rows(pool.clone(), &config.database, commits);
-        Ok(Self { stage, handler: Arc::new(PublishHandler { pool, rows, flush, notion }) })
+        let rows = store::rows(pool.clone(), &config.database);
+        Ok(Self { stage, handler: Arc::new(PublishHandler { pool, rows, notion }) })
     }
 
     pub fn metrics_addr(&self) -> SocketAddr {

@@ -3,7 +3,7 @@
 
 use deadpool_postgres::Pool;
 use halakha_common::config::DatabaseConfig;
-use halakha_common::db::{self, Commits, DbError, GroupCommit, Statements};
+use halakha_common::db::{self, DbError, GroupCommit, Statements};
 use halakha_common::envelope::Enriched;
 use tokio_postgres::types::Type;
 
@@ -105,14 +105,8 @@ pub const UPSERT_LINKS_SQL: &str = "WITH tp AS (SELECT DISTINCT u.hid, t.id AS t
 
 /// Upsert the enriched halakha and its tags, themes and sources (see
 /// [`upsert_many`]).
-pub async fn upsert(
-    pool: &Pool,
-    how: Statements,
-    commits: Commits,
-    m: &Enriched,
-    published: bool,
-) -> Result<NotionState, DbError> {
-    let mut states = upsert_many(pool, how, commits, &[(m, published)]).await?;
+pub async fn upsert(pool: &Pool, how: Statements, m: &Enriched, published: bool) -> Result<NotionState, DbError> {
+    let mut states = upsert_many(pool, how, &[(m, published)]).await?;
     Ok(states.pop().unwrap_or_default())
 }
 
@@ -131,14 +125,10 @@ fn clean(v: &[String]) -> Vec<&str> {
 /// published at once (no Notion page to wait for). An id twice in `items`
 /// is written twice, in order, by a second transaction (each row's write
 /// stands on its own: if the second fails, the group commit writes every
-/// item again alone, and the upsert gives the same rows). With
-/// [`Commits::Relaxed`] the transactions commit without waiting for the
-/// disk ([`db::RELAXED_COMMIT`]): a [`db::Flush`] must answer before
-/// anything relies on the rows being kept.
+/// item again alone, and the upsert gives the same rows).
 pub async fn upsert_many(
     pool: &Pool,
     how: Statements,
-    commits: Commits,
     items: &[(&Enriched, bool)],
 ) -> Result<Vec<NotionState>, DbError> {
     let conn = pool.get().await?;
@@ -156,7 +146,7 @@ pub async fn upsert_many(
         }
     }
     for round in rounds {
-        let found = upsert_round(&conn, how, commits, items, &round).await?;
+        let found = upsert_round(&conn, how, items, &round).await?;
         for i in round {
             if let Some(state) = found.get(items[i].0.id.as_str()) {
                 states[i] = state.clone();
@@ -171,7 +161,6 @@ pub async fn upsert_many(
 async fn upsert_round(
     tx: &deadpool_postgres::Client,
     how: Statements,
-    commits: Commits,
     items: &[(&Enriched, bool)],
     which: &[usize],
 ) -> Result<std::collections::HashMap<String, NotionState>, DbError> {
@@ -266,21 +255,11 @@ async fn upsert_round(
     // order they are sent (both are prepared, so neither waits before
     // sending; biased, so the rows go first), and the links see the names
     // the first one inserted. If the rows fail before the links are sent,
-    // the links are not sent at all: the transaction is lost anyway. A
-    // relaxed commit's setting goes first.
-    let relaxed = async {
-        match commits {
-            Commits::Relaxed => tx.batch_execute(db::RELAXED_COMMIT).await,
-            Commits::Durable => Ok(()),
-        }
-    };
+    // the links are not sent at all: the transaction is lost anyway.
     let both = async {
-        tokio::try_join!(biased;
-            relaxed,
-            db::run(tx, &rows_statement, &row_params),
-            db::run(tx, &links_statement, &link_params))
+        tokio::try_join!(biased; db::run(tx, &rows_statement, &row_params), db::run(tx, &links_statement, &link_params))
     };
-    let ((), rows, _) = db::write_transaction(tx, both).await?;
+    let (rows, _) = db::write_transaction(tx, both).await?;
     Ok(rows
         .into_iter()
         .map(|r| {
@@ -294,19 +273,18 @@ async fn upsert_round(
 /// together share one transaction.
 pub type Rows = GroupCommit<(Enriched, bool), NotionState>;
 
-/// `commits`: whether the upserts wait for the disk ([`upsert_many`]).
-pub fn rows(pool: Pool, config: &DatabaseConfig, commits: Commits) -> Rows {
+pub fn rows(pool: Pool, config: &DatabaseConfig) -> Rows {
     let how = config.statements();
     GroupCommit::new(
         pool,
         config,
         move |pool, items: Vec<(Enriched, bool)>| async move {
             let refs: Vec<(&Enriched, bool)> = items.iter().map(|(m, p)| (m, *p)).collect();
-            let states = upsert_many(&pool, how, commits, &refs).await;
+            let states = upsert_many(&pool, how, &refs).await;
             (items, states)
         },
         move |pool, (m, published): (Enriched, bool)| async move {
-            let state = upsert(&pool, how, commits, &m, published).await;
+            let state = upsert(&pool, how, &m, published).await;
             ((m, published), state)
         },
     )

@@ -259,9 +259,6 @@ struct Floor {
     payloads: [Vec<Bytes>; 3],
     claims: halakha_common::db::Pool,
     upserts: halakha_common::db::Pool,
-    /// What makes the relaxed upserts durable before their inputs are
-    /// acknowledged, as in publish without a Notion sink.
-    flush: halakha_common::db::Flush,
     how: halakha_common::db::Statements,
     nats_url: String,
     batch: usize,
@@ -327,7 +324,6 @@ impl Floor {
             enriched,
             payloads,
             claims,
-            flush: halakha_common::db::Flush::new(upserts.clone()),
             upserts,
             how: config.statements(),
             nats_url: env.nats_url.clone(),
@@ -344,21 +340,11 @@ impl Floor {
             }
             3 => {
                 let batch: Vec<_> = idx.iter().map(|i| (&self.enriched[*i], true)).collect();
-                let commits = halakha_publish::UPSERT_COMMITS_WITHOUT_NOTION;
-                halakha_publish::store::upsert_many(&self.upserts, self.how, commits, &batch).await?;
+                halakha_publish::store::upsert_many(&self.upserts, self.how, &batch).await?;
             }
             _ => {}
         }
         Ok(idx.iter().map(|i| self.payloads[hop - 1][*i].clone()).collect())
-    }
-
-    /// What hop `hop` waits for between its outputs' PubAcks and its
-    /// inputs' acks: publish's flush.
-    async fn settle(&self, hop: usize) -> anyhow::Result<()> {
-        if hop == 3 {
-            self.flush.wait().await?;
-        }
-        Ok(())
     }
 }
 
@@ -414,8 +400,7 @@ async fn relay(
         workers.push(tokio::spawn(async move {
             // A continuous pull; each round takes what has arrived (at
             // least one message, at most `max_batch`), does the hop's work,
-            // republishes with the PubAcks awaited together, then (the
-            // floor's last hop) waits for publish's flush, then acks the
+            // republishes with the PubAcks awaited together, then acks the
             // inputs.
             let Ok(mut messages) = c.stream().max_messages_per_batch(max_batch).messages().await else { return };
             while !stop.is_cancelled() {
@@ -458,12 +443,6 @@ async fn relay(
                 }
                 for ack in futures::future::join_all(acks).await {
                     let _ = ack;
-                }
-                if let Hops::Floor(f) = &hops
-                    && let Err(e) = f.settle(hop).await
-                {
-                    eprintln!("   the floor's hop {hop} failed: {e:#}");
-                    return;
                 }
                 for m in &got {
                     let _ = m.ack().await;

@@ -3,7 +3,6 @@
 
 use std::time::Duration;
 
-use halakha_common::db::Commits;
 use halakha_common::envelope::Published;
 use halakha_tests::{API_KEY, Pipeline, S, Spec, corpus};
 use serde_json::{Value, json};
@@ -201,7 +200,7 @@ async fn the_database_is_reached_over_tls_when_the_url_asks_for_it_and_verificat
 /// `failed` status written through the relaxed pool waits all the same.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn only_ingests_claims_commit_without_waiting_for_the_disk() {
-    use halakha_common::db::{pool, pool_with};
+    use halakha_common::db::{Commits, pool, pool_with};
     let env = halakha_tests::TestEnv::new().await;
     let direct = database(env.database_url.clone(), None);
     let pooled = database(format!("{}?pgbouncer=true", env.database_url), None);
@@ -258,7 +257,7 @@ async fn behind_a_transaction_pooler_every_statement_is_unnamed_and_elsewhere_th
     let ingested = ingested_from(&items[0]);
     assert_eq!(halakha_ingest::store::claim(&fresh, how, &ingested).await.unwrap(), halakha_ingest::store::Claim::New);
     let enriched = enriched_with_tags(&ingested, &["שבת"]);
-    halakha_publish::store::upsert(&fresh, how, Commits::Durable, &enriched, false).await.unwrap();
+    halakha_publish::store::upsert(&fresh, how, &enriched, false).await.unwrap();
     halakha_publish::store::store_page(&fresh, &enriched.id, "page", "https://www.notion.so/page").await.unwrap();
     halakha_publish::store::mark_published(&fresh, &enriched.id, Some("page"), None).await.unwrap();
     halakha_ingest::store::mark_failed(&fresh, &enriched.id, "x", time::OffsetDateTime::now_utc()).await.unwrap();
@@ -280,9 +279,7 @@ async fn behind_a_transaction_pooler_every_statement_is_unnamed_and_elsewhere_th
             halakha_ingest::store::claim(&kept, how, &ingested).await.unwrap(),
             halakha_ingest::store::Claim::New
         );
-        halakha_publish::store::upsert(&kept, how, Commits::Relaxed, &enriched_with_tags(&ingested, &["שבת"]), true)
-            .await
-            .unwrap();
+        halakha_publish::store::upsert(&kept, how, &enriched_with_tags(&ingested, &["שבת"]), true).await.unwrap();
     }
     let conn = kept.get().await.unwrap();
     assert_eq!(scalar(&conn, count).await, "3", "one named statement per write-path statement");
@@ -431,7 +428,6 @@ async fn a_batch_of_writes_answers_each_message_as_if_it_were_written_alone() {
     let states = halakha_publish::store::upsert_many(
         &pool,
         Statements::Named,
-        Commits::Durable,
         &[(&first, true), (&second, true), (&first_again, true)],
     )
     .await
@@ -450,29 +446,16 @@ async fn a_batch_of_writes_answers_each_message_as_if_it_were_written_alone() {
     assert_eq!(published, 2);
     // A later enrichment replaces the links, in a batch as alone.
     let replaced = enriched_with_tags(&msgs[2], &["c", "e"]);
-    halakha_publish::store::upsert_many(
-        &pool,
-        Statements::Named,
-        Commits::Relaxed,
-        &[(&replaced, true), (&first, true)],
-    )
-    .await
-    .unwrap();
+    halakha_publish::store::upsert_many(&pool, Statements::Named, &[(&replaced, true), (&first, true)]).await.unwrap();
     assert_eq!(links(&db, &msgs[2].id).await, ("c,e".into(), "c".into(), "title of c,e".into()));
     assert_eq!(links(&db, &msgs[0].id).await, ("a,b".into(), "a".into(), "title of a,b".into()));
 
     // The Notion path marks the create it sets out on: the first upsert of
     // a row has no mark before it, the next one (a redelivery) has.
     let notion_path = enriched_with_tags(&msgs[3], &["f"]);
-    let states =
-        halakha_publish::store::upsert_many(&pool, Statements::Named, Commits::Durable, &[(&notion_path, false)])
-            .await
-            .unwrap();
+    let states = halakha_publish::store::upsert_many(&pool, Statements::Named, &[(&notion_path, false)]).await.unwrap();
     assert!(!states[0].create_started);
-    let states =
-        halakha_publish::store::upsert_many(&pool, Statements::Named, Commits::Durable, &[(&notion_path, false)])
-            .await
-            .unwrap();
+    let states = halakha_publish::store::upsert_many(&pool, Statements::Named, &[(&notion_path, false)]).await.unwrap();
     assert!(states[0].create_started, "a redelivery looks the page up first");
     env.cleanup().await;
 }
@@ -498,7 +481,7 @@ async fn on_a_new_connection_the_links_still_see_the_names_the_same_upsert_inser
         let enriched: Vec<_> =
             msgs.iter().enumerate().map(|(i, m)| enriched_with_tags(m, &[if i % 2 == 0 { &a } else { &b }])).collect();
         let batch: Vec<_> = enriched.iter().map(|e| (e, true)).collect();
-        halakha_publish::store::upsert_many(&fresh, how, Commits::Durable, &batch).await.unwrap();
+        halakha_publish::store::upsert_many(&fresh, how, &batch).await.unwrap();
         for e in &enriched {
             let tag = &e.enrichment.tags[0];
             assert_eq!(links(&db, &e.id).await.0, *tag, "round {round} ({how:?}): the row is linked to its new tag");
@@ -519,14 +502,13 @@ async fn a_failed_upsert_batch_keeps_nothing_and_leaves_its_connection_outside_a
     let db = env.db().await;
     let items: Vec<_> = corpus().into_iter().filter(|i| i.lang != "ru").take(6).collect();
     let msgs: Vec<_> = items.iter().map(ingested_from).collect();
-    let ways = [(Statements::Named, Commits::Durable), (Statements::Unnamed, Commits::Relaxed)];
-    for (round, (how, commits)) in ways.into_iter().enumerate() {
+    for (round, how) in [Statements::Named, Statements::Unnamed].into_iter().enumerate() {
         let (good, bad, next) = (&msgs[round * 3], &msgs[round * 3 + 1], &msgs[round * 3 + 2]);
         let good = enriched_with_tags(good, &[&format!("kept-{round}")]);
         // The table's check refuses a difficulty outside 1..=5.
         let mut bad = enriched_with_tags(bad, &[&format!("refused-{round}")]);
         bad.enrichment.difficulty_level = 9;
-        let failed = halakha_publish::store::upsert_many(&pool, how, commits, &[(&good, true), (&bad, true)]).await;
+        let failed = halakha_publish::store::upsert_many(&pool, how, &[(&good, true), (&bad, true)]).await;
         assert!(failed.is_err(), "{how:?}: the check refuses the batch");
         let kept: i64 = db
             .query_one("SELECT count(*) FROM halakhot WHERE id = ANY($1)", &[&vec![good.id.clone(), bad.id.clone()]])
@@ -542,7 +524,7 @@ async fn a_failed_upsert_batch_keeps_nothing_and_leaves_its_connection_outside_a
         assert_eq!(names, 0, "{how:?}: not even its new tag names");
         // The same (only) connection writes and commits the next batch.
         let next = enriched_with_tags(next, &[&format!("next-{round}")]);
-        halakha_publish::store::upsert_many(&pool, how, commits, &[(&next, true)]).await.unwrap();
+        halakha_publish::store::upsert_many(&pool, how, &[(&next, true)]).await.unwrap();
         assert_eq!(links(&db, &next.id).await.0, format!("next-{round}"), "{how:?}: the next batch is committed");
         let state = scalar(&db, &format!("SELECT status FROM halakhot WHERE id = '{}'", next.id)).await;
         assert_eq!(state, "published");
@@ -659,146 +641,5 @@ async fn the_write_paths_generic_plans_made_on_empty_tables_look_every_row_up_by
         }
     }
     db.batch_execute("ROLLBACK").await.unwrap();
-    env.cleanup().await;
-}
-
-/// Without a Notion sink, publish's upsert commits without waiting for the
-/// disk and a `Flush` makes it durable before the input is acknowledged.
-/// Checked against Postgres's own WAL positions: in each round a relaxed
-/// upsert answers, the WAL written so far is read (its insert position),
-/// and wherever it was not yet flushed, it is flushed once `wait`
-/// answers. The relaxed setting stays inside its transaction.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_flush_puts_every_relaxed_upsert_answered_before_it_on_disk() {
-    use halakha_common::db::Statements;
-    let env = halakha_tests::TestEnv::new().await;
-    let config = halakha_common::config::DatabaseConfig { pool_size: 1, ..database(env.database_url.clone(), None) };
-    let pool = halakha_common::db::pool(&config).unwrap();
-    halakha_common::db::migrate(&pool).await.unwrap();
-    let flush = halakha_common::db::Flush::new(pool.clone());
-    let db = env.db().await;
-    let items: Vec<_> = corpus().into_iter().filter(|i| i.lang != "ru").take(20).collect();
-    let (mut unflushed, mut rounds) = (0, 0);
-    for item in &items {
-        let enriched = enriched_with_tags(&ingested_from(item), &["flush"]);
-        let commits = halakha_publish::UPSERT_COMMITS_WITHOUT_NOTION;
-        halakha_publish::store::upsert_many(&pool, Statements::Named, commits, &[(&enriched, true)]).await.unwrap();
-        // One query: the two positions read at the same moment.
-        let row = db
-            .query_one(
-                "SELECT pg_current_wal_insert_lsn()::text, pg_current_wal_flush_lsn() < pg_current_wal_insert_lsn()",
-                &[],
-            )
-            .await
-            .unwrap();
-        let (written, behind): (String, bool) = (row.get(0), row.get(1));
-        flush.wait().await.unwrap();
-        let flushed: bool =
-            db.query_one("SELECT pg_current_wal_flush_lsn() >= $1::text::pg_lsn", &[&written]).await.unwrap().get(0);
-        assert!(flushed, "round {rounds}: the WAL up to {written} is on disk once the flush answered");
-        unflushed += usize::from(behind);
-        rounds += 1;
-    }
-    // The WAL writer flushes on its own every 200 ms: most rounds must have
-    // found the upsert's commit not yet flushed, or the commit waited.
-    assert!(unflushed * 2 > rounds, "{unflushed} of {rounds} relaxed upserts answered before their WAL was flushed");
-    let conn = pool.get().await.unwrap();
-    assert_eq!(scalar(&conn, "SHOW synchronous_commit").await, "on", "the relaxed setting stayed in its transaction");
-    drop(conn);
-    env.cleanup().await;
-}
-
-/// The runner acknowledges an input only once its handler's `settle` has
-/// answered (publish: the flush of its relaxed upsert), after the output is
-/// out; a settle that fails hands the input back, and its redelivery's
-/// output is dropped by the broker as a duplicate.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_input_is_acknowledged_only_after_its_handlers_settle_and_a_failed_settle_redelivers_it() {
-    use std::sync::Arc;
-    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-
-    use halakha_common::envelope::{Enriched, SCHEMA_VERSION};
-    use halakha_common::{StageError, config::Reader};
-    use halakha_nats::runner::{Delivery, Handled, Handler};
-    use halakha_nats::stage::{Prepared, StageConfig};
-
-    struct Gated {
-        gate: tokio::sync::Semaphore,
-        fail_first: AtomicBool,
-        settles: AtomicUsize,
-    }
-    impl Handler for Gated {
-        type Input = Enriched;
-        type Output = Published;
-        async fn handle(&self, input: Enriched, _: &Delivery) -> Result<Handled<Published>, StageError> {
-            Ok(Handled::Publish(Published {
-                schema_version: SCHEMA_VERSION,
-                date_post: input.halakha.date_post(),
-                id: input.id,
-                title: input.enrichment.title,
-                status: "published".into(),
-                notion_page_id: None,
-                notion_page_url: None,
-                published_at: time::OffsetDateTime::now_utc(),
-            }))
-        }
-        async fn settle(&self, _: &Published) -> Result<(), StageError> {
-            self.settles.fetch_add(1, Ordering::SeqCst);
-            if let Ok(p) = self.gate.acquire().await {
-                p.forget();
-            }
-            if self.fail_first.swap(false, Ordering::SeqCst) {
-                return Err(StageError::transient("the flush failed"));
-            }
-            Ok(())
-        }
-    }
-
-    let env = halakha_tests::TestEnv::new().await;
-    let vars = env.base_vars();
-    let mut r = Reader::new(&vars);
-    let config = StageConfig::read(&mut r, "127.0.0.1:0", 4);
-    let config = r.finish(config).unwrap();
-    let stage = Prepared::new(halakha_nats::Stage::Publish, &config).await.unwrap();
-    let consumer = stage.names.route(halakha_nats::Stage::Publish).consumer;
-    let handler =
-        Arc::new(Gated { gate: tokio::sync::Semaphore::new(0), fail_first: AtomicBool::new(true), settles: 0.into() });
-    let shutdown = tokio_util::sync::CancellationToken::new();
-    let serving = tokio::spawn(stage.serve(handler.clone(), None, Vec::new(), shutdown.clone()));
-
-    let item = corpus().into_iter().find(|i| i.lang == "fr").unwrap();
-    let input = enriched_with_tags(&ingested_from(&item), &["settle"]);
-    let subject = env.names.subject(S::Enriched);
-    env.js.publish(subject, serde_json::to_vec(&input).unwrap().into()).await.unwrap().await.unwrap();
-    let settles = |n: usize| {
-        let handler = handler.clone();
-        async move {
-            let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
-            while handler.settles.load(Ordering::SeqCst) < n {
-                assert!(tokio::time::Instant::now() < deadline, "settle number {n} never began");
-                tokio::time::sleep(Duration::from_millis(10)).await;
-            }
-        }
-    };
-    let unacked = || async {
-        let stream = env.js.get_stream(env.names.stream(S::Enriched)).await.unwrap();
-        stream.consumer_info(&consumer).await.unwrap().num_ack_pending
-    };
-
-    // The output is out while the input waits for its settle, unacknowledged.
-    settles(1).await;
-    assert_eq!(env.stream_len(S::Published).await, 1, "the output is published before the settle");
-    assert_eq!(unacked().await, 1, "the input is not acknowledged while its settle waits");
-    // The settle fails: the input comes back, its output is not stored again.
-    handler.gate.add_permits(1);
-    settles(2).await;
-    assert_eq!(unacked().await, 1, "the redelivered input waits for its settle again");
-    assert_eq!(env.stream_len(S::Published).await, 1, "the redelivery's output was a duplicate");
-    // The settle answers: the input is acknowledged.
-    handler.gate.add_permits(1);
-    env.wait_idle(S::Enriched, &consumer, Duration::from_secs(20)).await;
-    assert_eq!(handler.settles.load(Ordering::SeqCst), 2);
-    shutdown.cancel();
-    serving.await.unwrap().unwrap();
     env.cleanup().await;
 }
