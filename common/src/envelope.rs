@@ -93,9 +93,15 @@ pub struct Submission {
 impl Envelope for Submission {
     const KIND: &'static str = "submission";
     /// The id the pipeline will give this submission: from its
-    /// `idempotency_key` when present, else from its normalised content.
+    /// `idempotency_key` when present (normalised; a blank key is none, as
+    /// ingest's validation has it), else from its normalised content. The
+    /// content is normalised only when there is no key: the id does not
+    /// depend on it then, and ingest normalises it once more to validate it.
     fn id(&self) -> String {
-        text::derive_id(self.idempotency_key.as_deref(), &text::normalize(&self.content))
+        match self.idempotency_key.as_deref().map(text::normalize).filter(|k| !k.is_empty()) {
+            Some(key) => text::derive_id(Some(&key), ""),
+            None => text::derive_id(None, &text::normalize(&self.content)),
+        }
     }
     fn schema_version(&self) -> u32 {
         self.schema_version

@@ -189,6 +189,19 @@ mod tests {
     }
 
     #[test]
+    fn a_submission_names_the_id_its_validation_gives() {
+        use halakha_common::envelope::Envelope;
+        // The runner logs and dead-letters a submission under this id
+        // before validating it.
+        for key in [None, Some("ksa-he-1-1"), Some("  ksa-he-1-1\n"), Some(" \t "), Some("e\u{301}\u{7}")] {
+            let mut s = sub("  e\u{301}cole\u{0}\n");
+            s.idempotency_key = key.map(str::to_owned);
+            let named = s.id();
+            assert_eq!(named, validate(s, 100, 0, now()).expect("valid").id, "{key:?}");
+        }
+    }
+
+    #[test]
     fn image_urls_must_be_http_and_extra_days_shift_the_schedule() {
         let mut s = sub("x");
         s.image_url = Some("javascript:alert(1)".into());
