@@ -93,12 +93,11 @@ pub struct Submission {
 impl Envelope for Submission {
     const KIND: &'static str = "submission";
     /// The id the pipeline will give this submission: from its
-    /// `idempotency_key` when present (normalised; a blank key is none, as
-    /// ingest's validation has it), else from its normalised content. The
-    /// content is normalised only when there is no key: the id does not
-    /// depend on it then, and ingest normalises it once more to validate it.
+    /// `idempotency_key` ([`text::normalize_optional`], as ingest's
+    /// validation reads it), else from its normalised content, which is
+    /// normalised only then: with a key the id does not depend on it.
     fn id(&self) -> String {
-        match self.idempotency_key.as_deref().map(text::normalize).filter(|k| !k.is_empty()) {
+        match text::normalize_optional(self.idempotency_key.as_deref()) {
             Some(key) => text::derive_id(Some(&key), ""),
             None => text::derive_id(None, &text::normalize(&self.content)),
         }

@@ -115,11 +115,7 @@ fn is_http_url(u: &str) -> bool {
 }
 
 fn optional_text(value: Option<&str>, field: &'static str, max: usize) -> Result<Option<String>, Invalid> {
-    let Some(v) = value else { return Ok(None) };
-    let v = text::normalize(v);
-    if v.is_empty() {
-        return Ok(None);
-    }
+    let Some(v) = text::normalize_optional(value) else { return Ok(None) };
     if v.chars().count() > max {
         return Err(invalid("too_long", field, format!("must have at most {max} characters")));
     }
