@@ -547,7 +547,7 @@ async fn process<H: Handler>(shared: &Shared, handler: &H, msg: jetstream::Messa
         // the idempotent sinks and the de-duplication ids absorb; shutdown
         // flushes the connection, so a drained stage loses none.
         let (label, ack) = match outcome {
-            Outcome::Ack { duplicate } => (if duplicate { "duplicate" } else { "ok" }, msg.ack().await),
+            Outcome::Ack { duplicate } => (if duplicate { "duplicate" } else { "ok" }, shared.publisher.ack(&msg).await),
             Outcome::Nak(d) => ("retried", msg.ack_with(AckKind::Nak(Some(d))).await),
             Outcome::DeadLetter(kind) => {
                 metrics::counter!(m::DEAD_LETTERS_TOTAL, "stage" => stage, "kind" => kind.as_str()).increment(1);

@@ -6,6 +6,8 @@
 
 #[path = "e2e/api.rs"]
 mod api;
+#[path = "e2e/broker.rs"]
+mod broker;
 #[path = "e2e/enrich.rs"]
 mod enrich;
 #[path = "e2e/faults.rs"]
