@@ -75,7 +75,8 @@ const PROBE_EVERY: u32 = 8;
 /// be paid for nothing, so the outbox waits only while the last wait
 /// gathered more than one send, and once every [`PROBE_EVERY`] sends
 /// otherwise, to notice a burst.
-async fn outbox(client: async_nats::Client, js: jetstream::Context, mut queue: mpsc::UnboundedReceiver<Outgoing>) {
+async fn outbox(js: jetstream::Context, mut queue: mpsc::UnboundedReceiver<Outgoing>) {
+    let client = js.client();
     let mut batch = Vec::new();
     let (mut gathering, mut alone) = (true, 0u32);
     while queue.recv_many(&mut batch, usize::MAX).await > 0 {
@@ -107,7 +108,7 @@ impl Publisher {
     pub fn new(js: jetstream::Context) -> Self {
         let outbox = tokio::runtime::Handle::try_current().ok().map(|runtime| {
             let (queue, rx) = mpsc::unbounded_channel();
-            runtime.spawn(outbox(js.client(), js.clone(), rx));
+            runtime.spawn(outbox(js.clone(), rx));
             queue
         });
         Self { js, outbox }
@@ -123,30 +124,22 @@ impl Publisher {
         subject: &str,
         message: jetstream::message::PublishMessage,
     ) -> Result<PublishAckFuture, jetstream::context::PublishError> {
-        if let Some(queue) = &self.outbox {
-            let (sent, answer) = oneshot::channel();
-            if queue.send(Outgoing::Publish { subject: subject.to_owned(), message, sent }).is_ok() {
-                return answer.await.unwrap_or_else(|_| Err(outbox_gone()));
-            }
-            return Err(outbox_gone());
+        match &self.outbox {
+            Some(queue) => through(queue, |sent| Outgoing::Publish { subject: subject.to_owned(), message, sent })
+                .await
+                .unwrap_or_else(|| Err(outbox_gone())),
+            None => self.js.send_publish(subject.to_owned(), message).await,
         }
-        self.js.send_publish(subject.to_owned(), message).await
     }
 
     /// Acknowledge a delivery (a plain `+ACK`: no confirmation round trip),
     /// through the outbox like the publishes.
     pub async fn ack(&self, msg: &jetstream::Message) -> Result<(), async_nats::Error> {
-        let Some(reply) = msg.reply.clone() else { return msg.ack().await };
-        if let Some(queue) = &self.outbox {
-            let (sent, answer) = oneshot::channel();
-            if queue.send(Outgoing::Ack { reply, sent }).is_ok()
-                && let Ok(result) = answer.await
-            {
-                return result.map_err(Into::into);
-            }
-            return Err(Box::new(outbox_gone()));
+        let (Some(queue), Some(reply)) = (&self.outbox, msg.reply.clone()) else { return msg.ack().await };
+        match through(queue, |sent| Outgoing::Ack { reply, sent }).await {
+            Some(result) => result.map_err(Into::into),
+            None => Err(Box::new(outbox_gone())),
         }
-        msg.ack().await
     }
 
     /// Publish raw bytes with `Nats-Msg-Id: msg_id` and extra headers.
@@ -189,6 +182,17 @@ impl Publisher {
         let payload = Bytes::from(serde_json::to_vec(value)?);
         self.publish(subject, msg_id, payload, Some(headers)).await
     }
+}
+
+/// Queue a send in the outbox and wait until it is handed to the
+/// connection: its answer, or none when the outbox is gone.
+async fn through<T>(
+    queue: &mpsc::UnboundedSender<Outgoing>,
+    send: impl FnOnce(oneshot::Sender<T>) -> Outgoing,
+) -> Option<T> {
+    let (sent, answer) = oneshot::channel();
+    queue.send(send(sent)).ok()?;
+    answer.await.ok()
 }
 
 /// The outbox task is gone (the runtime shutting down): the broker was
