@@ -7,6 +7,7 @@
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use axum::Json;
 use axum::extract::{FromRequest, Multipart, Request, State};
@@ -15,7 +16,7 @@ use axum::response::{IntoResponse, Response};
 use futures::StreamExt;
 use halakha_common::envelope::{DeadLetter, Published, Submission};
 use serde::{Deserialize, Serialize};
-use tokio::sync::oneshot;
+use tokio::sync::{Notify, oneshot, watch};
 use tokio_util::sync::CancellationToken;
 use utoipa::ToSchema;
 
@@ -32,24 +33,61 @@ pub enum Finished {
     Failed(DeadLetter),
 }
 
-/// Requests waiting for their item to finish, by halakha id.
-#[derive(Default)]
+/// Requests waiting for their item to finish, by halakha id, and whether
+/// the events that end them are subscribed to. The subscription is held
+/// only while someone waits (and for a linger after): otherwise every item
+/// the pipeline publishes would be sent to ingest and read for nobody.
 pub struct Waiters {
-    map: Mutex<HashMap<String, Vec<oneshot::Sender<Finished>>>>,
+    state: Mutex<Waiting>,
+    /// Woken by a waiter that found nothing subscribed.
+    wanted: Notify,
+    /// True while the events are subscribed to; changed under `state`'s lock.
+    listening: watch::Sender<bool>,
+}
+
+struct Waiting {
+    map: HashMap<String, Vec<oneshot::Sender<Finished>>>,
+    /// The last time a waiter came or went.
+    last_seen: Instant,
+}
+
+impl Default for Waiters {
+    fn default() -> Self {
+        Self {
+            state: Mutex::new(Waiting { map: HashMap::new(), last_seen: Instant::now() }),
+            wanted: Notify::new(),
+            listening: watch::Sender::new(false),
+        }
+    }
 }
 
 impl Waiters {
-    /// Wait for `id`. Register before publishing, so the event cannot be missed.
-    pub fn register(&self, id: &str) -> oneshot::Receiver<Finished> {
+    /// Wait for `id`. Returns once the events are subscribed to, so that an
+    /// item published after this (by this request or another) cannot be
+    /// missed: the subscription is sent on the connection that publishes.
+    pub async fn register(&self, id: &str) -> oneshot::Receiver<Finished> {
         let (tx, rx) = oneshot::channel();
-        if let Ok(mut map) = self.map.lock() {
-            map.entry(id.to_owned()).or_default().push(tx);
-        }
+        let mut ready = {
+            let Ok(mut state) = self.state.lock() else { return rx };
+            state.map.entry(id.to_owned()).or_default().push(tx);
+            state.last_seen = Instant::now();
+            if *self.listening.borrow() {
+                return rx;
+            }
+            self.listening.subscribe()
+        };
+        self.wanted.notify_one();
+        let _ = ready.wait_for(|on| *on).await;
         rx
     }
 
+    /// True while the events are subscribed to.
+    pub fn listening(&self) -> bool {
+        *self.listening.borrow()
+    }
+
     fn notify(&self, id: &str, finished: &Finished) {
-        let senders = self.map.lock().ok().and_then(|mut map| map.remove(id));
+        let senders = self.state.lock().ok().and_then(|mut state| state.map.remove(id));
         for tx in senders.into_iter().flatten() {
             let _ = tx.send(finished.clone());
         }
@@ -57,42 +95,112 @@ impl Waiters {
 
     /// Drop the waiters of `id` that gave up.
     pub fn forget(&self, id: &str) {
-        if let Ok(mut map) = self.map.lock()
-            && let Some(list) = map.get_mut(id)
-        {
-            list.retain(|tx| !tx.is_closed());
-            if list.is_empty() {
-                map.remove(id);
+        if let Ok(mut state) = self.state.lock() {
+            state.last_seen = Instant::now();
+            if let Some(list) = state.map.get_mut(id) {
+                list.retain(|tx| !tx.is_closed());
+                if list.is_empty() {
+                    state.map.remove(id);
+                }
             }
         }
     }
+
+    fn set_listening(&self, on: bool) {
+        if let Ok(_state) = self.state.lock() {
+            self.listening.send_replace(on);
+        }
+    }
+
+    /// Stop listening if no one has waited for `linger` (requests whose
+    /// client went away count as gone).
+    fn stop_if_idle(&self, linger: Duration) -> bool {
+        let Ok(mut state) = self.state.lock() else { return false };
+        state.map.retain(|_, list| {
+            list.retain(|tx| !tx.is_closed());
+            !list.is_empty()
+        });
+        if state.map.is_empty() && state.last_seen.elapsed() >= linger {
+            self.listening.send_replace(false);
+            return true;
+        }
+        false
+    }
+
+    fn anyone_waiting(&self) -> bool {
+        self.state.lock().is_ok_and(|state| !state.map.is_empty())
+    }
 }
 
-/// Deliver published and dead-letter events to the waiters until shutdown.
-pub async fn listen(
-    mut published: async_nats::Subscriber,
-    mut dead: async_nats::Subscriber,
-    waiters: Arc<Waiters>,
-    shutdown: CancellationToken,
-) {
+/// The subjects whose events end a wait.
+pub struct Events {
+    pub client: async_nats::Client,
+    pub published: String,
+    pub dead: String,
+}
+
+/// Subscribe to the published and dead-letter events while requests wait
+/// (and for `linger` after the last one), delivering them to the waiters,
+/// until shutdown.
+pub async fn listen(events: Events, waiters: Arc<Waiters>, linger: Duration, shutdown: CancellationToken) {
     loop {
         tokio::select! {
             () = shutdown.cancelled() => return,
-            Some(msg) = published.next() => {
-                if let Ok(p) = serde_json::from_slice::<Published>(&msg.payload) {
-                    let id = p.id.clone();
-                    waiters.notify(&id, &Finished::Published(p));
-                }
-            }
-            Some(msg) = dead.next() => {
-                if let Ok(d) = serde_json::from_slice::<DeadLetter>(&msg.payload)
-                    && let Some(id) = d.id.clone()
-                {
-                    waiters.notify(&id, &Finished::Failed(d));
-                }
-            }
-            else => return,
+            () = waiters.wanted.notified() => {}
         }
+        if !waiters.anyone_waiting() {
+            continue;
+        }
+        let subscribed = async {
+            let published = events.client.subscribe(events.published.clone()).await?;
+            let dead = events.client.subscribe(events.dead.clone()).await?;
+            // On the wire before any later publish: the connection sends in order.
+            events.client.flush().await?;
+            Ok::<_, async_nats::Error>((published, dead))
+        };
+        let (mut published, mut dead) = match subscribed.await {
+            Ok(subscribed) => subscribed,
+            Err(error) => {
+                tracing::warn!(%error, "Could not subscribe to the published events; trying again");
+                tokio::select! {
+                    () = shutdown.cancelled() => return,
+                    () = tokio::time::sleep(Duration::from_secs(1)) => {}
+                }
+                waiters.wanted.notify_one();
+                continue;
+            }
+        };
+        waiters.set_listening(true);
+        let mut idle = tokio::time::interval(linger);
+        idle.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        idle.tick().await;
+        loop {
+            tokio::select! {
+                () = shutdown.cancelled() => return,
+                msg = published.next() => match msg {
+                    Some(msg) => {
+                        if let Ok(p) = serde_json::from_slice::<Published>(&msg.payload) {
+                            let id = p.id.clone();
+                            waiters.notify(&id, &Finished::Published(p));
+                        }
+                    }
+                    None => break waiters.set_listening(false),
+                },
+                msg = dead.next() => match msg {
+                    Some(msg) => {
+                        if let Ok(d) = serde_json::from_slice::<DeadLetter>(&msg.payload)
+                            && let Some(id) = d.id.clone()
+                        {
+                            waiters.notify(&id, &Finished::Failed(d));
+                        }
+                    }
+                    None => break waiters.set_listening(false),
+                },
+                _ = idle.tick() => if waiters.stop_if_idle(linger) { break },
+            }
+        }
+        let _ = published.unsubscribe().await;
+        let _ = dead.unsubscribe().await;
     }
 }
 
@@ -221,7 +329,13 @@ pub async fn submit(State(s): State<ApiState>, req: Request) -> Result<Response,
     let input = read_form(req, &s).await?;
     let message = s.ingestor.prepare(to_submission(input)?, 0)?;
     let id = message.id.clone();
-    let waiting = s.waiters.register(&id);
+    let deadline = tokio::time::Instant::now() + s.form_wait;
+    // Nothing is submitted unless the events can be heard.
+    let waiting = tokio::time::timeout_at(deadline, s.waiters.register(&id)).await.map_err(|_| {
+        s.waiters.forget(&id);
+        tracing::warn!(%id, "Could not subscribe to the published events in time");
+        ApiError::unavailable()
+    })?;
     let result = async {
         let accepted = s.ingestor.submit(message, &trace).await?;
         if accepted.settled.is_some() {
@@ -233,7 +347,7 @@ pub async fn submit(State(s): State<ApiState>, req: Request) -> Result<Response,
                 _ => {}
             }
         }
-        match tokio::time::timeout(s.form_wait, waiting).await {
+        match tokio::time::timeout_at(deadline, waiting).await {
             Ok(Ok(Finished::Published(p))) => Ok(published(id.clone(), p.notion_page_url)),
             Ok(Ok(Finished::Failed(d))) => Err(failed(&format!("{}: {}", d.stage, d.reason))),
             Ok(Err(_)) | Err(_) => Ok((

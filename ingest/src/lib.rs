@@ -37,8 +37,6 @@ pub enum StartError {
     Db(#[from] db::DbError),
     #[error(transparent)]
     Redis(#[from] cache::InvalidRedisUrl),
-    #[error("could not subscribe to the published and dead-letter events")]
-    Subscribe(#[from] async_nats::SubscribeError),
 }
 
 pub use halakha_common::error::chain as error_chain;
@@ -88,7 +86,8 @@ pub struct App {
     status_handler: Arc<service::StatusHandler>,
     advisories: Runner,
     advisory_handler: Arc<halakha_nats::advisory::AdvisoryHandler>,
-    events: (async_nats::Subscriber, async_nats::Subscriber),
+    events: form::Events,
+    form_linger: std::time::Duration,
     waiters: Arc<form::Waiters>,
     pool: deadpool_postgres::Pool,
     books_every: std::time::Duration,
@@ -113,12 +112,12 @@ impl App {
             attempts: halakha_nats::topology::attempts_bucket(&stage.js, &stage.names).await,
         });
 
-        // The form route waits for these events: subscribe before serving.
-        let client = stage.client();
-        let events = (
-            client.subscribe(stage.names.subject(Subject::Published)).await?,
-            client.subscribe(stage.names.dlq_wildcard()).await?,
-        );
+        // The form route waits for these events, subscribed while it does.
+        let events = form::Events {
+            client: stage.client(),
+            published: stage.names.subject(Subject::Published),
+            dead: stage.names.dlq_wildcard(),
+        };
         let waiters = Arc::new(form::Waiters::default());
 
         let books_pool = pool.clone();
@@ -171,6 +170,7 @@ impl App {
             advisories,
             advisory_handler,
             events,
+            form_linger: config.form_wait,
             waiters,
             pool: books_pool,
             books_every: config.books_interval,
@@ -194,9 +194,8 @@ impl App {
     pub async fn run(self, shutdown: CancellationToken) -> Result<(), StartError> {
         let status = Box::pin(self.status.run(self.status_handler, shutdown.clone()));
         let advisories = Box::pin(self.advisories.run(self.advisory_handler, shutdown.clone()));
-        let (published, dead) = self.events;
         let stop_listening = CancellationToken::new();
-        let listener = tokio::spawn(form::listen(published, dead, self.waiters, stop_listening.clone()));
+        let listener = tokio::spawn(form::listen(self.events, self.waiters, self.form_linger, stop_listening.clone()));
         let books = tokio::spawn(keep_the_books(
             self.pool,
             self.stage.js.clone(),

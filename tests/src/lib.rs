@@ -564,6 +564,8 @@ impl Pipeline {
 /// on `PATH`).
 pub struct NatsServer {
     port: u16,
+    /// Its monitoring port (`/connz`, `/varz`).
+    monitor: u16,
     dir: std::path::PathBuf,
     child: Option<std::process::Child>,
 }
@@ -573,7 +575,7 @@ impl NatsServer {
         let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
         let dir = std::env::temp_dir().join(format!("halakha-nats-{}-{port}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
-        let mut server = Self { port, dir, child: None };
+        let mut server = Self { port, monitor: free_port(), dir, child: None };
         server.spawn().await;
         server
     }
@@ -585,7 +587,7 @@ impl NatsServer {
     async fn spawn(&mut self) {
         let bin = std::env::var("NATS_SERVER_BIN").unwrap_or_else(|_| "nats-server".into());
         let child = std::process::Command::new(bin)
-            .args(["-a", "127.0.0.1", "-p", &self.port.to_string(), "-js", "-sd"])
+            .args(["-a", "127.0.0.1", "-p", &self.port.to_string(), "-m", &self.monitor.to_string(), "-js", "-sd"])
             .arg(&self.dir)
             .stdout(std::process::Stdio::null())
             .stderr(std::process::Stdio::null())
@@ -607,6 +609,20 @@ impl NatsServer {
             assert!(tokio::time::Instant::now() < deadline, "nats-server did not start");
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
+    }
+
+    /// Every subject some client of this server subscribes to now (core
+    /// subscriptions, from `/connz`).
+    pub async fn subscriptions(&self) -> Vec<String> {
+        let url = format!("http://127.0.0.1:{}/connz?subs=1", self.monitor);
+        let connz: serde_json::Value = reqwest::get(url).await.unwrap().json().await.unwrap();
+        let connections = connz["connections"].as_array().cloned().unwrap_or_default();
+        connections
+            .iter()
+            .filter_map(|c| c["subscriptions_list"].as_array())
+            .flatten()
+            .filter_map(|s| s.as_str().map(str::to_owned))
+            .collect()
     }
 
     /// SIGKILL: no goodbye to the clients, no flush.

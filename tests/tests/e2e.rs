@@ -282,6 +282,38 @@ async fn the_original_form_route_waits_for_publication_and_answers_200_with_the_
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ingest_listens_for_published_events_only_while_a_form_request_waits() {
+    // A server of the test's own, to read its subscriptions; the wait is
+    // also how long ingest keeps listening after the last request.
+    let nats = halakha_tests::NatsServer::start().await;
+    let wait = [("FORM_WAIT_SECS", "5")];
+    let p = Pipeline::start(Spec { ingest_vars: &wait, nats_url: Some(nats.url()), ..Spec::default() }).await;
+    let published = p.env.names.subject(S::Published);
+    let mut texts = corpus().into_iter().filter(|i| i.lang == "fr");
+    let (first, second) = (texts.next().unwrap(), texts.next().unwrap());
+
+    // Published with no form request waiting: ingest is not sent the event.
+    let id = p.submit(json!({"content": first.text})).await["id"].as_str().unwrap().to_owned();
+    p.env.wait_for_status(&p.base, &id, Duration::from_secs(30), |v| v["status"] == "published").await;
+    assert!(!nats.subscriptions().await.contains(&published), "ingest subscribed with no request waiting");
+
+    // A form request subscribes first, so it hears its own publication.
+    let resp = p.post_form(&[("content", second.text.as_str())]).await;
+    assert_eq!(resp.status(), 200);
+    assert_eq!(resp.json::<Value>().await.unwrap()["status"], "success");
+    assert!(nats.subscriptions().await.contains(&published), "ingest stopped listening at once");
+
+    // And stops listening once no request has waited for FORM_WAIT_SECS
+    // (the broker announces no unsubscription: polled, with a deadline).
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while nats.subscriptions().await.contains(&published) {
+        assert!(Instant::now() < deadline, "ingest kept listening with no request waiting");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    p.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_form_route_reports_a_processing_failure_with_its_reason() {
     let wait = [("FORM_WAIT_SECS", "30")];
     let p = Pipeline::start(Spec { model: Model::InvalidJson, publish: false, ingest_vars: &wait, ..Spec::default() })
