@@ -5,7 +5,7 @@ use halakha_enrich::{App, Config};
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let config = config::load_or_exit(Config::read);
-    telemetry::init_tracing(&config.stage.telemetry);
+    let _logs = telemetry::init_tracing(&config.stage.telemetry);
     let app = App::build(config).await.context("halakha-enrich could not start")?;
     Ok(app.run(halakha_nats::stage::shutdown_on_signal()).await?)
 }

@@ -191,6 +191,7 @@ pub fn shutdown_on_signal() -> CancellationToken {
         trigger.cancel();
         let second = signals.next().await;
         tracing::warn!(signal = second, "Second signal: exiting now without finishing the drain");
+        halakha_common::telemetry::finish();
         std::process::exit(130);
     });
     token

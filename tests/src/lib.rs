@@ -117,7 +117,8 @@ impl TestEnv {
                 log_format: halakha_common::config::LogFormat::Human,
                 log_filter: filter,
             };
-            halakha_common::telemetry::init_tracing(&c);
+            static LOGS: std::sync::OnceLock<halakha_common::telemetry::LogGuard> = std::sync::OnceLock::new();
+            LOGS.get_or_init(|| halakha_common::telemetry::init_tracing(&c));
         }
         let nanos = SystemTime::now().duration_since(UNIX_EPOCH).unwrap().subsec_nanos();
         let unique = format!("t{}_{}_{}", std::process::id(), COUNTER.fetch_add(1, Ordering::Relaxed), nanos);
@@ -821,6 +822,8 @@ pub struct StageProcess {
     child: tokio::process::Child,
     lines: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
     seen: tokio::sync::watch::Receiver<usize>,
+    /// False while the test leaves the process's standard output unread.
+    reading: tokio::sync::watch::Sender<bool>,
     pub metrics_addr: SocketAddr,
     pub http_addr: Option<SocketAddr>,
 }
@@ -842,10 +845,14 @@ impl StageProcess {
         let lines: std::sync::Arc<std::sync::Mutex<Vec<String>>> = Default::default();
         let (tx, seen) = tokio::sync::watch::channel(0usize);
         let sink = lines.clone();
+        let reading = tokio::sync::watch::Sender::new(true);
+        let mut read = reading.subscribe();
         tokio::spawn(async move {
             use tokio::io::AsyncBufReadExt;
             let mut reader = tokio::io::BufReader::new(stdout).lines();
-            while let Ok(Some(line)) = reader.next_line().await {
+            while read.wait_for(|on| *on).await.is_ok()
+                && let Ok(Some(line)) = reader.next_line().await
+            {
                 let n = {
                     let mut l = sink.lock().unwrap();
                     l.push(line);
@@ -854,8 +861,15 @@ impl StageProcess {
                 let _ = tx.send(n);
             }
         });
-        let mut p =
-            Self { name, child, lines, seen, metrics_addr: SocketAddr::from(([127, 0, 0, 1], 0)), http_addr: None };
+        let mut p = Self {
+            name,
+            child,
+            lines,
+            seen,
+            reading,
+            metrics_addr: SocketAddr::from(([127, 0, 0, 1], 0)),
+            http_addr: None,
+        };
         let started = p.wait_for_line(Duration::from_secs(60), |v| v["message"] == "Stage started").await;
         let addr = |key: &str| started[key].as_str().filter(|s| !s.is_empty()).map(|s| s.parse().unwrap());
         p.metrics_addr = addr("metrics_addr").expect("the start line names metrics_addr");
@@ -875,6 +889,33 @@ impl StageProcess {
                     .unwrap_or_else(|e| panic!("{} wrote a line that is not JSON ({e}): {l}", self.name))
             })
             .collect()
+    }
+
+    /// Stop reading the process's standard output (a stalled log
+    /// collector): once the pipe's buffer is full, its writes wait.
+    pub fn pause_reading(&self) {
+        self.reading.send_replace(false);
+    }
+
+    /// Read its standard output again.
+    pub fn resume_reading(&self) {
+        self.reading.send_replace(true);
+    }
+
+    /// Wait until `n` lines match `pred`; fail after `limit`.
+    pub async fn wait_for_lines(&mut self, n: usize, limit: Duration, pred: impl Fn(&serde_json::Value) -> bool) {
+        let deadline = tokio::time::Instant::now() + limit;
+        loop {
+            let have = self.logs().iter().filter(|v| pred(v)).count();
+            if have >= n {
+                return;
+            }
+            match tokio::time::timeout_at(deadline, self.seen.changed()).await {
+                Ok(Ok(())) => {}
+                Ok(Err(_)) => panic!("{} exited with {have} of {n} lines", self.name),
+                Err(_) => panic!("{}: {have} of {n} lines within {limit:?}", self.name),
+            }
+        }
     }
 
     /// Every line so far, as written.

@@ -314,3 +314,38 @@ async fn three_stage_processes_serve_the_documented_metrics_and_log_each_items_t
     }
     env.cleanup().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stage_whose_log_reader_stalls_keeps_working_and_loses_no_line() {
+    let env = TestEnv::new().await;
+    let mut vars = env.base_vars();
+    vars.set("API_KEYS", API_KEY).set("HTTP_ADDR", "127.0.0.1:0");
+    let mut ingest = StageProcess::start("ingest", "halakha-ingest", &vars).await;
+
+    // Nobody reads its standard output: the pipe's 64 KiB fill after a few
+    // hundred of the 2,000 lines these submissions make.
+    ingest.pause_reading();
+    let n = 2000;
+    let subject = env.names.subject(S::Submitted);
+    let texts = corpus();
+    let mut acks = Vec::with_capacity(n);
+    for (i, item) in texts.iter().cycle().take(n).enumerate() {
+        let body = json!({"content": item.text, "idempotency_key": format!("{}-{i}", item.id)});
+        let payload = serde_json::to_vec(&body).unwrap().into();
+        acks.push(env.js.publish(subject.clone(), payload).await.unwrap());
+    }
+    for ack in acks {
+        ack.await.unwrap();
+    }
+    // Handled and acknowledged all the same.
+    env.wait_idle(S::Submitted, "ingest", Duration::from_secs(60)).await;
+    assert_eq!(env.stream_len(S::Ingested).await, n as u64);
+
+    // Read again: every line was kept.
+    ingest.resume_reading();
+    ingest
+        .wait_for_lines(n, Duration::from_secs(30), |v| v["message"] == "Message handled" && v["outcome"] == "ok")
+        .await;
+    assert!(ingest.terminate(Duration::from_secs(30)).await.success());
+    env.cleanup().await;
+}
