@@ -31,7 +31,8 @@ pub fn finish() {
 }
 
 /// Lines queued for the writer before a logging call waits for room.
-const QUEUED_LINES: usize = 128 * 1024;
+/// (Its channel's slots are allocated at start: about 32 bytes each.)
+const QUEUED_LINES: usize = 16 * 1024;
 
 /// Install the global tracing subscriber: human-readable or JSON lines on
 /// stdout, filtered by `RUST_LOG`. Safe to call more than once (tests run
@@ -61,4 +62,15 @@ pub fn init_tracing(config: &TelemetryConfig) -> LogGuard {
         *writer = Some(guard);
     }
     LogGuard { installed }
+}
+
+/// A stage's `main`: the logs installed first, the runtime built, `main`
+/// run on it, and the logs written out last, once the runtime has stopped
+/// every task (so the lines of tasks ended by the shutdown are kept too).
+pub fn run_logged<F: std::future::Future>(config: &TelemetryConfig, main: F) -> std::io::Result<F::Output> {
+    let _logs = init_tracing(config);
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    let out = runtime.block_on(main);
+    drop(runtime);
+    Ok(out)
 }
