@@ -26,6 +26,10 @@ use crate::store;
 
 pub const ROUTE: &str = "/api/v1/processing/halakhot/post";
 
+/// Longest wait for the events' subscription before a request is refused
+/// (503).
+const SUBSCRIBE_WAIT: Duration = Duration::from_secs(5);
+
 /// How an item ended.
 #[derive(Debug, Clone)]
 pub enum Finished {
@@ -79,11 +83,6 @@ impl Waiters {
         self.wanted.notify_one();
         let _ = ready.wait_for(|on| *on).await;
         rx
-    }
-
-    /// True while the events are subscribed to.
-    pub fn listening(&self) -> bool {
-        *self.listening.borrow()
     }
 
     fn notify(&self, id: &str, finished: &Finished) {
@@ -330,8 +329,11 @@ pub async fn submit(State(s): State<ApiState>, req: Request) -> Result<Response,
     let message = s.ingestor.prepare(to_submission(input)?, 0)?;
     let id = message.id.clone();
     let deadline = tokio::time::Instant::now() + s.form_wait;
-    // Nothing is submitted unless the events can be heard.
-    let waiting = tokio::time::timeout_at(deadline, s.waiters.register(&id)).await.map_err(|_| {
+    // Nothing is submitted unless the events can be heard. Subscribing
+    // takes a moment unless the broker is out of reach: then the request
+    // fails as a publish to it would.
+    let subscribed = tokio::time::Instant::now() + s.form_wait.min(SUBSCRIBE_WAIT);
+    let waiting = tokio::time::timeout_at(subscribed, s.waiters.register(&id)).await.map_err(|_| {
         s.waiters.forget(&id);
         tracing::warn!(%id, "Could not subscribe to the published events in time");
         ApiError::unavailable()

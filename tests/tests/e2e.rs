@@ -314,6 +314,25 @@ async fn ingest_listens_for_published_events_only_while_a_form_request_waits() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_form_route_answers_503_soon_when_the_broker_is_out_of_reach() {
+    let mut nats = halakha_tests::NatsServer::start().await;
+    let wait = [("FORM_WAIT_SECS", "60")];
+    let p = Pipeline::start(Spec { ingest_vars: &wait, nats_url: Some(nats.url()), ..Spec::default() }).await;
+    nats.kill();
+    let item = corpus().into_iter().find(|i| i.lang == "en").unwrap();
+    let started = Instant::now();
+    let resp = p.post_form(&[("content", item.text.as_str())]).await;
+    assert_eq!(resp.status(), 503);
+    assert!(started.elapsed() < Duration::from_secs(20), "answered after {:?}", started.elapsed());
+    // Nothing was claimed: a retry once the broker is back starts afresh.
+    let db = p.env.db().await;
+    let rows: i64 = db.query_one("SELECT count(*) FROM halakhot", &[]).await.unwrap().get(0);
+    assert_eq!(rows, 0);
+    nats.restart().await;
+    p.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_form_route_reports_a_processing_failure_with_its_reason() {
     let wait = [("FORM_WAIT_SECS", "30")];
     let p = Pipeline::start(Spec { model: Model::InvalidJson, publish: false, ingest_vars: &wait, ..Spec::default() })
