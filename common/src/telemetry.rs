@@ -4,27 +4,11 @@ use tracing_subscriber::EnvFilter;
 
 use crate::config::{LogFormat, TelemetryConfig};
 
-/// Held for the process's lifetime: dropped at exit, it writes out the
-/// lines still queued ([`finish`]).
-#[must_use = "dropping the guard stops the log writer"]
-pub struct LogGuard {
-    /// Only the call that installed the subscriber stops the writer.
-    installed: bool,
-}
-
-impl Drop for LogGuard {
-    fn drop(&mut self) {
-        if self.installed {
-            finish();
-        }
-    }
-}
-
 /// The log writer's thread, while it runs.
 static WRITER: std::sync::Mutex<Option<tracing_appender::non_blocking::WorkerGuard>> = std::sync::Mutex::new(None);
 
-/// Write out the queued lines and stop the log writer: for an exit that
-/// does not return from `main` (later lines are not written).
+/// Write out the queued lines and stop the log writer, at a stage's exit
+/// (later lines are not written).
 pub fn finish() {
     let guard = WRITER.lock().ok().and_then(|mut writer| writer.take());
     drop(guard);
@@ -42,7 +26,7 @@ const QUEUED_LINES: usize = 16 * 1024;
 /// has queued in one go: a handler never waits for the write (a pipe to a
 /// slow log collector would otherwise stall the runtime's workers) unless
 /// `QUEUED_LINES` are waiting, and no line is dropped.
-pub fn init_tracing(config: &TelemetryConfig) -> LogGuard {
+pub fn init_tracing(config: &TelemetryConfig) {
     let filter = EnvFilter::try_new(&config.log_filter).unwrap_or_else(|_| EnvFilter::new("info"));
     // Colours only for a terminal: log files and collectors get plain text.
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stdout());
@@ -57,20 +41,26 @@ pub fn init_tracing(config: &TelemetryConfig) -> LogGuard {
         LogFormat::Human => builder.try_init(),
         LogFormat::Json => builder.json().flatten_event(true).with_current_span(false).try_init(),
     };
-    let installed = installed.is_ok();
-    if installed && let Ok(mut writer) = WRITER.lock() {
+    if installed.is_ok()
+        && let Ok(mut writer) = WRITER.lock()
+    {
         *writer = Some(guard);
     }
-    LogGuard { installed }
 }
 
 /// A stage's `main`: the logs installed first, the runtime built, `main`
 /// run on it, and the logs written out last, once the runtime has stopped
-/// every task (so the lines of tasks ended by the shutdown are kept too).
+/// every task (so the lines of tasks ended by the shutdown are kept too),
+/// whether `main` returns or panics.
 pub fn run_logged<F: std::future::Future>(config: &TelemetryConfig, main: F) -> std::io::Result<F::Output> {
-    let _logs = init_tracing(config);
+    struct Finish;
+    impl Drop for Finish {
+        fn drop(&mut self) {
+            finish();
+        }
+    }
+    init_tracing(config);
+    let _finish = Finish;
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
-    let out = runtime.block_on(main);
-    drop(runtime);
-    Ok(out)
+    Ok(runtime.block_on(main))
 }

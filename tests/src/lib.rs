@@ -117,8 +117,7 @@ impl TestEnv {
                 log_format: halakha_common::config::LogFormat::Human,
                 log_filter: filter,
             };
-            static LOGS: std::sync::OnceLock<halakha_common::telemetry::LogGuard> = std::sync::OnceLock::new();
-            LOGS.get_or_init(|| halakha_common::telemetry::init_tracing(&c));
+            halakha_common::telemetry::init_tracing(&c);
         }
         let nanos = SystemTime::now().duration_since(UNIX_EPOCH).unwrap().subsec_nanos();
         let unique = format!("t{}_{}_{}", std::process::id(), COUNTER.fetch_add(1, Ordering::Relaxed), nanos);
@@ -904,18 +903,8 @@ impl StageProcess {
 
     /// Wait until `n` lines match `pred`; fail after `limit`.
     pub async fn wait_for_lines(&mut self, n: usize, limit: Duration, pred: impl Fn(&serde_json::Value) -> bool) {
-        let deadline = tokio::time::Instant::now() + limit;
-        loop {
-            let have = self.logs().iter().filter(|v| pred(v)).count();
-            if have >= n {
-                return;
-            }
-            match tokio::time::timeout_at(deadline, self.seen.changed()).await {
-                Ok(Ok(())) => {}
-                Ok(Err(_)) => panic!("{} exited with {have} of {n} lines", self.name),
-                Err(_) => panic!("{}: {have} of {n} lines within {limit:?}", self.name),
-            }
-        }
+        let what = format!("{n} matching lines");
+        self.wait_for(limit, &what, |logs| (logs.iter().filter(|v| pred(v)).count() >= n).then_some(())).await;
     }
 
     /// Every line so far, as written.
@@ -929,15 +918,26 @@ impl StageProcess {
         limit: Duration,
         pred: impl Fn(&serde_json::Value) -> bool,
     ) -> serde_json::Value {
+        self.wait_for(limit, "the expected line", |logs| logs.into_iter().find(|v| pred(v))).await
+    }
+
+    /// Wait until `found` finds what it looks for in the lines so far (each
+    /// new line looks again); fail after `limit`.
+    async fn wait_for<T>(
+        &mut self,
+        limit: Duration,
+        what: &str,
+        found: impl Fn(Vec<serde_json::Value>) -> Option<T>,
+    ) -> T {
         let deadline = tokio::time::Instant::now() + limit;
         loop {
-            if let Some(v) = self.logs().into_iter().find(|v| pred(v)) {
+            if let Some(v) = found(self.logs()) {
                 return v;
             }
             match tokio::time::timeout_at(deadline, self.seen.changed()).await {
                 Ok(Ok(())) => {}
-                Ok(Err(_)) => panic!("{} exited before the expected line: {:?}", self.name, self.lines.lock().unwrap()),
-                Err(_) => panic!("{}: no such line within {limit:?}: {:?}", self.name, self.lines.lock().unwrap()),
+                Ok(Err(_)) => panic!("{} exited before {what}: {:?}", self.name, self.lines.lock().unwrap()),
+                Err(_) => panic!("{}: not {what} within {limit:?}: {:?}", self.name, self.lines.lock().unwrap()),
             }
         }
     }
