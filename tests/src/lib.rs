@@ -959,7 +959,7 @@ impl StageProcess {
     }
 
     /// SIGTERM, then the exit status (within `limit`).
-    pub async fn terminate(mut self, limit: Duration) -> std::process::ExitStatus {
+    pub async fn terminate(&mut self, limit: Duration) -> std::process::ExitStatus {
         let pid = self.child.id().expect("still running");
         let sent = std::process::Command::new("kill").args(["-TERM", &pid.to_string()]).status().expect("kill");
         assert!(sent.success());

@@ -1181,7 +1181,7 @@ async fn run(args: &Args, made: &Mutex<Vec<halakha_tests::Leftovers>>) -> anyhow
         // Ingest alone, in its own namespace, as its baseline runs alone:
         // nothing downstream shares the machine.
         let env6 = new_env(made).await;
-        let ingest6 = start_ingest(&env6, args).await;
+        let mut ingest6 = start_ingest(&env6, args).await;
         let api = format!("http://{}", ingest6.http_addr.unwrap_or_else(|| ([127, 0, 0, 1], 8000).into()));
         let cpu0 = cpu_by_command();
         let (client, (ok, failed)) = drive_http(&api, &items, args.connections, args.http_secs).await;
@@ -1249,7 +1249,7 @@ async fn run(args: &Args, made: &Mutex<Vec<halakha_tests::Leftovers>>) -> anyhow
     }
     report.insert("memory".into(), Value::Object(memory));
     let Stages { ingest, enrich, publish } = stages;
-    for p in [Some(ingest), Some(enrich), publish].into_iter().flatten() {
+    for mut p in [Some(ingest), Some(enrich), publish].into_iter().flatten() {
         p.terminate(Duration::from_secs(60)).await;
     }
     // Each environment's streams and database go with it: left behind,
@@ -1312,7 +1312,7 @@ async fn run(args: &Args, made: &Mutex<Vec<halakha_tests::Leftovers>>) -> anyhow
             Some(mb(peak_rss) <= 150.0),
         ));
         report.insert("slow_provider".into(), json!({"per_second": slow_rate, "ideal": ideal, "ratio": r, "enrich_rss_mb": mb(peak_rss), "backlog": args.backlog}));
-        for p in [stages4.ingest, stages4.enrich] {
+        for mut p in [stages4.ingest, stages4.enrich] {
             p.terminate(Duration::from_secs(60)).await;
         }
         env4.cleanup().await;
@@ -1344,7 +1344,7 @@ async fn run(args: &Args, made: &Mutex<Vec<halakha_tests::Leftovers>>) -> anyhow
             "notion".into(),
             json!({"creates": creates, "creates_per_second": per_second, "rate_limited": limited}),
         );
-        for p in [Some(stages5.ingest), Some(stages5.enrich), stages5.publish].into_iter().flatten() {
+        for mut p in [Some(stages5.ingest), Some(stages5.enrich), stages5.publish].into_iter().flatten() {
             p.terminate(Duration::from_secs(60)).await;
         }
         env5.cleanup().await;

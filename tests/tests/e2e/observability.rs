@@ -307,7 +307,7 @@ async fn three_stage_processes_serve_the_documented_metrics_and_log_each_items_t
     }
 
     // SIGTERM: each drains and exits 0.
-    for p in [ingest, enrich, publish] {
+    for mut p in [ingest, enrich, publish] {
         let name = p.name;
         let status = p.terminate(Duration::from_secs(30)).await;
         assert_eq!(status.code(), Some(0), "{name} exit status");
@@ -346,6 +346,8 @@ async fn a_stage_whose_log_reader_stalls_keeps_working_and_loses_no_line() {
     ingest
         .wait_for_lines(n, Duration::from_secs(30), |v| v["message"] == "Message handled" && v["outcome"] == "ok")
         .await;
+    // Its last line, written after the runtime stopped, is there too.
     assert!(ingest.terminate(Duration::from_secs(30)).await.success());
+    ingest.wait_for_line(Duration::from_secs(5), |v| v["message"] == "Stage stopped").await;
     env.cleanup().await;
 }
