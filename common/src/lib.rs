@@ -11,6 +11,8 @@ pub mod db;
 pub mod envelope;
 pub mod error;
 pub mod health;
+mod log_json;
+mod log_writer;
 pub mod metrics;
 pub mod shutdown;
 pub mod telemetry;

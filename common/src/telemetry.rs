@@ -3,48 +3,47 @@
 use tracing_subscriber::EnvFilter;
 
 use crate::config::{LogFormat, TelemetryConfig};
+use crate::log_json::{JsonLines, JsonMembers};
+use crate::log_writer;
 
 /// The log writer's thread, while it runs.
-static WRITER: std::sync::Mutex<Option<tracing_appender::non_blocking::WorkerGuard>> = std::sync::Mutex::new(None);
+static WRITER: std::sync::Mutex<Option<log_writer::Flusher>> = std::sync::Mutex::new(None);
 
-/// Write out the queued lines and stop the log writer, at a stage's exit
-/// (later lines are not written).
+/// Write out the gathered lines and stop the log writer, at a stage's
+/// exit (later lines are written by the calls that log them).
 pub fn finish() {
-    let guard = WRITER.lock().ok().and_then(|mut writer| writer.take());
-    drop(guard);
+    let flusher = WRITER.lock().ok().and_then(|mut writer| writer.take());
+    if let Some(flusher) = flusher {
+        flusher.stop();
+    }
 }
 
-/// Lines queued for the writer before a logging call waits for room.
-/// (Its channel's slots are allocated at start: about 32 bytes each.)
-const QUEUED_LINES: usize = 16 * 1024;
-
 /// Install the global tracing subscriber: human-readable or JSON lines on
-/// stdout, filtered by `RUST_LOG`. Safe to call more than once (tests run
+/// stdout (JSON in the shape of `tracing-subscriber`'s own, written by
+/// [`crate::log_json`]), filtered by `RUST_LOG`. Safe to call more than once (tests run
 /// several stages in one process); only the first call installs.
 ///
-/// The lines are written by a thread of their own, which writes whatever
-/// has queued in one go: a handler never waits for the write (a pipe to a
-/// slow log collector would otherwise stall the runtime's workers) unless
-/// `QUEUED_LINES` are waiting, and no line is dropped.
+/// The lines are written by a thread of their own ([`crate::log_writer`]):
+/// a handler never waits for the write unless a reader has fallen
+/// megabytes behind, and no line is dropped.
 pub fn init_tracing(config: &TelemetryConfig) {
     let filter = EnvFilter::try_new(&config.log_filter).unwrap_or_else(|_| EnvFilter::new("info"));
     // Colours only for a terminal: log files and collectors get plain text.
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stdout());
-    let (writer, guard) = tracing_appender::non_blocking::NonBlockingBuilder::default()
-        .lossy(false)
-        .buffered_lines_limit(QUEUED_LINES)
-        .thread_name("log-writer")
-        .finish(std::io::BufWriter::with_capacity(64 * 1024, std::io::stdout()));
-    let builder =
-        tracing_subscriber::fmt().with_env_filter(filter).with_target(true).with_ansi(ansi).with_writer(writer);
+    let (writer, flusher) = log_writer::start();
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_target(true).with_writer(writer);
     let installed = match config.log_format {
-        LogFormat::Human => builder.try_init(),
-        LogFormat::Json => builder.json().flatten_event(true).with_current_span(false).try_init(),
+        LogFormat::Human => builder.with_ansi(ansi).try_init(),
+        LogFormat::Json => {
+            builder.with_ansi(false).fmt_fields(JsonMembers).event_format(JsonLines::default()).try_init()
+        }
     };
     if installed.is_ok()
         && let Ok(mut writer) = WRITER.lock()
     {
-        *writer = Some(guard);
+        *writer = flusher;
+    } else if let Some(flusher) = flusher {
+        flusher.stop();
     }
 }
 
