@@ -10,7 +10,9 @@
 //! the lines after the first only copy their bytes under a lock held
 //! for that copy. A handler never waits for the write itself (a pipe to
 //! a slow log collector would otherwise stall the runtime's workers)
-//! unless `MAX_GATHERED` bytes are waiting, and no line is dropped.
+//! unless `MAX_GATHERED` bytes are waiting, and no line is dropped (at
+//! exit, the lines a reader that has stopped reading never takes are
+//! left after `STOP_WAIT`).
 
 use std::io::Write as _;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
@@ -27,12 +29,18 @@ const WRITE_AT: usize = 256 * 1024;
 /// 10,000 lines; they take memory only while a reader is behind).
 const MAX_GATHERED: usize = 4 * 1024 * 1024;
 
+/// How long a stage's exit waits for the gathered lines to be written (a
+/// reader that has stopped reading would otherwise hold the exit forever).
+const STOP_WAIT: Duration = Duration::from_secs(2);
+
 #[derive(Default)]
 struct Gathered {
     bytes: Vec<u8>,
-    /// The thread has stopped (or never started): lines go straight to
-    /// stdout.
+    /// The exit has begun: the thread writes what is gathered and ends.
     stopped: bool,
+    /// The thread has ended (or never started): lines go straight to
+    /// stdout.
+    finished: bool,
 }
 
 #[derive(Default)]
@@ -69,20 +77,31 @@ pub(crate) fn start() -> (LogWriter, Option<Flusher>) {
     match std::thread::Builder::new().name("log-writer".into()).spawn(move || write_lines(&for_thread)) {
         Ok(thread) => (LogWriter(Arc::clone(&shared)), Some(Flusher { shared, thread })),
         Err(_) => {
-            shared.lock().stopped = true;
+            shared.lock().finished = true;
             (LogWriter(shared), None)
         }
     }
 }
 
 impl Flusher {
-    /// Write out the gathered lines and end the thread; later lines are
-    /// written by the calls that log them.
+    /// Write out the gathered lines and end the thread, waiting at most
+    /// `STOP_WAIT`; later lines are written by the calls that log them.
     pub(crate) fn stop(self) {
-        self.shared.lock().stopped = true;
-        self.shared.ready.notify_one();
-        // A panic in the thread has nothing left to report.
-        let _ = self.thread.join();
+        let shared = &*self.shared;
+        shared.lock().stopped = true;
+        shared.ready.notify_one();
+        let deadline = Instant::now() + STOP_WAIT;
+        let mut gathered = shared.lock();
+        while !gathered.finished {
+            let Some(left) = deadline.checked_duration_since(Instant::now()).filter(|d| !d.is_zero()) else { break };
+            gathered = shared.room.wait_timeout(gathered, left).unwrap_or_else(PoisonError::into_inner).0;
+        }
+        let finished = gathered.finished;
+        drop(gathered);
+        if finished {
+            // A panic in the thread has nothing left to report.
+            let _ = self.thread.join();
+        }
     }
 }
 
@@ -93,22 +112,25 @@ fn write_lines(shared: &Shared) {
         while gathered.bytes.is_empty() && !gathered.stopped {
             gathered = shared.ready.wait(gathered).unwrap_or_else(PoisonError::into_inner);
         }
+        if gathered.bytes.is_empty() {
+            // Stopped, and every line gathered before is written.
+            gathered.finished = true;
+            drop(gathered);
+            shared.room.notify_all();
+            return;
+        }
         let deadline = Instant::now() + WRITE_EVERY;
         while !gathered.stopped && gathered.bytes.len() < WRITE_AT {
             let Some(left) = deadline.checked_duration_since(Instant::now()).filter(|d| !d.is_zero()) else { break };
             gathered = shared.ready.wait_timeout(gathered, left).unwrap_or_else(PoisonError::into_inner).0;
         }
         std::mem::swap(&mut gathered.bytes, &mut batch);
-        let stopped = gathered.stopped;
         drop(gathered);
         shared.room.notify_all();
         write_out(&batch);
         batch.clear();
         // What a stalled reader made gathered is not kept.
         batch.shrink_to(WRITE_AT);
-        if stopped {
-            return;
-        }
     }
 }
 
@@ -129,10 +151,10 @@ impl std::io::Write for Line<'_> {
     fn write(&mut self, line: &[u8]) -> std::io::Result<usize> {
         let shared = self.0;
         let mut gathered = shared.lock();
-        while gathered.bytes.len() >= MAX_GATHERED && !gathered.stopped {
+        while gathered.bytes.len() >= MAX_GATHERED && !gathered.finished {
             gathered = shared.room.wait(gathered).unwrap_or_else(PoisonError::into_inner);
         }
-        if gathered.stopped {
+        if gathered.finished {
             drop(gathered);
             write_out(line);
             return Ok(line.len());

@@ -326,6 +326,22 @@ async fn a_stage_whose_log_reader_stalls_keeps_working_and_loses_no_line() {
     // hundred of the 2,000 lines these submissions make.
     ingest.pause_reading();
     let n = 2000;
+    submit_unread(&env, n).await;
+
+    // Read again: every line was kept.
+    ingest.resume_reading();
+    ingest
+        .wait_for_lines(n, Duration::from_secs(30), |v| v["message"] == "Message handled" && v["outcome"] == "ok")
+        .await;
+    // Its last line, written after the runtime stopped, is there too.
+    assert!(ingest.terminate(Duration::from_secs(30)).await.success());
+    ingest.wait_for_line(Duration::from_secs(5), |v| v["message"] == "Stage stopped").await;
+    env.cleanup().await;
+}
+
+/// Submit `n` corpus texts on `<ns>.submitted` and wait until ingest has
+/// handled them all, its standard output unread.
+async fn submit_unread(env: &TestEnv, n: usize) {
     let subject = env.names.subject(S::Submitted);
     let texts = corpus();
     let mut acks = Vec::with_capacity(n);
@@ -340,14 +356,22 @@ async fn a_stage_whose_log_reader_stalls_keeps_working_and_loses_no_line() {
     // Handled and acknowledged all the same.
     env.wait_idle(S::Submitted, "ingest", Duration::from_secs(60)).await;
     assert_eq!(env.stream_len(S::Ingested).await, n as u64);
+}
 
-    // Read again: every line was kept.
-    ingest.resume_reading();
-    ingest
-        .wait_for_lines(n, Duration::from_secs(30), |v| v["message"] == "Message handled" && v["outcome"] == "ok")
-        .await;
-    // Its last line, written after the runtime stopped, is there too.
-    assert!(ingest.terminate(Duration::from_secs(30)).await.success());
-    ingest.wait_for_line(Duration::from_secs(5), |v| v["message"] == "Stage stopped").await;
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stage_whose_log_reader_has_stopped_reading_still_exits_in_time() {
+    let env = TestEnv::new().await;
+    let mut vars = env.base_vars();
+    vars.set("API_KEYS", API_KEY).set("HTTP_ADDR", "127.0.0.1:0");
+    let mut ingest = StageProcess::start("ingest", "halakha-ingest", &vars).await;
+    // 400 lines (about 200 KB) for a pipe of 64 KiB: the log writer is
+    // stuck in a write that no reader will take.
+    ingest.pause_reading();
+    submit_unread(&env, 400).await;
+    // The drain has nothing to wait for; the exit waits 2 s for the log
+    // writer, not for ever.
+    let started = std::time::Instant::now();
+    assert!(ingest.terminate(Duration::from_secs(15)).await.success());
+    assert!(started.elapsed() < Duration::from_secs(10), "exited after {:?}", started.elapsed());
     env.cleanup().await;
 }
