@@ -20,12 +20,14 @@ pub fn finish() {
 
 /// Install the global tracing subscriber: human-readable or JSON lines on
 /// stdout (JSON in the shape of `tracing-subscriber`'s own, written by
-/// [`crate::log_json`]), filtered by `RUST_LOG`. Safe to call more than once (tests run
-/// several stages in one process); only the first call installs.
+/// [`crate::log_json`]), filtered by `RUST_LOG`. Safe to call more than
+/// once (tests run several stages in one process); only the first call
+/// installs.
 ///
 /// The lines are written by a thread of their own ([`crate::log_writer`]):
 /// a handler never waits for the write unless a reader has fallen
-/// megabytes behind, and no line is dropped.
+/// megabytes behind, and no line is dropped (at exit, it waits for a
+/// stalled reader at most 2 s).
 pub fn init_tracing(config: &TelemetryConfig) {
     let filter = EnvFilter::try_new(&config.log_filter).unwrap_or_else(|_| EnvFilter::new("info"));
     // Colours only for a terminal: log files and collectors get plain text.
