@@ -14,7 +14,6 @@
 //! exit, the lines a reader that has stopped reading never takes are
 //! left after `STOP_WAIT`).
 
-use std::io::Write as _;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -43,19 +42,32 @@ struct Gathered {
     finished: bool,
 }
 
-#[derive(Default)]
+/// Where the lines go: stdout, or a test's buffer.
+pub(crate) type Output = Box<dyn std::io::Write + Send>;
+
 struct Shared {
     gathered: Mutex<Gathered>,
     /// Lines to write: the first of a batch, `WRITE_AT` bytes, or the stop.
     ready: Condvar,
     /// The thread took what was gathered.
     room: Condvar,
+    out: Mutex<Output>,
 }
 
 impl Shared {
     fn lock(&self) -> MutexGuard<'_, Gathered> {
         // Nothing panics while holding the lock; a poisoned one is as good.
         self.gathered.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// A failed write has nowhere to be reported: the lines are lost, as
+    /// they would be by any logger.
+    fn write_out(&self, bytes: &[u8]) {
+        if bytes.is_empty() {
+            return;
+        }
+        let mut out = self.out.lock().unwrap_or_else(PoisonError::into_inner);
+        let _ = out.write_all(bytes).and_then(|()| out.flush());
     }
 }
 
@@ -71,8 +83,13 @@ pub(crate) struct Flusher {
 
 /// Start the writing thread. If it cannot be started, the lines are
 /// written by the calls that log them.
-pub(crate) fn start() -> (LogWriter, Option<Flusher>) {
-    let shared = Arc::new(Shared::default());
+pub(crate) fn start(out: Output) -> (LogWriter, Option<Flusher>) {
+    let shared = Arc::new(Shared {
+        gathered: Mutex::default(),
+        ready: Condvar::new(),
+        room: Condvar::new(),
+        out: Mutex::new(out),
+    });
     let for_thread = Arc::clone(&shared);
     match std::thread::Builder::new().name("log-writer".into()).spawn(move || write_lines(&for_thread)) {
         Ok(thread) => (LogWriter(Arc::clone(&shared)), Some(Flusher { shared, thread })),
@@ -127,21 +144,11 @@ fn write_lines(shared: &Shared) {
         std::mem::swap(&mut gathered.bytes, &mut batch);
         drop(gathered);
         shared.room.notify_all();
-        write_out(&batch);
+        shared.write_out(&batch);
         batch.clear();
         // What a stalled reader made gathered is not kept.
         batch.shrink_to(WRITE_AT);
     }
-}
-
-/// Write to stdout. A failed write has nowhere to be reported: the lines
-/// are lost, as they would be by any logger.
-fn write_out(bytes: &[u8]) {
-    if bytes.is_empty() {
-        return;
-    }
-    let mut stdout = std::io::stdout().lock();
-    let _ = stdout.write_all(bytes).and_then(|()| stdout.flush());
 }
 
 /// One line's write.
@@ -156,7 +163,7 @@ impl std::io::Write for Line<'_> {
         }
         if gathered.finished {
             drop(gathered);
-            write_out(line);
+            shared.write_out(line);
             return Ok(line.len());
         }
         let first = gathered.bytes.is_empty();
@@ -179,5 +186,81 @@ impl<'a> MakeWriter<'a> for LogWriter {
 
     fn make_writer(&'a self) -> Self::Writer {
         Line(&self.0)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::Write as _;
+    use std::sync::mpsc;
+
+    use super::*;
+
+    /// Keeps every write it is given, as it was given.
+    #[derive(Clone, Default)]
+    struct Writes(Arc<Mutex<Vec<Vec<u8>>>>);
+
+    impl std::io::Write for Writes {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().map_err(|_| std::io::Error::other("poisoned"))?.push(buf.to_vec());
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    fn log(writer: &LogWriter, line: &str) {
+        writer.make_writer().write_all(line.as_bytes()).expect("a line is always taken");
+    }
+
+    #[test]
+    fn lines_logged_together_reach_the_output_in_order_in_a_few_writes() {
+        let writes = Writes::default();
+        let (writer, flusher) = start(Box::new(writes.clone()));
+        // As a stage logs: lines a little apart (here 100 µs or more), each
+        // of which would find the thread asleep.
+        let lines: Vec<String> = (0..200).map(|i| format!("{{\"n\":{i}}}\n")).collect();
+        for line in &lines {
+            log(&writer, line);
+            std::thread::sleep(Duration::from_micros(100));
+        }
+        flusher.expect("a writing thread").stop();
+        // After the stop, a line goes out at once.
+        log(&writer, "after\n");
+
+        let writes = writes.0.lock().expect("writes").clone();
+        let all: Vec<u8> = writes.concat();
+        assert_eq!(String::from_utf8(all).expect("UTF-8"), lines.concat() + "after\n");
+        // Not one write per line: the thread writes what gathered meanwhile.
+        assert!(writes.len() <= 10, "{} writes for 201 lines", writes.len());
+    }
+
+    /// An output that never takes a line: a log reader that has stopped.
+    struct Stalled;
+
+    impl std::io::Write for Stalled {
+        fn write(&mut self, _: &[u8]) -> std::io::Result<usize> {
+            loop {
+                std::thread::park();
+            }
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn the_stop_waits_for_a_stalled_output_no_longer_than_its_bound() {
+        let (writer, flusher) = start(Box::new(Stalled));
+        log(&writer, "never read\n");
+        let (done, stopped) = mpsc::channel();
+        let started = Instant::now();
+        std::thread::spawn(move || {
+            flusher.expect("a writing thread").stop();
+            let _ = done.send(());
+        });
+        stopped.recv_timeout(Duration::from_secs(10)).expect("the stop returns within 10 s");
+        assert!(started.elapsed() >= STOP_WAIT, "{:?}", started.elapsed());
     }
 }

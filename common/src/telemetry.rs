@@ -32,7 +32,7 @@ pub fn init_tracing(config: &TelemetryConfig) {
     let filter = EnvFilter::try_new(&config.log_filter).unwrap_or_else(|_| EnvFilter::new("info"));
     // Colours only for a terminal: log files and collectors get plain text.
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stdout());
-    let (writer, flusher) = log_writer::start();
+    let (writer, flusher) = log_writer::start(Box::new(std::io::stdout()));
     let builder = tracing_subscriber::fmt().with_env_filter(filter).with_target(true).with_writer(writer);
     let installed = match config.log_format {
         LogFormat::Human => builder.with_ansi(ansi).try_init(),
