@@ -317,16 +317,10 @@ async fn three_stage_processes_serve_the_documented_metrics_and_log_each_items_t
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stage_whose_log_reader_stalls_keeps_working_and_loses_no_line() {
-    let env = TestEnv::new().await;
-    let mut vars = env.base_vars();
-    vars.set("API_KEYS", API_KEY).set("HTTP_ADDR", "127.0.0.1:0");
-    let mut ingest = StageProcess::start("ingest", "halakha-ingest", &vars).await;
-
     // Nobody reads its standard output: the pipe's 64 KiB fill after a few
     // hundred of the 2,000 lines these submissions make.
-    ingest.pause_reading();
     let n = 2000;
-    submit_unread(&env, n).await;
+    let (env, mut ingest) = ingest_unread(n).await;
 
     // Read again: every line was kept.
     ingest.resume_reading();
@@ -339,9 +333,21 @@ async fn a_stage_whose_log_reader_stalls_keeps_working_and_loses_no_line() {
     env.cleanup().await;
 }
 
+/// Ingest as a process, its standard output left unread while it handles
+/// `n` corpus texts submitted on `<ns>.submitted`.
+async fn ingest_unread(n: usize) -> (TestEnv, StageProcess) {
+    let env = TestEnv::new().await;
+    let mut vars = env.base_vars();
+    vars.set("API_KEYS", API_KEY).set("HTTP_ADDR", "127.0.0.1:0");
+    let ingest = StageProcess::start("ingest", "halakha-ingest", &vars).await;
+    ingest.pause_reading();
+    submit(&env, n).await;
+    (env, ingest)
+}
+
 /// Submit `n` corpus texts on `<ns>.submitted` and wait until ingest has
-/// handled them all, its standard output unread.
-async fn submit_unread(env: &TestEnv, n: usize) {
+/// handled them all.
+async fn submit(env: &TestEnv, n: usize) {
     let subject = env.names.subject(S::Submitted);
     let texts = corpus();
     let mut acks = Vec::with_capacity(n);
@@ -360,14 +366,9 @@ async fn submit_unread(env: &TestEnv, n: usize) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stage_whose_log_reader_has_stopped_reading_still_exits_in_time() {
-    let env = TestEnv::new().await;
-    let mut vars = env.base_vars();
-    vars.set("API_KEYS", API_KEY).set("HTTP_ADDR", "127.0.0.1:0");
-    let mut ingest = StageProcess::start("ingest", "halakha-ingest", &vars).await;
     // 400 lines (about 200 KB) for a pipe of 64 KiB: the log writer is
     // stuck in a write that no reader will take.
-    ingest.pause_reading();
-    submit_unread(&env, 400).await;
+    let (env, mut ingest) = ingest_unread(400).await;
     // The drain has nothing to wait for; the exit waits 2 s for the log
     // writer, not for ever.
     let started = std::time::Instant::now();
