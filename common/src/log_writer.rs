@@ -16,7 +16,7 @@
 
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
 use std::thread::JoinHandle;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use tracing_subscriber::fmt::MakeWriter;
 
@@ -107,14 +107,12 @@ impl Flusher {
         let shared = &*self.shared;
         shared.lock().stopped = true;
         shared.ready.notify_one();
-        let deadline = Instant::now() + STOP_WAIT;
-        let mut gathered = shared.lock();
-        while !gathered.finished {
-            let Some(left) = deadline.checked_duration_since(Instant::now()).filter(|d| !d.is_zero()) else { break };
-            gathered = shared.room.wait_timeout(gathered, left).unwrap_or_else(PoisonError::into_inner).0;
-        }
-        let finished = gathered.finished;
-        drop(gathered);
+        let finished = shared
+            .room
+            .wait_timeout_while(shared.lock(), STOP_WAIT, |g| !g.finished)
+            .unwrap_or_else(PoisonError::into_inner)
+            .0
+            .finished;
         if finished {
             // A panic in the thread has nothing left to report.
             let _ = self.thread.join();
@@ -125,10 +123,10 @@ impl Flusher {
 fn write_lines(shared: &Shared) {
     let mut batch = Vec::new();
     loop {
-        let mut gathered = shared.lock();
-        while gathered.bytes.is_empty() && !gathered.stopped {
-            gathered = shared.ready.wait(gathered).unwrap_or_else(PoisonError::into_inner);
-        }
+        let mut gathered = shared
+            .ready
+            .wait_while(shared.lock(), |g| g.bytes.is_empty() && !g.stopped)
+            .unwrap_or_else(PoisonError::into_inner);
         if gathered.bytes.is_empty() {
             // Stopped, and every line gathered before is written.
             gathered.finished = true;
@@ -136,11 +134,11 @@ fn write_lines(shared: &Shared) {
             shared.room.notify_all();
             return;
         }
-        let deadline = Instant::now() + WRITE_EVERY;
-        while !gathered.stopped && gathered.bytes.len() < WRITE_AT {
-            let Some(left) = deadline.checked_duration_since(Instant::now()).filter(|d| !d.is_zero()) else { break };
-            gathered = shared.ready.wait_timeout(gathered, left).unwrap_or_else(PoisonError::into_inner).0;
-        }
+        gathered = shared
+            .ready
+            .wait_timeout_while(gathered, WRITE_EVERY, |g| !g.stopped && g.bytes.len() < WRITE_AT)
+            .unwrap_or_else(PoisonError::into_inner)
+            .0;
         std::mem::swap(&mut gathered.bytes, &mut batch);
         drop(gathered);
         shared.room.notify_all();
@@ -157,10 +155,10 @@ pub(crate) struct Line<'a>(&'a Shared);
 impl std::io::Write for Line<'_> {
     fn write(&mut self, line: &[u8]) -> std::io::Result<usize> {
         let shared = self.0;
-        let mut gathered = shared.lock();
-        while gathered.bytes.len() >= MAX_GATHERED && !gathered.finished {
-            gathered = shared.room.wait(gathered).unwrap_or_else(PoisonError::into_inner);
-        }
+        let mut gathered = shared
+            .room
+            .wait_while(shared.lock(), |g| g.bytes.len() >= MAX_GATHERED && !g.finished)
+            .unwrap_or_else(PoisonError::into_inner);
         if gathered.finished {
             drop(gathered);
             shared.write_out(line);
@@ -255,7 +253,7 @@ mod tests {
         let (writer, flusher) = start(Box::new(Stalled));
         log(&writer, "never read\n");
         let (done, stopped) = mpsc::channel();
-        let started = Instant::now();
+        let started = std::time::Instant::now();
         std::thread::spawn(move || {
             flusher.expect("a writing thread").stop();
             let _ = done.send(());
