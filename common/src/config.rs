@@ -258,12 +258,17 @@ impl FromStr for LogFormat {
     }
 }
 
-/// Settings every binary shares: telemetry.
+/// Settings every stage shares: telemetry, and the threads of the runtime
+/// that `telemetry::run_logged` builds.
 #[derive(Debug, Clone)]
 pub struct TelemetryConfig {
     pub metrics_addr: SocketAddr,
     pub log_format: LogFormat,
     pub log_filter: String,
+    /// `TOKIO_WORKER_THREADS`, read here like every other variable (so a
+    /// `.env` file sets it too, and a bad value is a configuration error);
+    /// `None`: one worker per core.
+    pub worker_threads: Option<usize>,
 }
 
 impl TelemetryConfig {
@@ -272,6 +277,10 @@ impl TelemetryConfig {
             metrics_addr: r.addr("METRICS_ADDR", default_metrics_addr),
             log_format: r.parse_or("LOG_FORMAT", LogFormat::Human),
             log_filter: r.string_or("RUST_LOG", "info"),
+            worker_threads: r
+                .raw("TOKIO_WORKER_THREADS")
+                .is_some()
+                .then(|| r.ranged("TOKIO_WORKER_THREADS", 1, 1..=1024)),
         }
     }
 }
@@ -379,6 +388,20 @@ fn exit_with(errors: &ConfigErrors) -> ! {
 mod tests {
     use super::*;
     use secrecy::ExposeSecret;
+
+    #[test]
+    fn the_runtimes_worker_threads_are_read_like_every_other_variable() {
+        let threads = |value: Option<&str>| {
+            let src = Map::new(value.map(|v| ("TOKIO_WORKER_THREADS", v)));
+            let mut r = Reader::new(&src);
+            let c = TelemetryConfig::read(&mut r, "0.0.0.0:9101");
+            r.finish(c.worker_threads).map_err(|e| e.names().join(","))
+        };
+        assert_eq!(threads(None), Ok(None));
+        assert_eq!(threads(Some("1")), Ok(Some(1)));
+        assert_eq!(threads(Some("0")), Err("TOKIO_WORKER_THREADS".into()));
+        assert_eq!(threads(Some("two")), Err("TOKIO_WORKER_THREADS".into()));
+    }
 
     #[test]
     fn every_problem_is_reported_at_once_by_name_without_values() {

@@ -66,7 +66,11 @@ where
     }
     init_tracing(config);
     let _finish = Finish;
-    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    let mut runtime = tokio::runtime::Builder::new_multi_thread();
+    if let Some(threads) = config.worker_threads {
+        runtime.worker_threads(threads);
+    }
+    let runtime = runtime.enable_all().build()?;
     // `main` runs as a task on the runtime's workers, not on this thread:
     // the stage's fetch loop, the handlers it spawns and the connections'
     // tasks then wake one another within the workers. Polled by
@@ -91,6 +95,7 @@ mod tests {
             metrics_addr: std::net::SocketAddr::from(([127, 0, 0, 1], 0)),
             log_format: LogFormat::Json,
             log_filter: "warn".into(),
+            worker_threads: None,
         }
     }
 
@@ -104,5 +109,15 @@ mod tests {
         let panicked = std::panic::catch_unwind(|| run_logged(&config(), async { panic!("the stage's own panic") }));
         let payload = panicked.expect_err("the panic goes on to the caller");
         assert_eq!(payload.downcast_ref::<&str>(), Some(&"the stage's own panic"));
+    }
+
+    #[test]
+    fn the_runtime_has_the_configured_worker_threads() {
+        let one = TelemetryConfig { worker_threads: Some(1), ..config() };
+        let workers = run_logged(&one, async { tokio::runtime::Handle::current().metrics().num_workers() });
+        assert_eq!(workers.expect("a runtime"), 1);
+        let three = TelemetryConfig { worker_threads: Some(3), ..config() };
+        let workers = run_logged(&three, async { tokio::runtime::Handle::current().metrics().num_workers() });
+        assert_eq!(workers.expect("a runtime"), 3);
     }
 }

@@ -116,6 +116,7 @@ impl TestEnv {
                 metrics_addr: "127.0.0.1:0".parse().unwrap(),
                 log_format: halakha_common::config::LogFormat::Human,
                 log_filter: filter,
+                worker_threads: None,
             };
             halakha_common::telemetry::init_tracing(&c);
         }
