@@ -11,13 +11,13 @@
 //! That format keeps each span's fields as a JSON object and, for every
 //! line, parses each object back into a map of values and serialises it
 //! again (and does the same when a span records a field after its start);
-//! its event fields go through a map of values too. With one line per
-//! message in each stage, that was 15 to 25 µs of CPU per line
+//! its event fields go through a map of values too: 4.3 µs for the
+//! runner's span and its `Message handled` line, against 1.15 µs here
 //! (docs/PERFORMANCE.md). Here a span's fields are kept as the inside of
 //! a JSON object (`"stage":"enrich","seq":7`), a field recorded later is
 //! appended to it, and a line copies it as it is: nothing is parsed and
-//! no value is allocated, except a `Debug` value's text, which is escaped
-//! as it is formatted.
+//! no value is allocated (a `Debug` value's text is escaped as it is
+//! formatted).
 
 use std::fmt::{self, Write as _};
 
