@@ -218,6 +218,8 @@ impl Runner {
         // process is killed, a test aborts the stage) every in-flight
         // handler goes with it, as it would with the process.
         let mut in_flight: JoinSet<()> = JoinSet::new();
+        // Pull requests past their expiry that the broker has not ended.
+        let mut late: JoinSet<()> = JoinSet::new();
         let holding: Arc<std::sync::Mutex<std::collections::HashMap<u64, jetstream::Message>>> = Arc::default();
         let shared = Arc::new(Shared {
             route: self.route.clone(),
@@ -256,12 +258,16 @@ impl Runner {
             }
             let batch =
                 self.consumer.batch().max_messages(held.len()).expires(self.config.fetch_expires).messages().await;
-            // The broker ends an expired pull request with a 408; should
-            // that answer not come, the client library waits five seconds
-            // more, and so would this stage (seen at 500 msg/s: one stall
-            // of 5 s after an idle spell). Past this, the request is over.
-            let unanswered = tokio::time::sleep(self.config.fetch_expires + FETCH_GRACE);
-            tokio::pin!(unanswered);
+            // The broker ends an expired pull request with a 408. Should
+            // that answer not come (nats-server 2.9 drops the request
+            // without it when a message arrives just as it expires, and
+            // the message then waits for the next pull; the client library
+            // would wait five seconds more), the stage pulls again soon
+            // after the expiry, and the old request is watched a while
+            // longer on its own for a message still on its way.
+            let overdue = tokio::time::sleep(self.config.fetch_expires + PULL_END_WAIT);
+            tokio::pin!(overdue);
+            let mut unended = false;
             let mut batch = match batch {
                 Ok(b) => {
                     self.consuming.set(true);
@@ -285,8 +291,8 @@ impl Runner {
                         continue;
                     }
                     next = batch.next() => next,
-                    () = &mut unanswered => {
-                        tracing::info!(stage, "{UNANSWERED_PULL}");
+                    () = &mut overdue => {
+                        unended = true;
                         break;
                     }
                 };
@@ -327,14 +333,20 @@ impl Runner {
                 }
             }
             drop(held);
+            if unended {
+                while late.try_join_next().is_some() {}
+                late.spawn(hand_back_late(stage, batch, FETCH_GRACE.saturating_sub(PULL_END_WAIT)));
+            }
         }
 
         self.consuming.set(false);
         watchdog.abort();
         tracing::info!(stage, in_flight = in_flight.len(), "Draining");
-        let drained =
-            tokio::time::timeout(self.config.drain_timeout, async { while in_flight.join_next().await.is_some() {} })
-                .await;
+        let drained = tokio::time::timeout(self.config.drain_timeout, async {
+            while in_flight.join_next().await.is_some() {}
+            while late.join_next().await.is_some() {}
+        })
+        .await;
         if drained.is_err() {
             // Out of time: stop the handlers and hand their messages back
             // at once (no delay), for another replica to take.
@@ -460,14 +472,45 @@ enum Outcome {
     DeadLetter(ErrorKind),
 }
 
-/// The log message of a pull request that the broker did not end by its
-/// expiry (nats-server 2.9 can drop the 408 that ends it), after which the
-/// runner fetches again: the bench counts these lines.
-pub const UNANSWERED_PULL: &str = "Pull request unanswered past its expiry; fetching again";
+/// The log message of a pull request that the broker did not end within
+/// [`FETCH_GRACE`] of its expiry (nats-server 2.9 can drop a request without
+/// the 408 that ends it): the bench counts these lines.
+pub const UNANSWERED_PULL: &str = "Pull request never ended by the broker; the stage pulled again at its expiry";
 
-/// How long past a pull request's expiry the broker's answer is awaited
-/// before the request is taken as over.
+/// How long past a pull request's expiry the runner waits for the broker's
+/// end of it before pulling again. Until then a message that arrives finds
+/// no request (the old one expired), so this is the longest a broker that
+/// drops the end of a request holds the stage back.
+const PULL_END_WAIT: Duration = Duration::from_millis(50);
+
+/// How long past its expiry a request the broker has not ended is watched
+/// for a message still on its way (delivered before the expiry, read
+/// late), which goes back to the broker at once.
 const FETCH_GRACE: Duration = Duration::from_secs(1);
+
+/// Watch a pull request the runner has stopped waiting for: a message it
+/// still brings has no permit (the next request has them), so it is handed
+/// back at once for redelivery, not left for `ack_wait`. Ends with the
+/// request's end, or after `until`.
+pub async fn hand_back_late(stage: &'static str, mut batch: jetstream::consumer::pull::Batch, until: Duration) {
+    let give_up = tokio::time::sleep(until);
+    tokio::pin!(give_up);
+    loop {
+        tokio::select! {
+            next = batch.next() => match next {
+                Some(Ok(msg)) => {
+                    tracing::debug!(stage, "Message from a pull request past its expiry; handed back");
+                    let _ = msg.ack_with(AckKind::Nak(None)).await;
+                }
+                Some(Err(_)) | None => return,
+            },
+            () = &mut give_up => {
+                tracing::info!(stage, "{UNANSWERED_PULL}");
+                return;
+            }
+        }
+    }
+}
 
 /// How a handled message ended, before the ack.
 enum Finished {

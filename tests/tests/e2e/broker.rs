@@ -102,3 +102,35 @@ async fn acks_sent_through_the_publisher_settle_their_deliveries() {
     }
     env.cleanup().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_message_from_a_pull_request_the_runner_stopped_waiting_for_goes_back_to_the_broker_at_once() {
+    let env = TestEnv::new().await;
+    let (name, subject) = test_stream(&env, "late").await;
+    let s = env.js.get_stream(&name).await.unwrap();
+    let c: consumer::PullConsumer = s
+        .create_consumer(consumer::pull::Config {
+            durable_name: Some("late".into()),
+            ack_policy: consumer::AckPolicy::Explicit,
+            ack_wait: Duration::from_secs(60),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    // A pull request, and a message the broker delivers to it that nobody
+    // has read yet: what a request past its expiry can still bring.
+    let batch = c.batch().max_messages(1).expires(Duration::from_secs(30)).messages().await.unwrap();
+    env.js.publish(subject, "late".into()).await.unwrap().await.unwrap();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while c.clone().info().await.unwrap().num_ack_pending == 0 {
+        assert!(tokio::time::Instant::now() < deadline, "the message was never delivered");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    halakha_nats::runner::hand_back_late("test", batch, Duration::from_secs(10)).await;
+    // Handed back: the next pull has it at once, not after `ack_wait`.
+    let mut again = c.fetch().max_messages(1).expires(Duration::from_secs(5)).messages().await.unwrap();
+    let msg = again.next().await.expect("the message came back").unwrap();
+    assert_eq!(msg.payload, bytes::Bytes::from("late"));
+    assert_eq!(msg.info().unwrap().delivered, 2);
+    env.cleanup().await;
+}
