@@ -1137,7 +1137,7 @@ async fn run(args: &Args, made: &Mutex<Vec<halakha_tests::Leftovers>>) -> anyhow
             }
         }
         println!(
-            "   pull requests the broker left unended (the runner fetched again past their expiry): {}",
+            "   pull requests the broker left unended (the runner pulled again 50 ms past their expiry): {}",
             unended.iter().map(|(s, n)| format!("{s} {n}")).collect::<Vec<_>>().join(", ")
         );
         report.insert("unended_pull_requests".into(), Value::Object(unended));
