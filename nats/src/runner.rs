@@ -145,7 +145,7 @@ pub enum Handled<T> {
 
 /// The business logic of a stage.
 pub trait Handler: Send + Sync + 'static {
-    type Input: DeserializeOwned + Envelope + Clone + Send;
+    type Input: DeserializeOwned + Envelope + Send;
     type Output: Serialize + Envelope + Send + Sync;
 
     /// Handle one message.
@@ -635,8 +635,18 @@ async fn handle<H: Handler>(
         let reason = format!("unsupported schema_version {version} (this build reads 1..={SCHEMA_VERSION})");
         return (Some(id), Err(StageError::permanent(reason)));
     }
+    // The handler takes the input; the rare attempt after a pause reads
+    // it again from the payload rather than every message cloning it.
+    let mut input = Some(input);
     let output = loop {
-        match with_progress(handler.handle(input.clone(), delivery), msg, shared.config.ack_wait / 3).await {
+        let this = match input.take() {
+            Some(input) => input,
+            None => match serde_json::from_slice(&msg.payload) {
+                Ok(input) => input,
+                Err(e) => return (Some(id), Err(StageError::permanent(format!("payload no longer readable: {e}")))),
+            },
+        };
+        match with_progress(handler.handle(this, delivery), msg, shared.config.ack_wait / 3).await {
             Ok(Handled::Publish(output)) => break output,
             Ok(Handled::Done) => return (Some(id), Ok(Finished::Ok)),
             Ok(Handled::Duplicate) => return (Some(id), Ok(Finished::Duplicate)),
