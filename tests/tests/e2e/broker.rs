@@ -28,6 +28,20 @@ async fn test_stream(env: &TestEnv, what: &str) -> (String, String) {
     (name, subject)
 }
 
+/// A durable pull consumer `durable` on the stream `name`, explicit acks,
+/// redelivering only after 60 s (longer than any of these tests).
+async fn test_consumer(env: &TestEnv, name: &str, durable: &str) -> consumer::PullConsumer {
+    let s = env.js.get_stream(name).await.unwrap();
+    s.create_consumer(consumer::pull::Config {
+        durable_name: Some(durable.into()),
+        ack_policy: consumer::AckPolicy::Explicit,
+        ack_wait: Duration::from_secs(60),
+        ..Default::default()
+    })
+    .await
+    .unwrap()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_concurrent_publish_through_one_publisher_is_stored_and_answered_to_its_own_caller() {
     let env = TestEnv::new().await;
@@ -67,16 +81,7 @@ async fn acks_sent_through_the_publisher_settle_their_deliveries() {
     for i in 0..40 {
         publisher.publish(&subject, &format!("a{i}"), "x".into(), None).await.unwrap();
     }
-    let s = env.js.get_stream(&name).await.unwrap();
-    let mut c: consumer::PullConsumer = s
-        .create_consumer(consumer::pull::Config {
-            durable_name: Some("acks".into()),
-            ack_policy: consumer::AckPolicy::Explicit,
-            ack_wait: Duration::from_secs(60),
-            ..Default::default()
-        })
-        .await
-        .unwrap();
+    let mut c = test_consumer(&env, &name, "acks").await;
     let mut batch = c.fetch().max_messages(40).expires(Duration::from_secs(5)).messages().await.unwrap();
     let mut acks = Vec::new();
     while let Some(msg) = batch.next().await {
@@ -107,16 +112,7 @@ async fn acks_sent_through_the_publisher_settle_their_deliveries() {
 async fn a_message_from_a_pull_request_the_runner_stopped_waiting_for_goes_back_to_the_broker_at_once() {
     let env = TestEnv::new().await;
     let (name, subject) = test_stream(&env, "late").await;
-    let s = env.js.get_stream(&name).await.unwrap();
-    let c: consumer::PullConsumer = s
-        .create_consumer(consumer::pull::Config {
-            durable_name: Some("late".into()),
-            ack_policy: consumer::AckPolicy::Explicit,
-            ack_wait: Duration::from_secs(60),
-            ..Default::default()
-        })
-        .await
-        .unwrap();
+    let c = test_consumer(&env, &name, "late").await;
     // A pull request, and a message the broker delivers to it that nobody
     // has read yet: what a request past its expiry can still bring.
     let batch = c.batch().max_messages(1).expires(Duration::from_secs(30)).messages().await.unwrap();
