@@ -99,6 +99,29 @@ pub struct TestEnv {
     pub database_url: String,
     pub nats: async_nats::Client,
     pub js: jetstream::Context,
+    /// `cleanup` ran: nothing is left for the drop to remove.
+    cleaned: bool,
+}
+
+/// A test that panics never reaches its `cleanup`: what its environment
+/// made is removed as it unwinds, on a connection and a runtime of its
+/// own (the test's runtime may be the very thread that is unwinding), for
+/// at most 30 s. Without this, each failed run left its streams (which
+/// cost an idle broker CPU) and its database behind.
+impl Drop for TestEnv {
+    fn drop(&mut self) {
+        if self.cleaned || !std::thread::panicking() {
+            return;
+        }
+        let (url, leftovers) = (self.nats_url.clone(), self.leftovers());
+        let _ = std::thread::spawn(move || {
+            let Ok(runtime) = tokio::runtime::Builder::new_current_thread().enable_all().build() else { return };
+            runtime.block_on(async move {
+                let _ = tokio::time::timeout(Duration::from_secs(30), leftovers.remove_over(&url)).await;
+            });
+        })
+        .join();
+    }
 }
 
 static COUNTER: AtomicU64 = AtomicU64::new(0);
@@ -130,7 +153,7 @@ impl TestEnv {
         let servers = halakha_nats::connect::server_addrs(url).unwrap();
         let nats = async_nats::ConnectOptions::new().retry_on_initial_connect().connect(servers).await.unwrap();
         let js = jetstream::new(nats.clone());
-        Self { nats_url: url.to_owned(), names: Names::new(ns), db_name, database_url, nats, js }
+        Self { nats_url: url.to_owned(), names: Names::new(ns), db_name, database_url, nats, js, cleaned: false }
     }
 
     /// Variables every stage needs, pointing at this environment.
@@ -252,8 +275,9 @@ impl TestEnv {
     }
 
     /// Remove the namespace's streams and the database.
-    pub async fn cleanup(self) {
+    pub async fn cleanup(mut self) {
         self.leftovers().remove().await;
+        self.cleaned = true;
     }
 
     /// What this environment leaves on the servers, to remove later even
@@ -280,17 +304,38 @@ pub struct Leftovers {
 impl Leftovers {
     /// Delete them; what is already gone is skipped.
     pub async fn remove(&self) {
+        Self::remove_streams(&self.js, &self.stream_prefix, &self.kv_stream).await;
+        self.drop_database().await;
+    }
+
+    /// [`Leftovers::remove`] over a new connection to `nats_url` (the
+    /// environment's own may be gone with its runtime); the database is
+    /// dropped even when the broker cannot be reached (a test that
+    /// stopped its own).
+    pub async fn remove_over(&self, nats_url: &str) {
+        let servers = halakha_nats::connect::server_addrs(nats_url).unwrap_or_default();
+        if let Ok(Ok(nats)) = tokio::time::timeout(Duration::from_secs(5), async_nats::connect(servers)).await {
+            Self::remove_streams(&jetstream::new(nats), &self.stream_prefix, &self.kv_stream).await;
+        }
+        self.drop_database().await;
+    }
+
+    async fn remove_streams(js: &jetstream::Context, prefix: &str, kv_stream: &str) {
         let mut names: Vec<String> = Vec::new();
-        let mut listed = self.js.stream_names();
+        let mut listed = js.stream_names();
         while let Some(Ok(name)) = listed.next().await {
-            if name.starts_with(&self.stream_prefix) || name == self.kv_stream {
+            if name.starts_with(prefix) || name == kv_stream {
                 names.push(name);
             }
         }
         for name in names {
-            let _ = self.js.delete_stream(&name).await;
+            let _ = js.delete_stream(&name).await;
         }
-        let admin = connect_db(&admin_db_url()).await;
+    }
+
+    async fn drop_database(&self) {
+        let Ok((admin, conn)) = tokio_postgres::connect(&admin_db_url(), tokio_postgres::NoTls).await else { return };
+        tokio::spawn(conn);
         let _ = admin.batch_execute(&format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", self.db_name)).await;
     }
 }

@@ -345,3 +345,33 @@ async fn the_form_route_reports_a_processing_failure_with_its_reason() {
     assert!(v["error"]["message"].as_str().unwrap().contains("not valid JSON"), "{v}");
     p.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_test_that_panics_still_removes_its_streams_and_its_database() {
+    let (made, names) = tokio::sync::oneshot::channel();
+    let failed = tokio::spawn(async move {
+        let env = TestEnv::new().await;
+        let stream = format!("{}_MADE", env.names.namespace().as_str().to_ascii_uppercase());
+        let subject = format!("{}.made", env.names.namespace().as_str());
+        env.js
+            .create_stream(async_nats::jetstream::stream::Config {
+                name: stream.clone(),
+                subjects: vec![subject],
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+        made.send((stream, env.db_name.clone())).unwrap();
+        panic!("a failing test (expected: its environment is removed as it unwinds)");
+    })
+    .await;
+    assert!(failed.is_err_and(|e| e.is_panic()));
+    let (stream, db_name) = names.await.unwrap();
+    let env = TestEnv::new().await;
+    assert!(env.js.get_stream(&stream).await.is_err(), "{stream} is still there");
+    let db = env.db().await;
+    let left: i64 =
+        db.query_one("SELECT count(*) FROM pg_database WHERE datname = $1", &[&db_name]).await.unwrap().get(0);
+    assert_eq!(left, 0, "{db_name} is still there");
+    env.cleanup().await;
+}
