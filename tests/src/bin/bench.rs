@@ -962,6 +962,8 @@ async fn new_env(made: &Mutex<Vec<halakha_tests::Leftovers>>) -> TestEnv {
 
 async fn run(args: &Args, made: &Mutex<Vec<halakha_tests::Leftovers>>) -> anyhow::Result<()> {
     let started = Instant::now();
+    let started_at = time::OffsetDateTime::now_utc().format(&time::format_description::well_known::Rfc3339)?;
+    println!("Started {started_at}");
     // The Russian texts are in the corpus to be refused (the rules accept
     // Hebrew, English and French): they would be dead letters, not load.
     let items: Vec<CorpusItem> = corpus().into_iter().filter(|i| i.lang != "ru").collect();
@@ -1364,6 +1366,7 @@ async fn run(args: &Args, made: &Mutex<Vec<halakha_tests::Leftovers>>) -> anyhow
     }
     let total = started.elapsed();
     println!("\nBenchmark took {:.0} s", total.as_secs_f64());
+    report.insert("started_at".into(), json!(started_at));
     report.insert("seconds".into(), json!(total.as_secs_f64()));
     report.insert("args".into(), json!({"messages": args.messages, "rate": args.rate, "rate_secs": args.rate_secs, "concurrency": args.concurrency, "backlog": args.backlog, "provider_ms": args.provider_ms, "log": args.log}));
     if let Some(dir) = args.out.parent() {
