@@ -32,6 +32,8 @@ pub const STAGE_PAUSES_TOTAL: &str = "halakha_stage_pauses_total";
 pub const DEAD_LETTERS_TOTAL: &str = "halakha_dead_letters_total";
 /// Publishes to JetStream that got no PubAck, by `stage`.
 pub const PUBLISH_ERRORS_TOTAL: &str = "halakha_stage_publish_errors_total";
+pub const UNENDED_PULLS_TOTAL: &str = "halakha_stage_unended_pull_requests_total";
+pub const LATE_DELIVERIES_TOTAL: &str = "halakha_stage_late_deliveries_total";
 /// 1 when `/health/ready` would answer 200, read at each scrape.
 pub const READY: &str = "halakha_ready";
 /// 1 when a dependency answers (or is configured), by `dependency`.
@@ -197,6 +199,20 @@ pub const CATALOG: &[Metric] = &[
         labels: &[STAGE],
         served_by: ALL,
         help: "Pauses the stage entered.",
+    },
+    Metric {
+        name: UNENDED_PULLS_TOTAL,
+        kind: Kind::Counter,
+        labels: &[STAGE],
+        served_by: ALL,
+        help: "Pull requests the broker did not end (no 408) within 1 s of their expiry; the stage pulled again 50 ms after it (nats-server 2.9 drops the end of a request a message meets as it expires).",
+    },
+    Metric {
+        name: LATE_DELIVERIES_TOTAL,
+        kind: Kind::Counter,
+        labels: &[STAGE],
+        served_by: ALL,
+        help: "Messages delivered to a pull request the stage had stopped waiting for (past its expiry), handed back at once for redelivery: each spends one delivery.",
     },
     Metric {
         name: DEAD_LETTERS_TOTAL,
@@ -450,6 +466,8 @@ pub fn init_stage(stage: &'static str) {
         metrics::counter!(DEAD_LETTERS_TOTAL, "stage" => stage, "kind" => kind).increment(0);
     }
     metrics::counter!(PUBLISH_ERRORS_TOTAL, "stage" => stage).increment(0);
+    metrics::counter!(UNENDED_PULLS_TOTAL, "stage" => stage).increment(0);
+    metrics::counter!(LATE_DELIVERIES_TOTAL, "stage" => stage).increment(0);
 }
 
 /// Create counters of fixed label values at zero (see [`init_stage`]).

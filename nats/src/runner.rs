@@ -499,12 +499,14 @@ pub async fn hand_back_late(stage: &'static str, mut batch: jetstream::consumer:
         tokio::select! {
             next = batch.next() => match next {
                 Some(Ok(msg)) => {
-                    tracing::debug!(stage, "Message from a pull request past its expiry; handed back");
+                    metrics::counter!(m::LATE_DELIVERIES_TOTAL, "stage" => stage).increment(1);
+                    tracing::info!(stage, "Message from a pull request past its expiry; handed back");
                     let _ = msg.ack_with(AckKind::Nak(None)).await;
                 }
                 Some(Err(_)) | None => return,
             },
             () = &mut give_up => {
+                metrics::counter!(m::UNENDED_PULLS_TOTAL, "stage" => stage).increment(1);
                 tracing::info!(stage, "{UNANSWERED_PULL}");
                 return;
             }

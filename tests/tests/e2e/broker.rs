@@ -122,7 +122,14 @@ async fn a_message_from_a_pull_request_the_runner_stopped_waiting_for_goes_back_
         assert!(tokio::time::Instant::now() < deadline, "the message was never delivered");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    halakha_nats::runner::hand_back_late("test", batch, Duration::from_secs(10)).await;
+    let recorder = halakha_common::metrics::install_recorder();
+    halakha_nats::runner::hand_back_late("late-test", batch, Duration::from_secs(10)).await;
+    // Counted, for the operators to see.
+    let page = halakha_common::metrics::render(&recorder);
+    assert!(
+        page.lines().any(|l| l == "halakha_stage_late_deliveries_total{stage=\"late-test\"} 1"),
+        "the late delivery is not counted:\n{page}"
+    );
     // Handed back: the next pull has it at once, not after `ack_wait`.
     let mut again = c.fetch().max_messages(1).expires(Duration::from_secs(5)).messages().await.unwrap();
     let msg = again.next().await.expect("the message came back").unwrap();

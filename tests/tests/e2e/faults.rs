@@ -513,6 +513,15 @@ async fn a_pull_request_the_broker_never_ends_holds_a_stage_back_no_longer_than_
         waits.push(sent.elapsed());
     }
     assert!(waits.iter().all(|w| *w < Duration::from_millis(600)), "waits: {waits:?}");
+    // Each request left unended is counted, for the operators to see.
+    let page = reqwest::get(format!("http://{}/metrics", enrich.metrics_addr)).await.unwrap().text().await.unwrap();
+    let unended: f64 = page
+        .lines()
+        .find(|l| l.starts_with("halakha_stage_unended_pull_requests_total{") && l.contains("stage=\"enrich\""))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_default();
+    assert!(unended >= 1.0, "no unended pull request counted:\n{page}");
     enrich.stop().await;
     ingest.stop().await;
     env.cleanup().await;
