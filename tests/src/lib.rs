@@ -340,6 +340,16 @@ impl Leftovers {
     }
 }
 
+/// The value of a sample of the metric `name` whose labels include
+/// `label` (`key="value"`), on a Prometheus text page.
+pub fn sample(page: &str, name: &str, label: &str) -> Option<f64> {
+    page.lines()
+        .filter(|l| l.strip_prefix(name).is_some_and(|rest| rest.starts_with('{')))
+        .find(|l| l.contains(label))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+}
+
 pub async fn connect_db(url: &str) -> tokio_postgres::Client {
     let (client, conn) = tokio_postgres::connect(url, tokio_postgres::NoTls).await.unwrap();
     tokio::spawn(conn);

@@ -126,8 +126,9 @@ async fn a_message_from_a_pull_request_the_runner_stopped_waiting_for_goes_back_
     halakha_nats::runner::hand_back_late("late-test", batch, Duration::from_secs(10)).await;
     // Counted, for the operators to see.
     let page = halakha_common::metrics::render(&recorder);
-    assert!(
-        page.lines().any(|l| l == "halakha_stage_late_deliveries_total{stage=\"late-test\"} 1"),
+    assert_eq!(
+        halakha_tests::sample(&page, "halakha_stage_late_deliveries_total", "stage=\"late-test\""),
+        Some(1.0),
         "the late delivery is not counted:\n{page}"
     );
     // Handed back: the next pull has it at once, not after `ack_wait`.

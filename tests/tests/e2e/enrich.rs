@@ -196,13 +196,8 @@ async fn with_redis_unreachable_enrichment_goes_on_without_the_cache_and_counts_
     assert_eq!(enriched.len(), 5);
     assert_eq!(p.env.stream_len(S::DeadLetter(Stage::Enrich)).await, 0, "Redis down is never an error for a message");
     let metrics = halakha_common::metrics::install_recorder().render();
-    let errors = metrics
-        .lines()
-        .find(|l| l.starts_with("halakha_cache_requests_total{outcome=\"error\"}"))
-        .and_then(|l| l.rsplit(' ').next())
-        .and_then(|n| n.parse::<u64>().ok())
-        .unwrap_or(0);
-    assert!(errors >= 5, "cache failures are counted: {metrics}");
+    let errors = halakha_tests::sample(&metrics, "halakha_cache_requests_total", "outcome=\"error\"").unwrap_or(0.0);
+    assert!(errors >= 5.0, "cache failures are counted: {metrics}");
     p.stop().await;
 }
 

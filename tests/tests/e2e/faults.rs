@@ -295,10 +295,7 @@ async fn a_stage_that_makes_no_progress_with_work_waiting_reports_not_ready() {
 async fn unaccounted(p: &Pipeline) -> Option<f64> {
     let text = p.http.get(format!("{}/metrics", p.base)).send().await.unwrap().text().await.unwrap();
     let ns = p.env.names.namespace().to_string();
-    text.lines()
-        .find(|l| l.starts_with("halakha_pipeline_unaccounted{") && l.contains(&format!("namespace=\"{ns}\"")))
-        .and_then(|l| l.rsplit(' ').next())
-        .and_then(|v| v.parse().ok())
+    halakha_tests::sample(&text, "halakha_pipeline_unaccounted", &format!("namespace=\"{ns}\""))
 }
 
 async fn wait_for_books(p: &Pipeline, expected: f64) {
@@ -515,11 +512,7 @@ async fn a_pull_request_the_broker_never_ends_holds_a_stage_back_no_longer_than_
     assert!(waits.iter().all(|w| *w < Duration::from_millis(600)), "waits: {waits:?}");
     // Each request left unended is counted, for the operators to see.
     let page = reqwest::get(format!("http://{}/metrics", enrich.metrics_addr)).await.unwrap().text().await.unwrap();
-    let unended: f64 = page
-        .lines()
-        .find(|l| l.starts_with("halakha_stage_unended_pull_requests_total{") && l.contains("stage=\"enrich\""))
-        .and_then(|l| l.rsplit(' ').next())
-        .and_then(|v| v.parse().ok())
+    let unended = halakha_tests::sample(&page, "halakha_stage_unended_pull_requests_total", "stage=\"enrich\"")
         .unwrap_or_default();
     assert!(unended >= 1.0, "no unended pull request counted:\n{page}");
     enrich.stop().await;
