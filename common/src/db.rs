@@ -198,8 +198,8 @@ impl Statements {
     }
 }
 
-/// Sent at the start of a transaction of the write path (the upsert's
-/// rows and links): its named statements run on generic plans,
+/// Sent at the start of a transaction of the write path (ingest's claim,
+/// the upsert's rows and links): its named statements run on generic plans,
 /// planned once per connection instead of at every batch (planning was
 /// 0.4 to 0.8 ms per statement and batch, as much as running it), and those
 /// plans look every row up by key, whatever the tables' size when they
@@ -503,8 +503,8 @@ pub fn pool_with(config: &DatabaseConfig, commits: Commits) -> Result<Pool, DbEr
         // Named statements are planned at each run by default: a generic
         // plan made while a table was small (a sequential scan of
         // `halakhot` for each batch) would stay as the table grows. The
-        // upsert's transactions choose generic plans made safe
-        // ([`WRITE_SETTINGS`]).
+        // write path's transactions (the claim, the upsert) choose generic
+        // plans made safe ([`WRITE_SETTINGS`]).
         let ms = config.timeout.as_millis();
         let relaxed = if commits == Commits::Relaxed { " -c synchronous_commit=off" } else { "" };
         pg.options(format!("-c statement_timeout={ms} -c plan_cache_mode=force_custom_plan{relaxed}"));

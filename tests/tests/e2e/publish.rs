@@ -283,16 +283,15 @@ async fn behind_a_transaction_pooler_every_statement_is_unnamed_and_elsewhere_th
     }
     let conn = kept.get().await.unwrap();
     assert_eq!(scalar(&conn, count).await, "3", "one named statement per write-path statement");
-    // ...the upsert's two planned once: each ran on its generic plan, and
-    // was not planned again for its second run; the claim (one statement
-    // in autocommit) is planned at each run.
+    // ...and planned once: each ran on its generic plan, and was not
+    // planned again for its second run.
     let plans = "SELECT string_agg(CASE WHEN statement LIKE '%halakha_tags%' THEN 'links'
                                         WHEN statement LIKE '%DO UPDATE%' THEN 'rows' ELSE 'claim' END
                                    || ' ' || generic_plans || '/' || custom_plans, ', ' ORDER BY statement LIKE '%halakha_tags%', statement LIKE '%DO UPDATE%')
                  FROM pg_prepared_statements";
     assert_eq!(
         scalar(&conn, plans).await,
-        "claim 0/2, rows 2/0, links 2/0",
+        "claim 2/0, rows 2/0, links 2/0",
         "generic plans / custom plans of each statement"
     );
     // ...and the write path's settings stayed in its transactions: any
@@ -616,9 +615,11 @@ async fn the_write_paths_generic_plans_made_on_empty_tables_look_every_row_up_by
     migrated_pool(&env).await;
     let db = env.db().await;
     db.batch_execute(&format!("BEGIN; {}", halakha_common::db::WRITE_SETTINGS)).await.unwrap();
-    for (name, sql) in
-        [("rows", halakha_publish::store::UPSERT_ROWS_SQL), ("links", halakha_publish::store::UPSERT_LINKS_SQL)]
-    {
+    for (name, sql) in [
+        ("claim", halakha_ingest::store::CLAIM_SQL),
+        ("rows", halakha_publish::store::UPSERT_ROWS_SQL),
+        ("links", halakha_publish::store::UPSERT_LINKS_SQL),
+    ] {
         // Every parameter is an array with an explicit cast: an empty one
         // of each gives the generic plan (it does not depend on values).
         let params = (1..=40).filter(|n| sql.contains(&format!("${n}::")) || sql.contains(&format!("${n})"))).count();
