@@ -8,17 +8,13 @@ use async_openai::Client;
 use async_openai::config::OpenAIConfig;
 use async_openai::error::{OpenAIError, WrappedError};
 use async_openai::middleware::HttpRequestFactory;
-use async_openai::types::chat::{
-    ChatCompletionRequestAssistantMessage, ChatCompletionRequestAssistantMessageContent, ChatCompletionRequestMessage,
-    ChatCompletionRequestSystemMessage, ChatCompletionRequestSystemMessageContent, ChatCompletionRequestUserMessage,
-    ChatCompletionRequestUserMessageContent, CreateChatCompletionRequest, CreateChatCompletionResponse, FinishReason,
-    ResponseFormat, ResponseFormatJsonSchema,
-};
+use async_openai::types::chat::{CreateChatCompletionResponse, FinishReason, ResponseFormat, ResponseFormatJsonSchema};
 use halakha_common::StageError;
 use halakha_common::envelope::{Enrichment, Ingested, Usage};
 use halakha_common::error::{classify_http_status, parse_retry_after};
 use halakha_common::metrics as m;
 use secrecy::ExposeSecret;
+use serde_json::value::RawValue;
 
 use crate::config::Config;
 use crate::limits::Limits;
@@ -30,6 +26,9 @@ pub struct Llm {
     client: Client<OpenAIConfig>,
     model: String,
     max_completion_tokens: u32,
+    /// The request's `response_format` (the strict JSON schema), serialised
+    /// once: every call sends it unchanged.
+    response_format: Box<RawValue>,
     limits: Arc<Limits>,
     quota_pause: Duration,
     /// USD per million prompt and completion tokens for this model.
@@ -63,6 +62,7 @@ impl Llm {
             client: Client::with_config(openai).with_http_service(single_attempt(http, limits.clone())),
             model: config.openai_model.clone(),
             max_completion_tokens: config.max_completion_tokens,
+            response_format: response_format(),
             limits,
             quota_pause: config.quota_pause,
             price: config.prices.get(&config.openai_model).copied(),
@@ -73,21 +73,13 @@ impl Llm {
         &self.model
     }
 
-    fn request(&self, messages: Vec<ChatCompletionRequestMessage>) -> CreateChatCompletionRequest {
-        CreateChatCompletionRequest {
-            model: self.model.clone(),
+    fn request<'a>(&'a self, messages: &'a [Turn<'a>]) -> ChatRequest<'a> {
+        ChatRequest {
+            model: &self.model,
             messages,
-            response_format: Some(ResponseFormat::JsonSchema {
-                json_schema: ResponseFormatJsonSchema {
-                    description: Some("A halakha structured for publication".into()),
-                    name: prompt::SCHEMA_NAME.into(),
-                    schema: prompt::schema(),
-                    strict: Some(true),
-                },
-            }),
-            max_completion_tokens: Some(self.max_completion_tokens),
-            temperature: Some(0.2),
-            ..Default::default()
+            response_format: &self.response_format,
+            max_completion_tokens: self.max_completion_tokens,
+            temperature: TEMPERATURE,
         }
     }
 
@@ -95,15 +87,11 @@ impl Llm {
     /// Waits first for room in the provider budgets.
     /// `chars`: the characters of the messages' texts, for the budgets'
     /// estimate.
-    async fn complete(
-        &self,
-        messages: Vec<ChatCompletionRequestMessage>,
-        chars: usize,
-    ) -> Result<CreateChatCompletionResponse, StageError> {
+    async fn complete(&self, messages: &[Turn<'_>], chars: usize) -> Result<CreateChatCompletionResponse, StageError> {
         let estimate = estimate_tokens(chars, messages.len(), self.max_completion_tokens);
         self.limits.acquire(estimate).await?;
         let started = Instant::now();
-        let result = self.client.chat().create(self.request(messages)).await;
+        let result = self.client.chat().create_byot(self.request(messages)).await;
         metrics::histogram!(m::OPENAI_REQUEST_SECONDS).record(started.elapsed().as_secs_f64());
         match result {
             Ok(response) => {
@@ -146,10 +134,8 @@ impl Llm {
     /// repair turn naming every violation; still broken, a permanent error
     /// naming the rules. Returns the enrichment and the tokens of every call.
     pub async fn enrich(&self, prompt: &Prompt, input: &Ingested) -> Result<(Enrichment, Usage), StageError> {
-        // The conversation is built again for a repair turn (rare) rather
-        // than copied for every first call.
         let (messages, chars) = conversation(prompt, input);
-        let first = self.complete(messages, chars).await?;
+        let first = self.complete(&messages, chars).await?;
         let mut total = usage(&first);
         let violations = match check_answer(&first, input) {
             Ok(enrichment) => return Ok((enrichment, total)),
@@ -158,19 +144,14 @@ impl Llm {
         };
         metrics::counter!(m::OPENAI_REPAIRS_TOTAL, "outcome" => "attempted").increment(1);
         tracing::info!(id = %input.id, violations = %violations.join("; "), "Model output breaks the rules; one repair turn");
-        let previous = first.choices.first().and_then(|c| c.message.content.clone()).unwrap_or_default();
+        let previous = first.choices.first().and_then(|c| c.message.content.as_deref()).unwrap_or_default();
         let repair = prompt.repair_message(&violations);
-        let (mut messages, chars) = conversation(prompt, input);
         let chars = chars + previous.chars().count() + repair.chars().count();
-        messages.push(ChatCompletionRequestMessage::Assistant(ChatCompletionRequestAssistantMessage {
-            content: Some(ChatCompletionRequestAssistantMessageContent::Text(previous)),
-            ..Default::default()
-        }));
-        messages.push(ChatCompletionRequestMessage::User(ChatCompletionRequestUserMessage {
-            content: ChatCompletionRequestUserMessageContent::Text(repair),
-            name: None,
-        }));
-        let second = self.complete(messages, chars).await?;
+        // The repair turn goes on with the first turn's conversation.
+        let mut messages = messages;
+        messages.push(Turn { role: "assistant", content: std::borrow::Cow::Borrowed(previous) });
+        messages.push(Turn { role: "user", content: std::borrow::Cow::Owned(repair) });
+        let second = self.complete(&messages, chars).await?;
         total = add(total, usage(&second));
         match check_answer(&second, input) {
             Ok(enrichment) => {
@@ -189,19 +170,55 @@ impl Llm {
     }
 }
 
+/// The sampling temperature of every call.
+const TEMPERATURE: f32 = 0.2;
+
+/// A chat completion request as sent: the model's settings, the messages
+/// borrowed where they can be (the instructions are the same for every
+/// call) and the response format serialised once. The same JSON as
+/// async-openai's `CreateChatCompletionRequest` with these fields (a test
+/// compares them), without building and serialising the schema's value
+/// tree and copying the instructions for every call.
+#[derive(Debug, serde::Serialize)]
+struct ChatRequest<'a> {
+    model: &'a str,
+    messages: &'a [Turn<'a>],
+    response_format: &'a RawValue,
+    max_completion_tokens: u32,
+    temperature: f32,
+}
+
+/// One message of the conversation (system, user or assistant), with text
+/// content.
+#[derive(Debug, serde::Serialize)]
+struct Turn<'a> {
+    role: &'static str,
+    content: std::borrow::Cow<'a, str>,
+}
+
+/// The `response_format` of every request: the strict JSON schema
+/// ([`prompt::schema`]), serialised as async-openai's type serialises it.
+fn response_format() -> Box<RawValue> {
+    let format = ResponseFormat::JsonSchema {
+        json_schema: ResponseFormatJsonSchema {
+            description: Some("A halakha structured for publication".into()),
+            name: prompt::SCHEMA_NAME.into(),
+            schema: prompt::schema(),
+            strict: Some(true),
+        },
+    };
+    // A value of async-openai's own type, whose serialisation cannot fail
+    // (were it to, `null` would make the provider refuse every call).
+    serde_json::value::to_raw_value(&format).unwrap_or_default()
+}
+
 /// The first turn's messages (the instructions, then the delimited text)
 /// and their texts' characters, for the token estimate.
-fn conversation(prompt: &Prompt, input: &Ingested) -> (Vec<ChatCompletionRequestMessage>, usize) {
+fn conversation<'a>(prompt: &'a Prompt, input: &Ingested) -> (Vec<Turn<'a>>, usize) {
     let user_text = prompt.user_message(input);
     let chars = prompt.system_chars + user_text.chars().count();
-    let system = ChatCompletionRequestMessage::System(ChatCompletionRequestSystemMessage {
-        content: ChatCompletionRequestSystemMessageContent::Text(prompt.system.clone()),
-        name: None,
-    });
-    let user = ChatCompletionRequestMessage::User(ChatCompletionRequestUserMessage {
-        content: ChatCompletionRequestUserMessageContent::Text(user_text),
-        name: None,
-    });
+    let system = Turn { role: "system", content: std::borrow::Cow::Borrowed(prompt.system.as_str()) };
+    let user = Turn { role: "user", content: std::borrow::Cow::Owned(user_text) };
     (vec![system, user], chars)
 }
 
@@ -423,6 +440,65 @@ mod tests {
         assert!(checked > 400, "{checked} texts");
         // The completion's share is added, capped at 1000.
         assert_eq!(estimate_tokens(1000, 2, 5000) - estimate_tokens(1000, 2, 0), 1000);
+    }
+
+    #[test]
+    fn the_request_sent_is_the_json_of_async_openais_request_with_the_same_fields() {
+        use async_openai::types::chat::{
+            ChatCompletionRequestAssistantMessage, ChatCompletionRequestAssistantMessageContent,
+            ChatCompletionRequestMessage, ChatCompletionRequestSystemMessage,
+            ChatCompletionRequestSystemMessageContent, ChatCompletionRequestUserMessage,
+            ChatCompletionRequestUserMessageContent, CreateChatCompletionRequest,
+        };
+        let prompt = Prompt::builtin();
+        let input = input();
+        // A repair turn's conversation: every kind of message.
+        let (mut turns, _) = conversation(&prompt, &input);
+        turns.push(Turn { role: "assistant", content: "{\"title\": \"ת\"}".into() });
+        turns.push(Turn { role: "user", content: prompt.repair_message(&["a rule".to_owned()]).into() });
+        let format = response_format();
+        let ours = ChatRequest {
+            model: "gpt-4o-mini",
+            messages: &turns,
+            response_format: &format,
+            max_completion_tokens: 1500,
+            temperature: TEMPERATURE,
+        };
+        let user = |text: String| {
+            ChatCompletionRequestMessage::User(ChatCompletionRequestUserMessage {
+                content: ChatCompletionRequestUserMessageContent::Text(text),
+                name: None,
+            })
+        };
+        let typed = CreateChatCompletionRequest {
+            model: "gpt-4o-mini".into(),
+            messages: vec![
+                ChatCompletionRequestMessage::System(ChatCompletionRequestSystemMessage {
+                    content: ChatCompletionRequestSystemMessageContent::Text(prompt.system.clone()),
+                    name: None,
+                }),
+                user(prompt.user_message(&input)),
+                ChatCompletionRequestMessage::Assistant(ChatCompletionRequestAssistantMessage {
+                    content: Some(ChatCompletionRequestAssistantMessageContent::Text("{\"title\": \"ת\"}".into())),
+                    ..Default::default()
+                }),
+                user(prompt.repair_message(&["a rule".to_owned()])),
+            ],
+            response_format: Some(ResponseFormat::JsonSchema {
+                json_schema: ResponseFormatJsonSchema {
+                    description: Some("A halakha structured for publication".into()),
+                    name: prompt::SCHEMA_NAME.into(),
+                    schema: prompt::schema(),
+                    strict: Some(true),
+                },
+            }),
+            max_completion_tokens: Some(1500),
+            temperature: Some(0.2),
+            ..Default::default()
+        };
+        let ours = serde_json::to_value(&ours).expect("our request serialises");
+        assert_eq!(ours, serde_json::to_value(&typed).expect("the typed request serialises"));
+        assert_eq!(ours["response_format"]["json_schema"]["strict"], true, "{ours}");
     }
 
     #[test]
