@@ -278,15 +278,18 @@ pub async fn run<C: Connection>(
     }
 }
 
-/// Run a write-path statement (`sql` with `binds`), named or unnamed as
-/// `how` says, and return its rows.
-pub async fn query<C: Connection>(
+/// Run one write-path statement (`sql` with `binds`), named or unnamed as
+/// `how` says, as a write transaction of its own ([`write_transaction`]:
+/// one round trip, and on a direct connection its generic plan), and
+/// return its rows.
+pub async fn write_statement<C: Connection>(
     client: &C,
     how: Statements,
     sql: &str,
     binds: &Binds<'_>,
 ) -> Result<Vec<tokio_postgres::Row>, tokio_postgres::Error> {
-    run(client, &prepare(client, how, sql, binds).await?, binds).await
+    let statement = prepare(client, how, sql, binds).await?;
+    write_transaction(client, run(client, &statement, binds)).await
 }
 
 /// Run `work` (statements on `client`, each sending itself at its first
