@@ -32,7 +32,9 @@ pub const STAGE_PAUSES_TOTAL: &str = "halakha_stage_pauses_total";
 pub const DEAD_LETTERS_TOTAL: &str = "halakha_dead_letters_total";
 /// Publishes to JetStream that got no PubAck, by `stage`.
 pub const PUBLISH_ERRORS_TOTAL: &str = "halakha_stage_publish_errors_total";
+/// Pull requests the broker never ended (no 408), by `stage`.
 pub const UNENDED_PULLS_TOTAL: &str = "halakha_stage_unended_pull_requests_total";
+/// Messages from a pull request past its expiry, handed back, by `stage`.
 pub const LATE_DELIVERIES_TOTAL: &str = "halakha_stage_late_deliveries_total";
 /// 1 when `/health/ready` would answer 200, read at each scrape.
 pub const READY: &str = "halakha_ready";

@@ -21,7 +21,8 @@ pub const SCHEMA_NAME: &str = "halakha_enrichment";
 /// property required (optional values are `null`able), references inlined,
 /// and no keyword strict mode refuses.
 pub fn schema() -> Value {
-    // Built once: every completion request carries it.
+    // Built once per process: the prompt's version hash and the requests'
+    // response format (serialised once, `llm`) are both made from it.
     static SCHEMA: std::sync::LazyLock<Value> = std::sync::LazyLock::new(build_schema);
     SCHEMA.clone()
 }

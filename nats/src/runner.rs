@@ -475,7 +475,7 @@ enum Outcome {
 /// The log message of a pull request that the broker did not end within
 /// [`FETCH_GRACE`] of its expiry (nats-server 2.9 can drop a request without
 /// the 408 that ends it), counted in `halakha_stage_unended_pull_requests_total`.
-const UNANSWERED_PULL: &str = "Pull request never ended by the broker; the stage pulled again at its expiry";
+const UNANSWERED_PULL: &str = "Pull request never ended by the broker; the stage pulled again 50 ms past its expiry";
 
 /// How long past a pull request's expiry the runner waits for the broker's
 /// end of it before pulling again. Until then a message that arrives finds
