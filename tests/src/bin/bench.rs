@@ -161,6 +161,13 @@ struct Row {
     met: Option<bool>,
 }
 
+/// The targets for the two ratios whose floors the table shows:
+/// the pipeline's throughput over the relay's, ingest's requests over
+/// raw publishes. Each floor row gives its target in floors: above 1, no
+/// implementation of this design reaches it on the machine of the run.
+const THROUGHPUT_TARGET: f64 = 0.25;
+const HTTP_TARGET: f64 = 0.5;
+
 fn row(what: &str, value: String, ratio: String, target: &str, met: Option<bool>) -> Row {
     Row { what: what.into(), value, ratio, target: target.into(), met }
 }
@@ -1048,13 +1055,17 @@ async fn run(args: &Args, made: &Mutex<Vec<halakha_tests::Leftovers>>) -> anyhow
         format!("{:.0} msg/s", pipe_burst.per_second()),
         format!("{r:.3} × relay"),
         "≥ 0.25 × relay",
-        Some(r >= 0.25),
+        Some(r >= THROUGHPUT_TARGET),
     ));
     let rf = ratio(floor_burst.per_second(), base_burst.per_second());
     rows.push(row(
         "floor: the pipeline's 4 streams and 2 writes alone",
         format!("{:.0} msg/s", floor_burst.per_second()),
-        format!("{rf:.3} × relay; pipeline {:.2} × floor", ratio(pipe_burst.per_second(), floor_burst.per_second())),
+        format!(
+            "{rf:.3} × relay; pipeline {:.2} × floor; the target {:.2} × floor",
+            ratio(pipe_burst.per_second(), floor_burst.per_second()),
+            THROUGHPUT_TARGET / rf
+        ),
         "",
         None,
     ));
@@ -1233,12 +1244,17 @@ async fn run(args: &Args, made: &Mutex<Vec<halakha_tests::Leftovers>>) -> anyhow
             format!("{http_rate:.0} req/s ({failed} failed)"),
             format!("{r:.3} × raw"),
             "≥ 0.5 × raw",
-            Some(r >= 0.5),
+            Some(r >= HTTP_TARGET),
         ));
         rows.push(row(
             &format!("floor: bare HTTP → JetStream, no checks, no claim ({client})"),
             format!("{bare_rate:.0} req/s ({bare_failed} failed)"),
-            format!("{:.3} × raw; ingest {:.2} × floor", ratio(bare_rate, raw_rate), ratio(http_rate, bare_rate)),
+            format!(
+                "{:.3} × raw; ingest {:.2} × floor; the target {:.2} × floor",
+                ratio(bare_rate, raw_rate),
+                ratio(http_rate, bare_rate),
+                HTTP_TARGET / ratio(bare_rate, raw_rate)
+            ),
             "",
             None,
         ));
