@@ -1054,7 +1054,7 @@ async fn run(args: &Args, made: &Mutex<Vec<halakha_tests::Leftovers>>) -> anyhow
         "pipeline throughput",
         format!("{:.0} msg/s", pipe_burst.per_second()),
         format!("{r:.3} × relay"),
-        "≥ 0.25 × relay",
+        &format!("≥ {THROUGHPUT_TARGET} × relay"),
         Some(r >= THROUGHPUT_TARGET),
     ));
     let rf = ratio(floor_burst.per_second(), base_burst.per_second());
@@ -1243,7 +1243,7 @@ async fn run(args: &Args, made: &Mutex<Vec<halakha_tests::Leftovers>>) -> anyhow
             &format!("ingest POST /v1/halakhot ({client})"),
             format!("{http_rate:.0} req/s ({failed} failed)"),
             format!("{r:.3} × raw"),
-            "≥ 0.5 × raw",
+            &format!("≥ {HTTP_TARGET} × raw"),
             Some(r >= HTTP_TARGET),
         ));
         rows.push(row(
