@@ -393,7 +393,11 @@ async fn relay(
             Ok::<_, anyhow::Error>(c)
         }
     };
+    // The hops stop when the run ends, and also when it ends early (an
+    // error, a signal dropping it): left running, a hop whose stream is
+    // removed would poll it in a loop and hold a worker of the runtime.
     let stop = tokio_util::sync::CancellationToken::new();
+    let _stop_hops = stop.clone().drop_guard();
     let mut workers = Vec::new();
     for hop in 1..streams {
         let (js, max_batch) = match hops {
@@ -415,7 +419,12 @@ async fn relay(
                     () = stop.cancelled() => break,
                     m = messages.next() => m,
                 };
-                let Some(Ok(first)) = first else { continue };
+                let first = match first {
+                    Some(Ok(m)) => m,
+                    Some(Err(_)) => continue,
+                    // The pull's stream ended: its consumer or stream is gone.
+                    None => break,
+                };
                 let mut got = vec![first];
                 while got.len() < max_batch {
                     match futures::FutureExt::now_or_never(messages.next()) {
@@ -797,6 +806,7 @@ end
         .args(["-t2", &format!("-c{connections}"), &format!("-d{secs}s"), "--timeout", "10s", "-s"])
         .arg(&path)
         .arg(base)
+        .kill_on_drop(true)
         .output()
         .await
         .ok()?;
@@ -947,13 +957,25 @@ async fn main() -> anyhow::Result<()> {
     halakha_common::install_crypto_provider();
     // Every environment made, so a run that fails part way still removes
     // its streams and databases (left behind, they slow the runs after).
+    // So is a run stopped by Ctrl-C or SIGTERM: the run is dropped (its
+    // stage processes are killed with it), then its environments removed.
+    // A second signal stops the removal.
     let made: Mutex<Vec<halakha_tests::Leftovers>> = Mutex::new(Vec::new());
-    let outcome = run(&args, &made).await;
-    if outcome.is_err() {
+    let mut signals = halakha_common::shutdown::Signals::new();
+    let outcome = tokio::select! {
+        outcome = run(&args, &made) => outcome,
+        name = signals.next() => Err(anyhow::anyhow!("stopped by {name}")),
+    };
+    if let Err(e) = &outcome {
         let left = made.into_inner().unwrap_or_default();
-        eprintln!("The run failed: removing the streams and databases of its {} environments", left.len());
-        for l in &left {
-            l.remove().await;
+        eprintln!("The run ended early ({e}): removing the streams and databases of its {} environments", left.len());
+        tokio::select! {
+            () = async {
+                for l in &left {
+                    l.remove().await;
+                }
+            } => {}
+            name = signals.next() => eprintln!("{name} again: streams and databases left as they are"),
         }
     }
     outcome
