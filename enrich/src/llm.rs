@@ -1,5 +1,6 @@
 //! The chat completion call and what its answer must satisfy.
 
+use std::borrow::Cow;
 use std::future::Future;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -134,7 +135,7 @@ impl Llm {
     /// repair turn naming every violation; still broken, a permanent error
     /// naming the rules. Returns the enrichment and the tokens of every call.
     pub async fn enrich(&self, prompt: &Prompt, input: &Ingested) -> Result<(Enrichment, Usage), StageError> {
-        let (messages, chars) = conversation(prompt, input);
+        let (mut messages, chars) = conversation(prompt, input);
         let first = self.complete(&messages, chars).await?;
         let mut total = usage(&first);
         let violations = match check_answer(&first, input) {
@@ -148,9 +149,8 @@ impl Llm {
         let repair = prompt.repair_message(&violations);
         let chars = chars + previous.chars().count() + repair.chars().count();
         // The repair turn goes on with the first turn's conversation.
-        let mut messages = messages;
-        messages.push(Turn { role: "assistant", content: std::borrow::Cow::Borrowed(previous) });
-        messages.push(Turn { role: "user", content: std::borrow::Cow::Owned(repair) });
+        messages.push(Turn { role: "assistant", content: Cow::Borrowed(previous) });
+        messages.push(Turn { role: "user", content: Cow::Owned(repair) });
         let second = self.complete(&messages, chars).await?;
         total = add(total, usage(&second));
         match check_answer(&second, input) {
@@ -193,7 +193,7 @@ struct ChatRequest<'a> {
 #[derive(Debug, serde::Serialize)]
 struct Turn<'a> {
     role: &'static str,
-    content: std::borrow::Cow<'a, str>,
+    content: Cow<'a, str>,
 }
 
 /// The `response_format` of every request: the strict JSON schema
@@ -217,8 +217,8 @@ fn response_format() -> Box<RawValue> {
 fn conversation<'a>(prompt: &'a Prompt, input: &Ingested) -> (Vec<Turn<'a>>, usize) {
     let user_text = prompt.user_message(input);
     let chars = prompt.system_chars + user_text.chars().count();
-    let system = Turn { role: "system", content: std::borrow::Cow::Borrowed(prompt.system.as_str()) };
-    let user = Turn { role: "user", content: std::borrow::Cow::Owned(user_text) };
+    let system = Turn { role: "system", content: Cow::Borrowed(prompt.system.as_str()) };
+    let user = Turn { role: "user", content: Cow::Owned(user_text) };
     (vec![system, user], chars)
 }
 

@@ -161,12 +161,14 @@ struct Row {
     met: Option<bool>,
 }
 
-/// The targets for the two ratios whose floors the table shows:
-/// the pipeline's throughput over the relay's, ingest's requests over
-/// raw publishes. Each floor row gives its target in floors: above 1, no
-/// implementation of this design reaches it on the machine of the run.
+/// The targets that the table compares with a floor: the
+/// pipeline's throughput over the relay's and ingest's requests over raw
+/// publishes (each floor row gives its target in floors: above 1, no
+/// implementation of this design reaches it on the machine of the run),
+/// and the pipeline's p99 over the relay's at a fixed rate.
 const THROUGHPUT_TARGET: f64 = 0.25;
 const HTTP_TARGET: f64 = 0.5;
+const ADDED_P99_TARGET_MS: f64 = 10.0;
 
 fn row(what: &str, value: String, ratio: String, target: &str, met: Option<bool>) -> Row {
     Row { what: what.into(), value, ratio, target: target.into(), met }
@@ -1206,8 +1208,8 @@ async fn run(args: &Args, made: &Mutex<Vec<halakha_tests::Leftovers>>) -> anyhow
             &format!("p99 at {} msg/s: relay / pipeline", args.rate),
             format!("{relay_p99:.1} / {:.1} ms", pipe_rate.percentile_ms(99.0)),
             if stalled { format!("{added:+.1} ms (the relay's run stalled)") } else { format!("{added:+.1} ms") },
-            "added p99 ≤ 10 ms",
-            (!stalled).then_some(added <= 10.0),
+            &format!("added p99 ≤ {ADDED_P99_TARGET_MS} ms"),
+            (!stalled).then_some(added <= ADDED_P99_TARGET_MS),
         ));
         rows.push(row(
             &format!("floor: p99 at {} msg/s", args.rate),
