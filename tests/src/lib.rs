@@ -747,7 +747,38 @@ impl NatsCluster {
         // is elected): the server's own health check.
         halakha_common::install_crypto_provider();
         cluster.wait_healthy(Duration::from_secs(30)).await;
+        cluster.wait_placement(Duration::from_secs(30)).await;
         cluster
+    }
+
+    /// Wait until the meta leader can place a three-replica stream. A
+    /// healthy cluster may not yet: the leader learns each peer's
+    /// JetStream from that peer's own announcements, and until then it
+    /// answers "no suitable peers for placement" (CI saw a stage fail to
+    /// start on it). A probe stream, created and removed, is the event.
+    async fn wait_placement(&self, limit: Duration) {
+        let seeds: Vec<async_nats::ServerAddr> =
+            self.url().split(',').map(|url| url.parse().expect("a node's URL parses")).collect();
+        let client = async_nats::connect(seeds).await.expect("the NATS cluster accepts a client");
+        let js = jetstream::new(client);
+        let name = "HALAKHA_TEST_PLACEMENT_PROBE";
+        let deadline = tokio::time::Instant::now() + limit;
+        until_answered("a three-replica stream", deadline, || async {
+            let config = jetstream::stream::Config {
+                name: name.into(),
+                subjects: vec!["halakha-test-placement-probe".into()],
+                num_replicas: 3,
+                ..Default::default()
+            };
+            js.create_stream(config).await?;
+            Ok(())
+        })
+        .await;
+        until_answered("removing the probe stream", deadline, || async {
+            js.delete_stream(name).await?;
+            Ok(())
+        })
+        .await;
     }
 
     /// Every node's URL, comma-separated (a `NATS_URL` seed list).
