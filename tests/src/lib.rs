@@ -55,6 +55,11 @@ fn db_url_for(url: &str, db_name: &str) -> String {
     }
 }
 
+/// How long [`until_answered`]'s questions wait for each answer. A request
+/// the broker leaves unanswered (nats-server 2.9 answers none while an
+/// election runs) costs its whole timeout: 2 s, not the client's 5.
+const ASK_TIMEOUT: Duration = Duration::from_secs(2);
+
 /// Ask the JetStream API until it answers, or fail at `deadline`. A
 /// replicated stream answers only while it has a leader: after a node of
 /// a cluster is lost it may have none for a few seconds (CI saw a stream
@@ -99,6 +104,9 @@ pub struct TestEnv {
     pub database_url: String,
     pub nats: async_nats::Client,
     pub js: jetstream::Context,
+    /// `js` with a shorter wait for each answer, for the questions asked
+    /// again until answered ([`until_answered`]).
+    asks: jetstream::Context,
     /// `cleanup` ran: nothing is left for the drop to remove.
     cleaned: bool,
 }
@@ -153,7 +161,9 @@ impl TestEnv {
         let servers = halakha_nats::connect::server_addrs(url).unwrap();
         let nats = async_nats::ConnectOptions::new().retry_on_initial_connect().connect(servers).await.unwrap();
         let js = jetstream::new(nats.clone());
-        Self { nats_url: url.to_owned(), names: Names::new(ns), db_name, database_url, nats, js, cleaned: false }
+        let mut asks = js.clone();
+        asks.set_timeout(ASK_TIMEOUT);
+        Self { nats_url: url.to_owned(), names: Names::new(ns), db_name, database_url, nats, js, asks, cleaned: false }
     }
 
     /// Variables every stage needs, pointing at this environment.
@@ -180,7 +190,7 @@ impl TestEnv {
         let name = self.names.stream(s);
         let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
         until_answered(&format!("stream {name}"), deadline, || async {
-            Ok(self.js.get_stream(&name).await?.info().await?.state.messages)
+            Ok(self.asks.get_stream(&name).await?.info().await?.state.messages)
         })
         .await
     }
@@ -206,7 +216,7 @@ impl TestEnv {
     ) -> Vec<T> {
         let deadline = tokio::time::Instant::now() + limit;
         let mut messages = until_answered(&format!("collect on {filter}"), deadline, || async {
-            let stream = self.js.get_stream(self.names.stream(s)).await?;
+            let stream = self.asks.get_stream(self.names.stream(s)).await?;
             let config =
                 jetstream::consumer::pull::OrderedConfig { filter_subject: filter.clone(), ..Default::default() };
             Ok(stream.create_consumer(config).await?.messages().await?)
@@ -262,10 +272,16 @@ impl TestEnv {
     /// unacknowledged (the broker announces no such event: its state is
     /// read until it holds), or fail.
     pub async fn wait_idle(&self, s: Subject, consumer: &str, limit: Duration) {
-        let stream = self.js.get_stream(self.names.stream(s)).await.unwrap();
+        let name = self.names.stream(s);
         let deadline = tokio::time::Instant::now() + limit;
+        let stream =
+            until_answered(&format!("stream {name}"), deadline, || async { Ok(self.asks.get_stream(&name).await?) })
+                .await;
         loop {
-            let info = stream.consumer_info(consumer).await.unwrap();
+            let info = until_answered(&format!("consumer {consumer} of {name}"), deadline, || async {
+                Ok(stream.consumer_info(consumer).await?)
+            })
+            .await;
             if info.num_pending == 0 && info.num_ack_pending == 0 {
                 return;
             }
@@ -757,10 +773,10 @@ impl NatsCluster {
     /// answers "no suitable peers for placement" (CI saw a stage fail to
     /// start on it). A probe stream, created and removed, is the event.
     async fn wait_placement(&self, limit: Duration) {
-        let seeds: Vec<async_nats::ServerAddr> =
-            self.url().split(',').map(|url| url.parse().expect("a node's URL parses")).collect();
+        let seeds = halakha_nats::connect::server_addrs(&self.url()).expect("the nodes' URLs parse");
         let client = async_nats::connect(seeds).await.expect("the NATS cluster accepts a client");
-        let js = jetstream::new(client);
+        let mut js = jetstream::new(client);
+        js.set_timeout(ASK_TIMEOUT);
         let name = "HALAKHA_TEST_PLACEMENT_PROBE";
         let deadline = tokio::time::Instant::now() + limit;
         until_answered("a three-replica stream", deadline, || async {

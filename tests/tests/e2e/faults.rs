@@ -365,7 +365,10 @@ async fn when_the_drain_runs_out_of_time_held_messages_are_handed_back_at_once()
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn on_a_three_node_cluster_streams_have_three_replicas_and_losing_a_node_loses_nothing() {
     let mut cluster = halakha_tests::NatsCluster::start().await;
-    let replicas = [("STREAM_REPLICAS", "3")];
+    // An ack sent as the node holding the consumer's leader dies is lost
+    // (acks are not confirmed): the message comes again after ack_wait,
+    // which the test waits out before it counts (5 s, not 30).
+    let replicas = [("STREAM_REPLICAS", "3"), ("ACK_WAIT_SECS", "5")];
     let p = Pipeline::start(Spec {
         nats_url: Some(cluster.url()),
         ingest_vars: &replicas,
