@@ -786,7 +786,8 @@ impl NatsCluster {
                 num_replicas: 3,
                 ..Default::default()
             };
-            js.create_stream(config).await?;
+            // Made by an attempt whose answer came too late: there it is.
+            js.get_or_create_stream(config).await?;
             Ok(())
         })
         .await;
