@@ -472,11 +472,6 @@ enum Outcome {
     DeadLetter(ErrorKind),
 }
 
-/// The log message of a pull request that the broker did not end within
-/// [`FETCH_GRACE`] of its expiry (nats-server 2.9 can drop a request without
-/// the 408 that ends it), counted in `halakha_stage_unended_pull_requests_total`.
-const UNANSWERED_PULL: &str = "Pull request never ended by the broker; the stage pulled again 50 ms past its expiry";
-
 /// How long past a pull request's expiry the runner waits for the broker's
 /// end of it before pulling again. Until then a message that arrives finds
 /// no request (the old one expired), so this is the longest a broker that
@@ -506,8 +501,14 @@ pub async fn hand_back_late(stage: &'static str, mut batch: jetstream::consumer:
                 Some(Err(_)) | None => return,
             },
             () = &mut give_up => {
+                // Not ended within FETCH_GRACE of its expiry (nats-server 2.9
+                // can drop a request without the 408 that ends it).
                 metrics::counter!(m::UNENDED_PULLS_TOTAL, "stage" => stage).increment(1);
-                tracing::info!(stage, "{UNANSWERED_PULL}");
+                tracing::info!(
+                    stage,
+                    "Pull request never ended by the broker; the stage pulled again {} ms past its expiry",
+                    PULL_END_WAIT.as_millis()
+                );
                 return;
             }
         }
